@@ -1,0 +1,218 @@
+"""models.yaml schema: validated config objects for backends, engines and the gateway.
+
+`load_config(path)` reads the YAML file and returns a `HybridserveConfig`; any
+mistake raises `ConfigError` whose message names the field (as a path such as
+`backends[1].dtype`) and how to fix it. Nothing here touches the network: a
+checkpoint that is a hub id is only checked for its shape, never looked up.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Arch = Literal["transformer", "hybrid"]
+EngineKind = Literal["native", "vllm", "remote"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ConfigError(ValueError):
+    """models.yaml is invalid; the message names the field and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NativeOptions(_Strict):
+    """Knobs of the native engine (continuous batching, paged KV, state slots)."""
+
+    max_num_seqs: int = Field(16, ge=1, le=4096, description="most sequences in one batch")
+    max_num_batched_tokens: int = Field(2048, ge=16, description="token budget of one engine step")
+    block_size: int = Field(16, ge=1, le=1024, description="tokens per KV-cache block")
+    cache_memory_gb: float = Field(1.0, gt=0, description="memory for KV blocks + state slots")
+
+
+class VllmOptions(_Strict):
+    """How hybridserve launches vLLM's OpenAI server for an `engine: vllm` backend."""
+
+    python: str = Field(".venv-vllm/bin/python", description="interpreter of vLLM's own venv")
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    kv_cache_space_gb: float | None = Field(None, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU")
+    mamba_cache_dtype: str | None = None
+    enable_prefix_caching: bool | None = None
+    extra_args: list[str] = Field(default_factory=list)
+
+
+class BackendConfig(_Strict):
+    """One model served behind the gateway."""
+
+    name: str
+    arch: Arch
+    engine: EngineKind = "native"
+    checkpoint: str | None = None
+    url: str | None = None
+    dtype: DType = "float32"
+    device: str = "cpu"
+    max_context: int = Field(4096, ge=16)
+    tier: str = "standard"
+    price_per_hour: float = Field(ge=0)
+    port: int | None = Field(None, ge=1, le=65535)
+    native: NativeOptions = Field(default_factory=NativeOptions)
+    vllm: VllmOptions = Field(default_factory=VllmOptions)
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not _NAME_RE.match(v) or v.startswith("auto"):
+            raise ValueError(f"'{v}' is not a valid backend name: use letters, digits, '.', '_' "
+                             "or '-', and do not start with 'auto' (reserved for routing aliases)")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device_ok(cls, v: str) -> str:
+        if not re.match(r"^(cpu|cuda(:\d+)?)$", v):
+            raise ValueError(f"'{v}' is not a device: use 'cpu', 'cuda' or 'cuda:N'")
+        return v
+
+    @model_validator(mode="after")
+    def _engine_fields(self) -> "BackendConfig":
+        if self.engine == "remote":
+            if not self.url or not re.match(r"^https?://", self.url):
+                raise ValueError("engine 'remote' needs `url: http://host:port` of a running "
+                                 "OpenAI-compatible server")
+            return self
+        if self.url:
+            raise ValueError(f"`url` is only for engine 'remote'; engine '{self.engine}' is started "
+                             "by hybridserve (remove `url`, or set `engine: remote`)")
+        if not self.checkpoint:
+            raise ValueError(f"engine '{self.engine}' needs `checkpoint`: 'builtin:NAME', a local "
+                             "HF directory, or (vllm only) a hub id like 'org/model'")
+        check_checkpoint(self.checkpoint, self.engine)
+        return self
+
+
+def check_checkpoint(ref: str, engine: str) -> None:
+    """Validate the form of a checkpoint reference without touching disk or network much."""
+    if ref.startswith("builtin:"):
+        from hybridserve.models.builtin import BUILTIN_NAMES
+
+        name = ref.split(":", 1)[1]
+        if name not in BUILTIN_NAMES:
+            raise ValueError(f"unknown built-in '{name}': use one of {', '.join(BUILTIN_NAMES)}")
+        return
+    path = Path(os.path.expanduser(ref))
+    if path.is_dir():
+        return
+    if engine == "vllm" and _HUB_ID_RE.match(ref) and not ref.startswith(("/", ".", "~")):
+        return  # a hub id; vLLM downloads it on nodes that can reach the hub
+    raise ValueError(f"checkpoint '{ref}' is not 'builtin:NAME' and not an existing directory"
+                     + (" (or a hub id such as 'org/model')" if engine == "vllm" else
+                        "; the native engine needs a local HF directory with config.json"))
+
+
+class GatewayConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    auth: Literal["required", "disabled"] = "required"
+    api_key_hashes: list[str] = Field(default_factory=list, description="sha256 hex of each key")
+    api_keys_env: str = "HYBRIDSERVE_API_KEYS"
+    request_timeout_s: float = Field(600.0, gt=0)
+    policy: str = "least_loaded"
+
+    @field_validator("api_key_hashes")
+    @classmethod
+    def _hashes_ok(cls, v: list[str]) -> list[str]:
+        for h in v:
+            if not re.match(r"^[0-9a-f]{64}$", h):
+                raise ValueError("each entry must be a sha256 hex digest (64 lowercase hex chars); "
+                                 "make one with `hybridserve hash-key KEY`")
+        return v
+
+
+class HybridserveConfig(_Strict):
+    backends: list[BackendConfig] = Field(min_length=1)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    aliases: dict[str, list[str]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "HybridserveConfig":
+        names = [b.name for b in self.backends]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"backend names must be unique; repeated: {', '.join(dupes)}")
+        for alias, targets in self.aliases.items():
+            if alias in names:
+                raise ValueError(f"alias '{alias}' shadows a backend of the same name; rename one")
+            missing = [t for t in targets if t not in names]
+            if missing:
+                raise ValueError(f"alias '{alias}' names unknown backends {missing}; "
+                                 f"known: {', '.join(names)}")
+        return self
+
+    def backend(self, name: str) -> BackendConfig:
+        for b in self.backends:
+            if b.name == name:
+                return b
+        raise KeyError(name)
+
+    def tiers(self) -> dict[str, list[str]]:
+        """Tier name -> backends in that tier (tiers act as aliases too)."""
+        out: dict[str, list[str]] = {}
+        for b in self.backends:
+            out.setdefault(b.tier, []).append(b.name)
+        return out
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source} is invalid:"]
+    for e in err.errors():
+        loc = ""
+        for part in e["loc"]:
+            loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field; remove it or check its spelling"
+        elif e["type"] == "missing":
+            msg = "required field is missing; add it"
+        elif e["type"] == "literal_error":
+            msg += f" (got {e.get('input')!r})"
+        lines.append(f"  {loc or '(top level)'}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: object, source: str = "models.yaml") -> HybridserveConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must be a mapping with a `backends:` list at the top")
+    try:
+        return HybridserveConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | os.PathLike = "models.yaml", profile: str | None = None) -> HybridserveConfig:
+    """Load models.yaml; `profile` selects a section under `profiles:` when the file has them."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: file not found; pass --config PATH or create models.yaml")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML: {err}") from None
+    if isinstance(data, dict) and "profiles" in data:
+        profiles = data["profiles"] or {}
+        name = profile or data.get("default_profile") or next(iter(profiles), None)
+        if name not in profiles:
+            raise ConfigError(f"{p}: profile '{name}' not found; known: {', '.join(profiles)}")
+        return parse_config(profiles[name], f"{p} (profile {name})")
+    if profile:
+        raise ConfigError(f"{p}: has no `profiles:` section, so --profile {profile} cannot apply")
+    return parse_config(data, str(p))

@@ -1,0 +1,93 @@
+"""Typed errors shared by engine, worker and gateway, and their OpenAI error JSON.
+
+Every error the stack raises on purpose is a `HybridserveError` carrying an HTTP
+status, an OpenAI error `type` and, where it helps, the offending `param`. The
+HTTP layers turn them into OpenAI's error shape in one place (`to_openai`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+class HybridserveError(Exception):
+    """Base class: an error with an HTTP status and an OpenAI error type."""
+
+    status_code: int = 500
+    error_type: str = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def to_openai(self) -> dict[str, Any]:
+        """The body OpenAI returns for an error: {"error": {message, type, param, code}}."""
+        return openai_error_body(self.message, self.error_type, self.param, self.code)
+
+
+def openai_error_body(message: str, error_type: str, param: str | None = None,
+                      code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+class InvalidRequestError(HybridserveError):
+    """The request itself is wrong (400)."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ContextLengthExceededError(InvalidRequestError):
+    """Prompt (plus requested tokens) does not fit the model's context (400)."""
+
+    def __init__(self, message: str, *, param: str | None = "messages"):
+        super().__init__(message, param=param, code="context_length_exceeded")
+
+
+class ModelNotFoundError(HybridserveError):
+    """The `model` names no backend or alias (404)."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str):
+        super().__init__(message, param="model", code="model_not_found")
+
+
+class AuthenticationError(HybridserveError):
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class RateLimitError(HybridserveError):
+    status_code = 429
+    error_type = "rate_limit_error"
+
+
+class BackendUnavailableError(HybridserveError):
+    """The backend is down or not ready (503)."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+
+
+class UpstreamError(HybridserveError):
+    """The backend answered with garbage or crashed mid-request (502)."""
+
+    status_code = 502
+    error_type = "bad_gateway"
+
+
+class EngineCapacityError(HybridserveError):
+    """The request can never fit the engine's cache, even alone (400)."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class UnsupportedModelError(HybridserveError):
+    """A checkpoint uses a feature the native engine cannot serve (raised at load)."""
+
+    status_code = 500
+    error_type = "server_error"
