@@ -1,0 +1,135 @@
+"""Mamba-2 SSD chunked scan over packed variable-length sequences (prefill).
+
+Contract: for each sequence s of the packed batch (boundaries `cu_seqlens`),
+starting from `initial_states[s]` (zeros when None),
+
+    h_t = exp(dt_t * A) * h_{t-1} + dt_t * x_t (outer) B_t      h: [H, P, N]
+    y_t = h_t . C_t  (sum over N)  +  D * x_t ;  y_t *= silu(z_t) when z is given
+
+with dt_t = clamp(softplus(dt_t + dt_bias), *dt_limit). Returns y [T, H, P] in
+x.dtype and the state after each sequence's last token, [S, H, P, N] fp32.
+Head h reads B/C group h // (H // G). The result does not depend on
+`chunk_size` beyond rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hybridserve.kernels._backend import use_triton
+
+
+def ssd_scan(
+    x: torch.Tensor,  # [T, H, P]
+    dt: torch.Tensor,  # [T, H]
+    A: torch.Tensor,  # [H] fp32, negative
+    B: torch.Tensor,  # [T, G, N]
+    C: torch.Tensor,  # [T, G, N]
+    D: torch.Tensor | None = None,  # [H]
+    *,
+    chunk_size: int = 256,
+    z: torch.Tensor | None = None,  # [T, H, P]
+    dt_bias: torch.Tensor | None = None,  # [H]
+    dt_softplus: bool = True,
+    dt_limit: tuple[float, float] = (0.0, float("inf")),
+    initial_states: torch.Tensor | None = None,  # [S, H, P, N] fp32
+    cu_seqlens: torch.Tensor | None = None,  # [S + 1] int64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked selective scan; returns (y [T, H, P] x.dtype, final_states [S, H, P, N] fp32)."""
+    args = (x, dt, A, B, C, D)
+    kwargs = dict(
+        chunk_size=chunk_size, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+        dt_limit=dt_limit, initial_states=initial_states, cu_seqlens=cu_seqlens,
+    )
+    if use_triton(x):
+        from hybridserve.kernels.ssd_triton import ssd_scan_triton
+
+        return ssd_scan_triton(*args, **kwargs)
+    return ssd_scan_ref(*args, **kwargs)
+
+
+def process_dt(
+    dt: torch.Tensor,  # [..., H]
+    dt_bias: torch.Tensor | None,  # [H]
+    dt_softplus: bool,
+    dt_limit: tuple[float, float] = (0.0, float("inf")),
+) -> torch.Tensor:
+    """dt -> clamp(softplus(dt + dt_bias)) in fp32, the step size every op uses."""
+    dt = dt.float()
+    if dt_bias is not None:
+        dt = dt + dt_bias.float()
+    if dt_softplus:
+        dt = F.softplus(dt)
+    if dt_limit != (0.0, float("inf")):
+        dt = dt.clamp(dt_limit[0], dt_limit[1])
+    return dt
+
+
+def ssd_scan_ref(
+    x, dt, A, B, C, D=None, *, chunk_size=256, z=None, dt_bias=None, dt_softplus=True,
+    dt_limit=(0.0, float("inf")), initial_states=None, cu_seqlens=None,
+):
+    """Torch reference of `ssd_scan`: per sequence, chunk by chunk, fp32 inside."""
+    T, H, P = x.shape
+    G, N = B.shape[1], B.shape[2]
+    if H % G:
+        raise ValueError(f"heads ({H}) must be a multiple of B/C groups ({G})")
+    R = H // G
+    if cu_seqlens is None:
+        cu_seqlens = torch.tensor([0, T], dtype=torch.int64)
+    bounds = cu_seqlens.tolist()
+    S = len(bounds) - 1
+    if initial_states is None:
+        initial_states = torch.zeros(S, H, P, N, device=x.device, dtype=torch.float32)
+
+    dt = process_dt(dt, dt_bias, dt_softplus, dt_limit).view(T, G, R)  # [T, G, R]
+    xf = x.float().view(T, G, R, P)
+    Bf, Cf = B.float(), C.float()
+    Af = A.float().view(G, R)
+    y = torch.empty(T, G, R, P, device=x.device, dtype=torch.float32)
+    final_states = torch.empty(S, H, P, N, device=x.device, dtype=torch.float32)
+
+    for s in range(S):
+        state = initial_states[s].float().reshape(G, R, P, N)
+        for start in range(bounds[s], bounds[s + 1], chunk_size):
+            end = min(start + chunk_size, bounds[s + 1])
+            sl = slice(start, end)
+            y[sl], state = _chunk_ref(xf[sl], dt[sl], Af, Bf[sl], Cf[sl], state)
+        final_states[s] = state.reshape(H, P, N)
+
+    y = y.view(T, H, P)
+    if D is not None:
+        y = y + D.float()[:, None] * x.float()
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(x.dtype), final_states
+
+
+def _chunk_ref(x, dt, A, B, C, state):
+    """One chunk of length l: quadratic intra-chunk term + the incoming state's term.
+
+    x [l, G, R, P]; dt [l, G, R]; A [G, R]; B, C [l, G, N]; state [G, R, P, N].
+    Returns (y [l, G, R, P], state after the chunk [G, R, P, N]).
+    """
+    dA = dt * A  # [l, G, R]
+    cum = dA.cumsum(0)  # [l, G, R]
+    decay = torch.exp(_segsum(dA.permute(1, 2, 0)))  # [G, R, t, s]
+    scores = torch.einsum("tgn,sgn->gts", C, B)  # [G, t, s]
+    weights = scores[:, None] * decay * dt.permute(1, 2, 0)[:, :, None, :]  # [G, R, t, s]
+    y = torch.einsum("grts,sgrp->tgrp", weights, x)
+    y = y + torch.einsum("tgn,grpn->tgrp", C, state) * torch.exp(cum)[..., None]
+    to_end = torch.exp(cum[-1:] - cum) * dt  # [l, G, R]
+    state = state * torch.exp(cum[-1])[..., None, None] + torch.einsum(
+        "tgrp,tgn->grpn", x * to_end[..., None], B
+    )
+    return y, state
+
+
+def _segsum(a: torch.Tensor) -> torch.Tensor:
+    """out[..., t, s] = sum(a[..., s+1 : t+1]) for t >= s, else -inf; summed, not differenced."""
+    l = a.shape[-1]
+    strict = torch.tril(torch.ones(l, l, dtype=torch.bool, device=a.device), diagonal=-1)
+    out = a[..., :, None].expand(*a.shape, l).masked_fill(~strict, 0.0).cumsum(-2)
+    causal = torch.tril(torch.ones(l, l, dtype=torch.bool, device=a.device))
+    return out.masked_fill(~causal, float("-inf"))
