@@ -1,0 +1,187 @@
+"""`LLMEngine`: the synchronous step loop — schedule → run → postprocess.
+
+The engine knows nothing of HTTP or asyncio (see async_engine.py for that). It
+validates requests on entry (typed errors, nothing half-admitted), measures each
+step's wall time and splits it across the step's sequences by tokens processed,
+so every request leaves with its own device-seconds.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from hybridserve.engine.cache import CacheManager, plan_layout
+from hybridserve.engine.model_runner import ModelRunner
+from hybridserve.engine.outputs import FinishReason, RequestOutput
+from hybridserve.engine.params import SamplingParams
+from hybridserve.engine.scheduler import Scheduler
+from hybridserve.engine.sequence import Sequence
+from hybridserve.errors import ContextLengthExceededError, EngineCapacityError, InvalidRequestError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # share of cache bytes (KV blocks + state slots) in use, 0..1
+    num_free_blocks: int
+    num_total_blocks: int
+    num_free_slots: int
+    num_total_slots: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    num_preemptions_total: int
+
+
+@dataclass
+class EngineConfig:
+    max_context: int
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    cache_memory_gb: float = 1.0
+    device: str = "cpu"
+    seed: int = 0
+
+
+class LLMEngine:
+    def __init__(self, model, tokenizer, config: EngineConfig, name: str = "model"):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.name = name
+        args = model.args
+        self.vocab_size = args.vocab_size
+        self.max_context = min(config.max_context, args.max_position)
+        self.eos_ids = args.eos_token_ids or tuple(
+            [tokenizer.eos_token_id] if getattr(tokenizer, "eos_token_id", None) is not None else [])
+        dtype = next(model.parameters()).dtype
+        specs = model.cache_specs()
+        layout = plan_layout(specs, dtype, config.block_size, config.max_num_seqs,
+                             int(config.cache_memory_gb * 2**30))
+        self.cache = CacheManager(specs, layout, dtype, config.device)
+        self.scheduler = Scheduler(self.cache, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, self.cache, config.device, config.seed)
+        self.seqs: dict[str, Sequence] = {}
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+        self._preemptions_total = 0
+        log.info("%s: %d KV blocks x %d tokens, %d state slots, %.1f MiB cache", name, layout.num_blocks,
+                 layout.block_size, layout.num_slots, layout.total_bytes / 2**20)
+
+    @classmethod
+    def from_backend(cls, backend) -> "LLMEngine":
+        """Build from a `BackendConfig` (engine: native)."""
+        from transformers import AutoTokenizer
+
+        from hybridserve.models.builtin import resolve_checkpoint
+        from hybridserve.models.loader import load_model
+
+        path = resolve_checkpoint(backend.checkpoint)
+        model = load_model(path, backend.dtype, backend.device)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        opts = backend.native
+        cfg = EngineConfig(max_context=backend.max_context, max_num_seqs=opts.max_num_seqs,
+                           max_num_batched_tokens=opts.max_num_batched_tokens, block_size=opts.block_size,
+                           cache_memory_gb=opts.cache_memory_gb, device=backend.device)
+        return cls(model, tokenizer, cfg, name=backend.name)
+
+    # ---- requests
+    @property
+    def capacity_tokens(self) -> int:
+        lay = self.cache.layout
+        return lay.num_blocks * lay.block_size if self.cache.uses_blocks else self.max_context
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise a typed error if this request can never be served; admits nothing."""
+        if not prompt_ids:
+            raise InvalidRequestError("prompt is empty; send at least one token", param="prompt")
+        bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})",
+                                      param="prompt")
+        params.validate(self.vocab_size)
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_context:
+            raise ContextLengthExceededError(
+                f"this model's maximum context is {self.max_context} tokens; the prompt has "
+                f"{len(prompt_ids)} and max_tokens asks for {params.max_tokens} more ({total})")
+        if total > self.capacity_tokens:
+            raise EngineCapacityError(f"prompt + max_tokens ({total}) exceed the cache capacity of "
+                                      f"{self.capacity_tokens} tokens; lower max_tokens", param="max_tokens")
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    arrival_time: float | None = None) -> None:
+        if request_id in self.seqs:
+            raise InvalidRequestError(f"request id {request_id!r} is already in flight")
+        self.validate(prompt_ids, params)
+        seq = Sequence(request_id, prompt_ids, params, self.tokenizer, self.eos_ids, arrival_time)
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+        self._prompt_tokens_total += len(prompt_ids)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request and free its blocks and slot now; returns its final output, if it existed."""
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq)
+        seq.finish(FinishReason.ABORT)
+        return seq.take_output()
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # ---- the loop
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        self._preemptions_total += sched.num_preempted
+        if not sched:
+            return []
+        t0 = time.perf_counter()
+        results = self.runner.run(sched)
+        if self.config.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        total = sched.num_tokens
+        for seq, n in sched.entries:
+            seq.metrics.device_seconds += elapsed * n / total
+        now = time.time()
+        outputs = []
+        for seq, token, record in results:
+            seq.append_token(token, record, now)
+            self._generation_tokens_total += 1
+            if seq.finished:
+                self.scheduler.finish(seq)
+                self.seqs.pop(seq.request_id, None)
+            outputs.append(seq.take_output())
+        return outputs
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
+        """Run prompts to completion (batch convenience for tests and benchmarks)."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"gen-{id(self)}-{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, plist):
+            self.add_request(rid, prompt, p)
+        final: dict[str, RequestOutput] = {}
+        text: dict[str, str] = {}
+        while any(r not in final for r in ids):
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[r] for r in ids]
+
+    def stats(self) -> EngineStats:
+        lay = self.cache.layout
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.cache.usage(), num_free_blocks=self.cache.num_free_blocks,
+            num_total_blocks=lay.num_blocks, num_free_slots=self.cache.num_free_slots,
+            num_total_slots=lay.num_slots, prompt_tokens_total=self._prompt_tokens_total,
+            generation_tokens_total=self._generation_tokens_total,
+            num_preemptions_total=self._preemptions_total)

@@ -1,0 +1,73 @@
+"""Turns a `SchedulerOutput` into a `ForwardBatch`, runs the model, and samples.
+
+The runner is the only engine module that touches tensors: it packs the
+scheduled tokens (decodes first), runs the model over the cache tensors, and
+returns sampled tokens for the sequences whose chunk reached their last token.
+"""
+from __future__ import annotations
+
+import torch
+
+from hybridserve.engine.cache import CacheManager
+from hybridserve.engine.sampler import Sampler
+from hybridserve.engine.scheduler import SchedulerOutput
+from hybridserve.models.batch import ForwardBatch
+
+
+class ModelRunner:
+    def __init__(self, model, cache: CacheManager, device: str, seed: int = 0):
+        self.model = model
+        self.cache = cache
+        self.device = torch.device(device)
+        self.sampler = Sampler(seed)
+
+    def prepare(self, entries) -> ForwardBatch:
+        """Pack (sequence, num_tokens) entries, which must already be ordered decodes first."""
+        bs = self.cache.block_size
+        ids, starts, lens, ctx = [], [], [], []
+        for seq, n in entries:
+            c = seq.num_computed
+            ids += seq.token_slice(c, c + n)
+            starts.append(c)
+            lens.append(n)
+            ctx.append(c + n)
+        num_decodes = sum(1 for seq, n in entries if n == 1 and seq.num_computed > 0)
+        max_blocks = max(1, max(len(seq.block_ids) for seq, _ in entries))
+        tables = torch.zeros((len(entries), max_blocks), dtype=torch.int32)
+        for row, (seq, _) in enumerate(entries):
+            if seq.block_ids:
+                tables[row, :len(seq.block_ids)] = torch.tensor(seq.block_ids, dtype=torch.int32)
+        lens_t = torch.tensor(lens, dtype=torch.int64)
+        cu = torch.zeros(len(entries) + 1, dtype=torch.int64)
+        cu[1:] = lens_t.cumsum(0)
+        seq_of_token = torch.repeat_interleave(torch.arange(len(entries)), lens_t)
+        positions = torch.arange(int(cu[-1])) - cu[:-1][seq_of_token] + torch.tensor(starts)[seq_of_token]
+        if self.cache.uses_blocks:
+            block = tables[seq_of_token, positions // bs].long()
+            slot_mapping = block * bs + positions % bs
+        else:
+            slot_mapping = torch.zeros_like(positions)
+        slots = [seq.slot if seq.slot is not None else 0 for seq, _ in entries]
+        dev = self.device
+        return ForwardBatch(
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
+            positions=positions.to(dev), num_decodes=num_decodes, cu_seqlens=cu.to(dev),
+            context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev), block_tables=tables.to(dev),
+            slot_mapping=slot_mapping.to(dev), state_indices=torch.tensor(slots, dtype=torch.int64, device=dev),
+            has_initial_state=torch.tensor([s > 0 for s in starts], dtype=torch.bool, device=dev),
+            logits_indices=(cu[1:] - 1).to(dev),
+        )
+
+    def run(self, sched: SchedulerOutput):
+        """Run one step; returns [(seq, token, logprob)] for sequences that produced a token."""
+        entries = sorted(sched.entries, key=lambda e: not (e[1] == 1 and e[0].num_computed > 0))
+        batch = self.prepare(entries)
+        logits = self.model(batch, self.cache.tensors)
+        for seq, n in entries:
+            seq.num_computed += n
+        done = [i for i, (seq, _) in enumerate(entries) if seq.num_uncomputed == 0]
+        if not done:
+            return []
+        seqs = [entries[i][0] for i in done]
+        tokens, records = self.sampler(logits[done], seqs)
+        return list(zip(seqs, tokens, records))

@@ -1,0 +1,131 @@
+"""`Sequence`: one request's tokens, cache holdings, text and finish state inside the engine.
+
+A sequence's tokens are prompt + output. `num_computed` counts the tokens whose
+KV entries / Mamba state are already in the cache; the next step feeds tokens
+[num_computed, num_computed + n). Text is produced incrementally; stop strings
+are searched only in new text, and text that might still turn into a stop
+string is held back from the stream until it cannot.
+"""
+from __future__ import annotations
+
+import enum
+import time
+
+import torch
+
+from hybridserve.engine.outputs import FinishReason, RequestMetrics, RequestOutput, TokenLogprob
+from hybridserve.engine.params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class IncrementalDetokenizer:
+    """Decodes output tokens a few at a time without splitting multi-byte characters or words."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def step(self, ids: list[int]) -> str:
+        decode = self.tokenizer.decode
+        prefix = decode(ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
+        full = decode(ids[self.prefix_offset:], skip_special_tokens=True)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""  # wait for the rest of a multi-byte character
+        self.prefix_offset, self.read_offset = self.read_offset, len(ids)
+        return full[len(prefix):]
+
+
+class Sequence:
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, tokenizer,
+                 eos_ids: tuple[int, ...], arrival_time: float | None = None):
+        self.request_id = request_id
+        self.prompt_ids = list(prompt_ids)
+        self.output_ids: list[int] = []
+        self.params = params
+        self.status = SeqStatus.WAITING
+        self.num_computed = 0
+        self.block_ids: list[int] = []
+        self.slot: int | None = None
+        self.finish_reason: FinishReason | None = None
+        self.metrics = RequestMetrics(prompt_tokens=len(prompt_ids), arrival_time=arrival_time or time.time())
+        self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        self._stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
+        self._detok = IncrementalDetokenizer(tokenizer)
+        self._max_stop = max((len(s) for s in params.stop), default=0)
+        self.text = ""
+        self._emitted_chars = 0
+        self._emitted_tokens = 0
+        self._pending_logprobs: list[TokenLogprob] = []
+
+    # ---- sizes
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        p = len(self.prompt_ids)
+        if end <= p:
+            return self.prompt_ids[start:end]
+        return (self.prompt_ids + self.output_ids)[start:end]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+    # ---- generation
+    def append_token(self, token_id: int, logprob: TokenLogprob | None, now: float) -> None:
+        """Add a sampled token, update text, and decide whether the sequence is done."""
+        self.output_ids.append(token_id)
+        self.metrics.completion_tokens = len(self.output_ids)
+        if self.metrics.first_token_time is None:
+            self.metrics.first_token_time = now
+        if logprob is not None:
+            self._pending_logprobs.append(logprob)
+        if token_id in self._stop_ids:
+            self.finish(FinishReason.STOP, now)
+            return
+        old_len = len(self.text)
+        self.text += self._detok.step(self.output_ids)
+        if self._max_stop and len(self.text) > old_len and self._cut_at_stop(old_len):
+            self.finish(FinishReason.STOP, now)
+        elif len(self.output_ids) >= self.params.max_tokens:
+            self.finish(FinishReason.LENGTH, now)
+
+    def _cut_at_stop(self, old_len: int) -> bool:
+        window_start = max(0, old_len - self._max_stop + 1)
+        hits = [i for s in self.params.stop if (i := self.text.find(s, window_start)) >= 0]
+        if not hits:
+            return False
+        self.text = self.text[:min(hits)]
+        return True
+
+    def finish(self, reason: FinishReason, now: float | None = None) -> None:
+        self.status = SeqStatus.FINISHED
+        self.finish_reason = reason
+        self.metrics.finish_time = now or time.time()
+
+    def take_output(self) -> RequestOutput:
+        """The delta since the last call (text held back while it could still start a stop string)."""
+        safe = len(self.text) if self.finished else max(self._emitted_chars,
+                                                        len(self.text) - max(self._max_stop - 1, 0))
+        delta_text = self.text[self._emitted_chars:safe]
+        delta_ids = self.output_ids[self._emitted_tokens:]
+        out = RequestOutput(
+            request_id=self.request_id, prompt_token_ids=self.prompt_ids, token_ids=list(self.output_ids),
+            text=self.text[:safe], delta_token_ids=delta_ids, delta_text=delta_text,
+            delta_logprobs=self._pending_logprobs, finished=self.finished,
+            finish_reason=self.finish_reason, metrics=self.metrics,
+        )
+        self._emitted_chars, self._emitted_tokens = safe, len(self.output_ids)
+        self._pending_logprobs = []
+        return out

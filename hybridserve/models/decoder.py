@@ -1,0 +1,106 @@
+"""The native causal LM: embedding → decoder layers (attention or Mamba-2) → norm → logits.
+
+`forward(batch, caches)` runs one engine step over packed tokens and returns the
+logits of each sequence's last token. `cache_specs()` tells the engine what each
+layer stores per token (attention) or per sequence (Mamba), so the cache manager
+allocates without knowing layer types.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hybridserve.models.args import ModelArgs
+from hybridserve.models.batch import ForwardBatch
+from hybridserve.models.layers import MLP, Attention, MambaMixer, RMSNorm
+
+
+@dataclass(frozen=True)
+class AttentionCacheSpec:
+    """K and V per token: [num_blocks, block_size, num_kv_heads, head_dim] each."""
+
+    num_kv_heads: int
+    head_dim: int
+
+    def bytes_per_token(self, dtype: torch.dtype) -> int:
+        return 2 * self.num_kv_heads * self.head_dim * _itemsize(dtype)
+
+
+@dataclass(frozen=True)
+class MambaCacheSpec:
+    """Per sequence: conv state [conv_dim, d_conv-1] and SSM state [heads, head_dim, d_state]."""
+
+    conv_shape: tuple[int, int]
+    ssm_shape: tuple[int, int, int]
+
+    def bytes_per_seq(self, conv_dtype: torch.dtype, ssm_dtype: torch.dtype) -> int:
+        conv = self.conv_shape[0] * self.conv_shape[1] * _itemsize(conv_dtype)
+        ssm = self.ssm_shape[0] * self.ssm_shape[1] * self.ssm_shape[2] * _itemsize(ssm_dtype)
+        return conv + ssm
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer_type: str):
+        super().__init__()
+        self.layer_type = layer_type
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        if layer_type == "mamba":
+            self.mamba = MambaMixer(args)
+        else:
+            self.self_attn = Attention(args)
+        mlp = MLP(args)
+        if args.mlp_style == "granite":
+            self.shared_mlp = mlp
+        else:
+            self.mlp = mlp
+        self.residual_multiplier = args.residual_multiplier
+
+    def forward(self, h: torch.Tensor, batch: ForwardBatch, cache) -> torch.Tensor:
+        mixer = self.mamba if self.layer_type == "mamba" else self.self_attn
+        h = h + mixer(self.input_layernorm(h), batch, cache) * self.residual_multiplier
+        mlp = self.shared_mlp if hasattr(self, "shared_mlp") else self.mlp
+        return h + mlp(self.post_attention_layernorm(h)) * self.residual_multiplier
+
+
+class _Body(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, t) for t in args.layer_types)
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """Granite 4.0 (dense or H) or Llama, depending on `args`."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = _Body(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def cache_specs(self) -> list[AttentionCacheSpec | MambaCacheSpec]:
+        specs: list[AttentionCacheSpec | MambaCacheSpec] = []
+        for t in self.args.layer_types:
+            if t == "attention":
+                specs.append(AttentionCacheSpec(self.args.num_kv_heads, self.args.head_dim))
+            else:
+                m = self.args.mamba
+                specs.append(MambaCacheSpec((m.conv_dim, m.d_conv - 1), (m.num_heads, m.head_dim, m.d_state)))
+        return specs
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, caches: list) -> torch.Tensor:
+        """Logits [S, vocab] (fp32) of each sequence's last token in `batch`."""
+        h = self.model.embed_tokens(batch.input_ids) * self.args.embedding_multiplier  # [T, D]
+        for layer, cache in zip(self.model.layers, caches):
+            h = layer(h, batch, cache)
+        h = self.model.norm(h[batch.logits_indices])
+        return (self.lm_head(h) / self.args.logits_scaling).float()

@@ -1,0 +1,181 @@
+"""Building blocks of the native decoder: norms, rotary embedding, attention, Mamba-2, MLP.
+
+Parameter names match Hugging Face's so checkpoints load without renaming.
+Every op that a Triton kernel can replace goes through `hybridserve.kernels.dispatch`
+(torch reference on CPU, Triton on CUDA); the layers know nothing of scheduling.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridserve.kernels import dispatch as K
+from hybridserve.models.args import ModelArgs, RopeArgs
+from hybridserve.models.batch import ForwardBatch
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, D]
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(rope: RopeArgs, head_dim: int) -> torch.Tensor:
+    """[head_dim/2] inverse frequencies, with Llama 3 scaling when configured."""
+    inv = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.kind != "llama3":
+        return inv
+    low_wavelen = rope.original_max_position / rope.low_freq_factor
+    high_wavelen = rope.original_max_position / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / rope.factor, inv)
+    smooth = (rope.original_max_position / wavelen - rope.low_freq_factor) / (
+        rope.high_freq_factor - rope.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotates q and k by position (HF's rotate_half convention)."""
+
+    def __init__(self, rope: RopeArgs, head_dim: int):
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(rope, head_dim), persistent=False)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+        # q [T, Hq, Dh], k [T, Hkv, Dh], positions [T]
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, Dh/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(q.dtype)[:, None, :], emb.sin().to(q.dtype)[:, None, :]
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    """GQA self-attention over a paged KV cache (decode and chunked-prefill paths)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        d, hq, hkv, dh = args.hidden_size, args.num_heads, args.num_kv_heads, args.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = hq, hkv, dh
+        self.scale = args.attention_scale
+        self.q_proj = nn.Linear(d, hq * dh, bias=args.attention_bias)
+        self.k_proj = nn.Linear(d, hkv * dh, bias=args.attention_bias)
+        self.v_proj = nn.Linear(d, hkv * dh, bias=args.attention_bias)
+        self.o_proj = nn.Linear(hq * dh, d, bias=args.attention_bias)
+        self.rotary = RotaryEmbedding(args.rope, dh) if args.rope is not None else None
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: tuple[torch.Tensor, torch.Tensor]):
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, batch.positions)
+        k_cache, v_cache = cache  # [num_blocks, block_size, Hkv, Dh] each
+        K.write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        nd = batch.num_decodes
+        parts = []
+        if nd:
+            parts.append(K.paged_attention_decode(q[:nd], k_cache, v_cache, batch.block_tables[:nd],
+                                                  batch.context_lens[:nd], self.scale))
+        if t > nd:
+            parts.append(K.paged_attention_prefill(q[nd:], k_cache, v_cache, batch.block_tables[nd:],
+                                                   batch.prefill_cu_seqlens(), batch.context_lens[nd:],
+                                                   self.scale))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+
+class MambaMixer(nn.Module):
+    """Mamba-2 mixer: in_proj → causal conv1d → SSD (scan or one-step update) → gated norm → out_proj."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        m = args.mamba
+        assert m is not None
+        self.m = m
+        self.in_proj = nn.Linear(args.hidden_size, m.d_inner + m.conv_dim + m.num_heads, bias=m.proj_bias)
+        self.conv1d = nn.Conv1d(m.conv_dim, m.conv_dim, m.d_conv, groups=m.conv_dim, bias=m.conv_bias,
+                                padding=m.d_conv - 1)
+        self.dt_bias = nn.Parameter(torch.ones(m.num_heads))
+        self.A_log = nn.Parameter(torch.zeros(m.num_heads))
+        self.D = nn.Parameter(torch.ones(m.num_heads))
+        self.norm = RMSNorm(m.d_inner, args.rms_norm_eps)
+        self.out_proj = nn.Linear(m.d_inner, args.hidden_size, bias=m.proj_bias)
+
+    def _split_xbc(self, xbc: torch.Tensor):
+        m = self.m
+        x, b, c = xbc.split([m.d_inner, m.n_groups * m.d_state, m.n_groups * m.d_state], dim=-1)
+        t = xbc.shape[0]
+        return (x.reshape(t, m.num_heads, m.head_dim), b.reshape(t, m.n_groups, m.d_state),
+                c.reshape(t, m.n_groups, m.d_state))
+
+    def forward(self, h: torch.Tensor, batch: ForwardBatch, cache: tuple[torch.Tensor, torch.Tensor]):
+        m = self.m
+        conv_states, ssm_states = cache  # [slots, conv_dim, d_conv-1], [slots, H, P, N]
+        gate, xbc, dt = self.in_proj(h).split([m.d_inner, m.conv_dim, m.num_heads], dim=-1)
+        A = -torch.exp(self.A_log.float())
+        w = self.conv1d.weight.squeeze(1)  # [conv_dim, d_conv]
+        nd, t = batch.num_decodes, h.shape[0]
+        ys = []
+        if nd:
+            xbc_d = K.causal_conv1d_update(xbc[:nd], conv_states, w, self.conv1d.bias,
+                                           state_indices=batch.state_indices[:nd], activation="silu")
+            x, b, c = self._split_xbc(xbc_d)
+            ys.append(K.selective_state_update(ssm_states, x, dt[:nd], A, b, c, self.D, dt_bias=self.dt_bias,
+                                               dt_softplus=True, state_indices=batch.state_indices[:nd]))
+        if t > nd:
+            ys.append(self._prefill(xbc[nd:], dt[nd:], A, w, batch, conv_states, ssm_states))
+        y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=0)
+        y = K.gated_rms_norm(y.reshape(t, m.d_inner), gate, self.norm.weight, self.norm.eps)
+        return self.out_proj(y.to(h.dtype))
+
+    def _prefill(self, xbc, dt, A, w, batch: ForwardBatch, conv_states, ssm_states):
+        m, nd = self.m, batch.num_decodes
+        slots, has_init = batch.state_indices[nd:], batch.has_initial_state[nd:]
+        cu = batch.prefill_cu_seqlens()
+        xbc = K.causal_conv1d(xbc, w, self.conv1d.bias, conv_states=conv_states, cu_seqlens=cu,
+                              state_indices=slots, has_initial_state=has_init, activation="silu")
+        x, b, c = self._split_xbc(xbc)
+        init = ssm_states[slots].float() * has_init[:, None, None, None]  # [P, H, hd, N]
+        y, final = K.ssd_scan(x, dt, A, b, c, self.D, chunk_size=m.chunk_size, dt_bias=self.dt_bias,
+                              dt_softplus=True, dt_limit=m.dt_limit, initial_states=init, cu_seqlens=cu)
+        ssm_states[slots] = final.to(ssm_states.dtype)
+        return y
+
+
+class MLP(nn.Module):
+    """SwiGLU MLP under Granite's names (fused gate|up `input_linear`) or Llama's (gate/up/down)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        d, i = args.hidden_size, args.intermediate_size
+        self.style = args.mlp_style
+        if self.style == "granite":
+            self.input_linear = nn.Linear(d, 2 * i, bias=False)
+            self.output_linear = nn.Linear(i, d, bias=False)
+        else:
+            self.gate_proj = nn.Linear(d, i, bias=False)
+            self.up_proj = nn.Linear(d, i, bias=False)
+            self.down_proj = nn.Linear(i, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.style == "granite":
+            gate, up = self.input_linear(x).chunk(2, dim=-1)
+            return self.output_linear(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

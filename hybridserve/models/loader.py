@@ -1,0 +1,72 @@
+"""Load a local Hugging Face checkpoint directory into the native `CausalLM`.
+
+Reads config.json, maps the architecture to `ModelArgs` (refusing what the
+native engine cannot compute exactly), builds the module and loads every
+safetensors shard with strict key checking: a missing or extra weight is an error.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from hybridserve.errors import UnsupportedModelError
+from hybridserve.models.args import ModelArgs
+from hybridserve.models.decoder import CausalLM
+from hybridserve.models.granite_hybrid import granite_args
+from hybridserve.models.llama import llama_args
+
+_ARCHS = {"GraniteMoeHybridForCausalLM": granite_args, "LlamaForCausalLM": llama_args}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def read_config(directory: Path) -> dict:
+    return json.loads((Path(directory) / "config.json").read_text())
+
+
+def model_args(cfg: dict) -> ModelArgs:
+    archs = cfg.get("architectures") or []
+    for arch in archs:
+        if arch in _ARCHS:
+            return _ARCHS[arch](cfg)
+    raise UnsupportedModelError(f"architecture {archs or cfg.get('model_type')} is not supported by the "
+                                f"native engine (supported: {', '.join(_ARCHS)}); use engine: vllm")
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{directory}: no *.safetensors weights found")
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        weights.update(load_file(str(f)))
+    return weights
+
+
+def load_model(directory: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> CausalLM:
+    """The native model for an HF directory, weights in `dtype` on `device`, in eval mode."""
+    directory = Path(directory)
+    args = model_args(read_config(directory))
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    with torch.device("meta"):
+        model = CausalLM(args)
+    weights = _read_weights(directory)
+    if args.tie_word_embeddings and "lm_head.weight" not in weights:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    expected = set(model.state_dict())
+    missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or extra:
+        raise UnsupportedModelError(f"{directory}: weights do not match the {args.architecture} layout "
+                                    f"(missing {missing[:5]}, unexpected {extra[:5]})")
+    state = {k: weights[k].to(device=device, dtype=torch_dtype) for k in expected}
+    model.load_state_dict(state, assign=True, strict=True)
+    for layer in model.model.layers:  # non-persistent buffers are not in the state dict
+        attn = getattr(layer, "self_attn", None)
+        if attn is not None and attn.rotary is not None:
+            from hybridserve.models.layers import rope_inv_freq
+
+            attn.rotary.inv_freq = rope_inv_freq(args.rope, args.head_dim).to(device)
+    return model.eval()
