@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hybridserve.kernels._backend import use_triton
+from hybridserve.kernels._backend import lazy_jit, next_pow2, tl, triton, use_triton
 
 ACTIVATIONS = (None, "silu", "swish")
 
@@ -37,8 +37,6 @@ def causal_conv1d(
         has_initial_state=has_initial_state, activation=activation,
     )
     if use_triton(x):
-        from hybridserve.kernels.conv1d_triton import causal_conv1d_triton
-
         return causal_conv1d_triton(x, weight, bias, **kwargs)
     return causal_conv1d_ref(x, weight, bias, **kwargs)
 
@@ -55,8 +53,6 @@ def causal_conv1d_update(
     """One decode step of the causal conv; returns [Bt, Dc] in x.dtype."""
     _check_activation(activation)
     if use_triton(x):
-        from hybridserve.kernels.conv1d_triton import causal_conv1d_update_triton
-
         return causal_conv1d_update_triton(
             x, conv_states, weight, bias, state_indices=state_indices, activation=activation
         )
@@ -109,3 +105,162 @@ def causal_conv1d_update_ref(x, conv_states, weight, bias=None, *, state_indices
         y = y + bias.float()
     conv_states[state_indices] = window[:, :, 1:].to(conv_states.dtype)
     return _activate(y, activation).to(x.dtype)
+
+
+@lazy_jit
+def _causal_conv1d_kernel(
+    # pointers
+    x_ptr, w_ptr, bias_ptr, states_ptr, seq_of_token_ptr, cu_ptr, slots_ptr, has_init_ptr, out_ptr,
+    # sizes
+    T, Dc,
+    # strides
+    x_t, w_d, st_slot, st_d, out_t,
+    # meta-parameters
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # one program: tokens [t0, t0 + BLOCK_T) x channels [d0, d0 + BLOCK_D); a tap that falls
+    # before its sequence's first token reads the slot's conv state (or zero)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T]
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    t_mask = t < T
+    d_mask = d < Dc
+    seq = tl.load(seq_of_token_ptr + t, mask=t_mask, other=0)
+    start = tl.load(cu_ptr + seq, mask=t_mask, other=0)
+    slot = tl.load(slots_ptr + seq, mask=t_mask, other=0).to(tl.int64)
+    has_init = tl.load(has_init_ptr + seq, mask=t_mask, other=0) != 0
+
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    for k in tl.static_range(K):
+        src = t - (K - 1) + k  # [BLOCK_T] input position read by tap k
+        in_seq = src >= start
+        m_x = (t_mask & in_seq)[:, None] & d_mask[None, :]
+        xv = tl.load(x_ptr + src[:, None].to(tl.int64) * x_t + d[None, :], mask=m_x, other=0.0)
+        j = src - start + (K - 1)  # column of the conv state holding that input
+        m_s = (t_mask & ~in_seq & has_init)[:, None] & d_mask[None, :]
+        sv = tl.load(states_ptr + slot[:, None] * st_slot + d[None, :] * st_d + j[:, None], mask=m_s, other=0.0)
+        wk = tl.load(w_ptr + d * w_d + k, mask=d_mask, other=0.0).to(tl.float32)
+        acc += (xv.to(tl.float32) + sv.to(tl.float32)) * wk[None, :]
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    o_mask = t_mask[:, None] & d_mask[None, :]
+    tl.store(out_ptr + t[:, None].to(tl.int64) * out_t + d[None, :], acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@lazy_jit
+def _conv_state_save_kernel(
+    # pointers
+    x_ptr, states_ptr, cu_ptr, slots_ptr, has_init_ptr,
+    # sizes
+    Dc,
+    # strides
+    x_t, st_slot, st_d,
+    # meta-parameters
+    KM1: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # one program: sequence s x channels [d0, d0 + BLOCK_D); new state column j holds input
+    # position L - (K-1) + j, which is a token of s, or an older column of the previous state
+    s = tl.program_id(0)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    j = tl.arange(0, BLOCK_J)  # [BLOCK_J]
+    start = tl.load(cu_ptr + s)
+    L = tl.load(cu_ptr + s + 1) - start
+    slot = tl.load(slots_ptr + s).to(tl.int64)
+    has_init = tl.load(has_init_ptr + s) != 0
+    pos = L - KM1 + j  # [BLOCK_J]
+    mask = (d < Dc)[:, None] & (j < KM1)[None, :]
+    m_x = mask & (pos >= 0)[None, :]
+    xv = tl.load(x_ptr + (start + pos)[None, :].to(tl.int64) * x_t + d[:, None], mask=m_x, other=0.0)
+    tile = states_ptr + slot * st_slot + d[:, None] * st_d  # row base per channel
+    m_s = mask & (pos < 0)[None, :] & has_init
+    sv = tl.load(tile + (j + L)[None, :], mask=m_s, other=0.0)
+    new = tl.where((pos >= 0)[None, :], xv.to(tl.float32), sv.to(tl.float32))
+    tl.store(tile + j[None, :], new.to(states_ptr.dtype.element_ty), mask=mask)
+
+
+def causal_conv1d_triton(
+    x, weight, bias=None, *, conv_states, cu_seqlens, state_indices, has_initial_state, activation="silu",
+    block_t=32, block_d=64,
+):
+    """Triton `causal_conv1d`: one conv kernel, then one kernel that saves the new states."""
+    T, Dc = x.shape
+    K = weight.shape[1]
+    S = state_indices.shape[0]
+    if x.stride(1) != 1 or conv_states.stride(2) != 1 or weight.stride(1) != 1:
+        raise ValueError("x, weight and conv_states need a contiguous last dim")
+    out = torch.empty(T, Dc, device=x.device, dtype=x.dtype)
+    if T == 0:
+        return out
+    cu = cu_seqlens.to(torch.int32)
+    lens = cu[1:] - cu[:-1]
+    seq_of_token = torch.repeat_interleave(torch.arange(S, device=x.device, dtype=torch.int32), lens, output_size=T)
+    has_init = has_initial_state.to(torch.int8)
+    grid = (triton.cdiv(T, block_t), triton.cdiv(Dc, block_d))
+    _causal_conv1d_kernel[grid](
+        x, weight, bias if bias is not None else weight, conv_states, seq_of_token, cu, state_indices, has_init, out,
+        T, Dc,
+        x.stride(0), weight.stride(0), conv_states.stride(0), conv_states.stride(1), out.stride(0),
+        K=K, HAS_BIAS=bias is not None, SILU=activation is not None, BLOCK_T=block_t, BLOCK_D=block_d,
+    )
+    if K > 1:
+        _conv_state_save_kernel[(S, triton.cdiv(Dc, block_d))](
+            x, conv_states, cu, state_indices, has_init,
+            Dc,
+            x.stride(0), conv_states.stride(0), conv_states.stride(1),
+            KM1=K - 1, BLOCK_J=next_pow2(K - 1), BLOCK_D=block_d,
+        )
+    return out
+
+
+@lazy_jit
+def _causal_conv1d_update_kernel(
+    # pointers
+    x_ptr, w_ptr, bias_ptr, states_ptr, slots_ptr, out_ptr,
+    # sizes
+    Dc,
+    # strides
+    x_b, w_d, st_slot, st_d, out_b,
+    # meta-parameters
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # one program: batch row b x channels [d0, d0 + BLOCK_D); taps 0..K-2 come from the state
+    b = tl.program_id(0)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    d_mask = d < Dc
+    slot = tl.load(slots_ptr + b).to(tl.int64)
+    row = states_ptr + slot * st_slot + d * st_d  # [BLOCK_D] pointers to column 0
+    xv = tl.load(x_ptr + b * x_b + d, mask=d_mask, other=0.0).to(tl.float32)
+    acc = xv * tl.load(w_ptr + d * w_d + (K - 1), mask=d_mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
+    for k in tl.static_range(K - 1):
+        col = tl.load(row + k, mask=d_mask, other=0.0)
+        acc += col.to(tl.float32) * tl.load(w_ptr + d * w_d + k, mask=d_mask, other=0.0).to(tl.float32)
+        if k > 0:
+            tl.store(row + (k - 1), col, mask=d_mask)  # shift left by one
+    if K > 1:
+        tl.store(row + (K - 2), xv.to(states_ptr.dtype.element_ty), mask=d_mask)
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    tl.store(out_ptr + b * out_b + d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+def causal_conv1d_update_triton(
+    x, conv_states, weight, bias=None, *, state_indices, activation="silu", block_d=256, num_warps=4,
+):
+    """Triton `causal_conv1d_update`; `block_d` / `num_warps` are tuning knobs for benchmarks."""
+    Bt, Dc = x.shape
+    K = weight.shape[1]
+    if x.stride(1) != 1 or conv_states.stride(2) != 1 or weight.stride(1) != 1:
+        raise ValueError("x, weight and conv_states need a contiguous last dim")
+    out = torch.empty_like(x)
+    if Bt == 0:
+        return out
+    _causal_conv1d_update_kernel[(Bt, triton.cdiv(Dc, block_d))](
+        x, weight, bias if bias is not None else weight, conv_states, state_indices, out,
+        Dc,
+        x.stride(0), weight.stride(0), conv_states.stride(0), conv_states.stride(1), out.stride(0),
+        K=K, HAS_BIAS=bias is not None, SILU=activation is not None, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hybridserve.kernels._backend import use_triton
+from hybridserve.kernels._backend import lazy_jit, next_pow2, tl, use_triton
 
 
 def gated_rms_norm(
@@ -25,10 +25,55 @@ def gated_rms_norm(
     if group_size is not None and (group_size <= 0 or Dm % group_size):
         raise ValueError(f"group_size={group_size} must divide the channel count {Dm}")
     if use_triton(x):
-        from hybridserve.kernels.gated_rmsnorm_triton import gated_rms_norm_triton
-
         return gated_rms_norm_triton(x, z, weight, eps, group_size)
     return gated_rms_norm_ref(x, z, weight, eps, group_size)
+
+
+@lazy_jit
+def _gated_rms_norm_kernel(
+    # pointers
+    x_ptr, z_ptr, w_ptr, out_ptr,
+    # sizes
+    group_size, eps,
+    # strides
+    x_t, z_t, out_t,
+    # meta-parameters
+    HAS_Z: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # one program: row t, channel group g (channels [g * group_size, (g + 1) * group_size))
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * group_size + tl.arange(0, BLOCK)  # [BLOCK]
+    mask = tl.arange(0, BLOCK) < group_size
+    h = tl.load(x_ptr + t * x_t + c, mask=mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        zv = tl.load(z_ptr + t * z_t + c, mask=mask, other=0.0).to(tl.float32)
+        h = h * zv * tl.sigmoid(zv)
+    inv_rms = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / group_size + eps)
+    w = tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * out_t + c, (h * inv_rms * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def gated_rms_norm_triton(x, z, weight, eps=1e-6, group_size=None, num_warps=None):
+    """Triton `gated_rms_norm`: one program per (row, channel group)."""
+    shape = x.shape
+    Dm = shape[-1]
+    group_size = group_size or Dm
+    x2 = x.reshape(-1, Dm)
+    z2 = z.reshape(-1, Dm) if z is not None else x2
+    if x2.stride(1) != 1 or z2.stride(1) != 1:
+        x2, z2 = x2.contiguous(), z2.contiguous()
+    out = torch.empty(x2.shape, device=x.device, dtype=x.dtype)
+    if x2.shape[0] == 0:
+        return out.view(shape)
+    block = next_pow2(group_size)
+    num_warps = num_warps or min(16, max(1, block // 256))
+    _gated_rms_norm_kernel[(x2.shape[0], Dm // group_size)](
+        x2, z2, weight, out,
+        group_size, eps,
+        x2.stride(0), z2.stride(0), out.stride(0),
+        HAS_Z=z is not None, BLOCK=block, num_warps=num_warps,
+    )
+    return out.view(shape)
 
 
 def gated_rms_norm_ref(x, z, weight, eps=1e-6, group_size=None):
