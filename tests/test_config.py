@@ -1,0 +1,53 @@
+"""models.yaml validation: good files load, bad ones name the field and the fix."""
+import pytest
+
+from hybridserve.config import ConfigError, load_config, parse_config
+
+GOOD = {"backends": [{"name": "t", "arch": "transformer", "checkpoint": "builtin:tiny-transformer",
+                      "price_per_hour": 1.0}]}
+
+
+def _with(**kw):
+    backend = {**GOOD["backends"][0], **kw}
+    return {"backends": [backend]}
+
+
+def test_repo_models_yaml_loads_both_profiles():
+    cfg = load_config("models.yaml")
+    assert {b.arch for b in cfg.backends} == {"transformer", "hybrid"}
+    assert all(b.checkpoint.startswith("builtin:small-") for b in cfg.backends)
+
+
+@pytest.mark.parametrize("bad, field, hint", [
+    (_with(dtype="fp64"), "backends[0].dtype", "float32"),
+    (_with(arch="moe"), "backends[0].arch", "transformer"),
+    (_with(price_per_hour=-1), "backends[0].price_per_hour", "greater than or equal"),
+    (_with(checkpoint="builtin:huge"), "backends[0]", "tiny-transformer"),
+    (_with(checkpoint="/no/such/dir"), "backends[0]", "existing directory"),
+    (_with(engine="remote"), "backends[0]", "url"),
+    (_with(device="tpu"), "backends[0].device", "cuda"),
+    (_with(colour="blue"), "backends[0].colour", "unknown field"),
+    ({"backends": [GOOD["backends"][0], GOOD["backends"][0]]}, "(top level)", "unique"),
+    ({"backends": []}, "backends", "at least 1"),
+    ({**GOOD, "aliases": {"fast": ["nope"]}}, "(top level)", "unknown backends"),
+])
+def test_bad_config_names_field_and_fix(bad, field, hint):
+    with pytest.raises(ConfigError) as err:
+        parse_config(bad)
+    msg = str(err.value)
+    assert field in msg and hint in msg, msg
+
+
+def test_hub_id_only_valid_for_vllm_and_needs_no_network():
+    parse_config(_with(engine="vllm", checkpoint="ibm-granite/granite-4.0-h-1b"))
+    with pytest.raises(ConfigError):
+        parse_config(_with(engine="native", checkpoint="ibm-granite/granite-4.0-h-1b"))
+
+
+def test_yaml_errors_are_reported(tmp_path):
+    p = tmp_path / "m.yaml"
+    p.write_text("backends: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "missing.yaml")
