@@ -58,12 +58,34 @@ class lazy_jit:
 
     def _kernel(self) -> Any:
         interpret = interpreting()
+        if interpret:
+            _fix_interpreter_index()
         if interpret not in self._built:
             self._built[interpret] = triton.jit(self.fn)
         return self._built[interpret]
 
     def __getitem__(self, grid: Any) -> Any:
         return self._kernel()[grid]
+
+
+def _fix_interpreter_index() -> None:
+    """Let `range()` take scalar tensors in Triton's interpreter under numpy >= 2.4.
+
+    The interpreter holds a scalar as a 1-element array and turns it into a loop
+    bound with int(array), which numpy 2.4 refuses for arrays that are not 0-d.
+    """
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "hybridserve_fixed", False):
+        return
+
+    def patched(tensor: Any, scope: Any) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched.hybridserve_fixed = True  # type: ignore[attr-defined]
+    interpreter._patch_lang_tensor = patched
 
 
 def interpreting() -> bool:

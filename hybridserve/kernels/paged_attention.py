@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hybridserve.kernels._backend import use_triton
+from hybridserve.kernels._backend import interpreting, lazy_jit, next_pow2, tl, triton, use_triton
 
 
 def paged_attention_decode(
@@ -22,14 +22,178 @@ def paged_attention_decode(
     block_tables: torch.Tensor,  # [Bt, max_blocks] int32
     context_lens: torch.Tensor,  # [Bt] int32, valid tokens per sequence
     scale: float,
+    *,
+    max_context_len: int | None = None,
 ) -> torch.Tensor:
-    """One query token per sequence against its whole context; returns [Bt, Hq, Dh]."""
+    """One query token per sequence against its whole context; returns [Bt, Hq, Dh].
+
+    `max_context_len` (optional, a host int >= every context_lens entry) sizes the
+    split over the sequence; without it the block-table width bounds it, so no
+    device-to-host sync happens either way.
+    """
     args = (q, k_cache, v_cache, block_tables, context_lens, scale)
     if use_triton(q):
-        from hybridserve.kernels.paged_attention_triton import paged_attention_decode_triton
-
-        return paged_attention_decode_triton(*args)
+        return paged_attention_decode_triton(*args, max_context_len=max_context_len)
     return paged_attention_decode_ref(*args)
+
+
+@lazy_jit
+def _paged_attention_decode_kernel(
+    # pointers
+    q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, part_o_ptr, part_lse_ptr, out_ptr,
+    # sizes
+    split_len, scale, R, Dh,
+    # strides
+    q_b, q_h, k_blk, k_off, k_h, v_blk, v_off, v_h, tab_b, po_b, po_h, po_s, pl_b, pl_h, out_b, out_h,
+    # meta-parameters
+    PAGE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DIRECT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # one program: sequence b, kv head kh (all R query heads sharing it), tokens of split sp.
+    # Online softmax over BLOCK_N-token tiles gathered through the block table; writes a
+    # partial (o, lse) per split, or the final output when there is one split (DIRECT).
+    b = tl.program_id(0)
+    kh = tl.program_id(1)
+    sp = tl.program_id(2)
+    ctx = tl.load(lens_ptr + b)
+    lo = sp * split_len
+    if lo < ctx:
+        hi = tl.minimum(lo + split_len, ctx)
+        r = tl.arange(0, BLOCK_R)
+        heads = kh * R + r  # [BLOCK_R]
+        d = tl.arange(0, BLOCK_D)
+        r_mask = r < R
+        d_mask = d < Dh
+        q = tl.load(q_ptr + b * q_b + heads[:, None] * q_h + d[None, :], mask=r_mask[:, None] & d_mask[None, :], other=0.0)
+        if UPCAST:  # the interpreter's dot mishandles bf16
+            q = q.to(tl.float32)
+        m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+        l = tl.zeros((BLOCK_R,), tl.float32)
+        acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+        for start in range(lo, hi, BLOCK_N):
+            pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+            p_mask = pos < hi
+            page = tl.load(tables_ptr + b * tab_b + pos // PAGE, mask=p_mask, other=0).to(tl.int64)
+            kv_mask = p_mask[:, None] & d_mask[None, :]
+            k = tl.load(k_ptr + page[:, None] * k_blk + (pos % PAGE)[:, None] * k_off + kh * k_h + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + page[:, None] * v_blk + (pos % PAGE)[:, None] * v_off + kh * v_h + d[None, :], mask=kv_mask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            if IEEE:
+                scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                scores = tl.dot(q, tl.trans(k))
+            scores = tl.where(p_mask[None, :], scores * scale, float("-inf"))  # [BLOCK_R, BLOCK_N]
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            p = tl.exp(scores - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            l = l * alpha + tl.sum(p, axis=1)
+            if IEEE:
+                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m = m_new
+        o = acc / l[:, None]
+        o_mask = r_mask[:, None] & d_mask[None, :]
+        if DIRECT:
+            tl.store(out_ptr + b * out_b + heads[:, None] * out_h + d[None, :], o.to(out_ptr.dtype.element_ty), mask=o_mask)
+        else:
+            tl.store(part_o_ptr + b * po_b + heads[:, None] * po_h + sp * po_s + d[None, :], o, mask=o_mask)
+            tl.store(part_lse_ptr + b * pl_b + heads * pl_h + sp, m + tl.log(l), mask=r_mask)
+
+
+@lazy_jit
+def _paged_attention_reduce_kernel(
+    # pointers
+    part_o_ptr, part_lse_ptr, lens_ptr, out_ptr,
+    # sizes
+    split_len, Dh,
+    # strides
+    po_b, po_h, po_s, pl_b, pl_h, out_b, out_h,
+    # meta-parameters
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # one program: sequence b, query head h; merges the splits' (o, lse) pairs
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    n_splits = tl.cdiv(tl.load(lens_ptr + b), split_len)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    s_mask = s < n_splits
+    lse = tl.load(part_lse_ptr + b * pl_b + h * pl_h + s, mask=s_mask, other=float("-inf"))
+    w = tl.where(s_mask, tl.exp(lse - tl.max(lse, axis=0)), 0.0)  # [BLOCK_S]
+    o = tl.load(part_o_ptr + b * po_b + h * po_h + s[:, None] * po_s + d[None, :], mask=s_mask[:, None] & (d < Dh)[None, :], other=0.0)
+    out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + b * out_b + h * out_h + d, out.to(out_ptr.dtype.element_ty), mask=d < Dh)
+
+
+_NUM_SMS: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _NUM_SMS:
+        _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _NUM_SMS[index]
+
+
+def plan_splits(batch_programs: int, max_ctx: int, num_sms: int, block_n: int, min_split: int = 128) -> tuple[int, int]:
+    """(num_splits, split_len): split the context until ~4 programs per SM are busy."""
+    want = max(1, triton.cdiv(4 * num_sms, max(1, batch_programs)))
+    num_splits = max(1, min(want, triton.cdiv(max_ctx, min_split)))
+    split_len = triton.cdiv(triton.cdiv(max_ctx, num_splits), block_n) * block_n
+    return triton.cdiv(max_ctx, split_len), split_len
+
+
+def paged_attention_decode_triton(
+    q, k_cache, v_cache, block_tables, context_lens, scale, *, max_context_len=None, num_splits=None,
+    block_n=None, num_warps=4,
+):
+    """Triton `paged_attention_decode`: split-K (flash-decoding) kernel plus a reduce kernel."""
+    Bt, Hq, Dh = q.shape
+    page, Hkv = k_cache.shape[1], k_cache.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("q, k_cache and v_cache need a contiguous last dim")
+    out = torch.empty_like(q)
+    if Bt == 0:
+        return out
+    R = Hq // Hkv
+    block_n = block_n or (64 if Dh <= 128 else 32)
+    max_ctx = max_context_len or block_tables.shape[1] * page
+    if num_splits is None:
+        num_splits, split_len = plan_splits(Bt * Hkv, max_ctx, _num_sms(q.device), block_n)
+    else:
+        split_len = triton.cdiv(triton.cdiv(max_ctx, num_splits), block_n) * block_n
+        num_splits = triton.cdiv(max_ctx, split_len)
+    direct = num_splits == 1
+    part_o = q.new_empty((Bt, Hq, num_splits, Dh) if not direct else (1, 1, 1, 1), dtype=torch.float32)
+    part_lse = q.new_empty((Bt, Hq, num_splits) if not direct else (1, 1, 1), dtype=torch.float32)
+    block_d = next_pow2(Dh)
+    _paged_attention_decode_kernel[(Bt, Hkv, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, part_o, part_lse, out,
+        split_len, scale, R, Dh,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
+        out.stride(0), out.stride(1),
+        PAGE=page, BLOCK_R=max(16, next_pow2(R)), BLOCK_N=block_n, BLOCK_D=block_d,
+        DIRECT=direct, IEEE=q.dtype == torch.float32, UPCAST=interpreting(), num_warps=num_warps,
+    )
+    if not direct:
+        _paged_attention_reduce_kernel[(Bt, Hq)](
+            part_o, part_lse, context_lens, out,
+            split_len, Dh,
+            part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
+            out.stride(0), out.stride(1),
+            BLOCK_S=next_pow2(num_splits), BLOCK_D=block_d,
+        )
+    return out
 
 
 def paged_attention_decode_ref(q, k_cache, v_cache, block_tables, context_lens, scale):
