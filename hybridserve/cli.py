@@ -1,7 +1,35 @@
-"""The `hybridserve` command line."""
+"""The `hybridserve` command line: up, gateway, worker, models, hash-key, version."""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
 import typer
 
-app = typer.Typer(help="hybridserve", no_args_is_help=True)
+app = typer.Typer(help="hybridserve: serve a transformer and a Mamba-2 hybrid behind one "
+                       "OpenAI-compatible endpoint.", no_args_is_help=True)
+
+ConfigOpt = typer.Option("models.yaml", "--config", "-c", help="Path of models.yaml.")
+ProfileOpt = typer.Option(None, "--profile", "-p",
+                          help="Profile under `profiles:` in models.yaml (default: its default_profile).")
+LogOpt = typer.Option("info", "--log-level", help="debug | info | warning | error")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore"):  # one line per upstream call and health poll otherwise
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def _load(config: str, profile: Optional[str]):
+    from hybridserve.config import ConfigError, load_config
+
+    try:
+        return load_config(config, profile)
+    except ConfigError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -9,3 +37,99 @@ def version() -> None:
     """Print the version."""
     from hybridserve import __version__
     typer.echo(__version__)
+
+
+@app.command()
+def up(config: str = ConfigOpt, profile: Optional[str] = ProfileOpt, log_level: str = LogOpt,
+       ready_timeout: float = typer.Option(600.0, help="Seconds to wait for every process to be healthy."),
+       engine_factory: Optional[str] = typer.Option(None, hidden=True)) -> None:
+    """Start one worker per backend plus the gateway; Ctrl-C drains and stops them all."""
+    from hybridserve.config import ConfigError
+    from hybridserve.supervisor import run_up
+
+    cfg = _load(config, profile)
+    try:
+        code = run_up(cfg, config, profile, log_level=log_level, engine_factory=engine_factory,
+                      ready_timeout_s=ready_timeout, say=lambda s: typer.echo(s, err=False))
+    except ConfigError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)
+
+
+@app.command()
+def gateway(config: str = ConfigOpt, profile: Optional[str] = ProfileOpt, log_level: str = LogOpt,
+            host: Optional[str] = typer.Option(None, help="Override gateway.host."),
+            port: Optional[int] = typer.Option(None, help="Override gateway.port.")) -> None:
+    """Run only the gateway (workers are expected at their ports, remotes at their urls)."""
+    from hybridserve.config import ConfigError
+    from hybridserve.gateway.app import serve_gateway
+
+    _setup_logging(log_level)
+    cfg = _load(config, profile)
+    try:
+        serve_gateway(cfg, host, port, log_level)
+    except ConfigError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def worker(backend: str = typer.Option(..., "--backend", "-b", help="Backend name in models.yaml."),
+           config: str = ConfigOpt, profile: Optional[str] = ProfileOpt, log_level: str = LogOpt,
+           host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+           port: Optional[int] = typer.Option(None, help="Port (default: as `up` assigns it)."),
+           engine_factory: Optional[str] = typer.Option(None, hidden=True)) -> None:
+    """Run one native worker: an OpenAI-compatible server over the backend's engine."""
+    from hybridserve.gateway.registry import worker_port
+    from hybridserve.worker.server import serve_worker
+
+    _setup_logging(log_level)
+    cfg = _load(config, profile)
+    try:
+        b = cfg.backend(backend)
+    except KeyError:
+        typer.echo(f"error: no backend '{backend}'; known: "
+                   + ", ".join(x.name for x in cfg.backends), err=True)
+        raise typer.Exit(2) from None
+    serve_worker(cfg, backend, host, port or worker_port(cfg, b), log_level, engine_factory)
+
+
+@app.command()
+def models(config: str = ConfigOpt, profile: Optional[str] = ProfileOpt) -> None:
+    """List the built-in checkpoints and the backends models.yaml declares."""
+    from pathlib import Path
+
+    try:
+        from hybridserve.models.builtin import BUILTIN_NAMES
+        typer.echo("built-in checkpoints (random weights; use as checkpoint: builtin:NAME):")
+        for name in BUILTIN_NAMES:
+            typer.echo(f"  builtin:{name}")
+    except ImportError:
+        typer.echo("built-in checkpoints: unavailable (hybridserve.models not installed)")
+    if not Path(config).is_file():
+        typer.echo(f"no {config} here; pass --config PATH to list its backends")
+        return
+    cfg = _load(config, profile)
+    from hybridserve.gateway.registry import backend_url
+
+    typer.echo(f"backends in {config}:")
+    for b in cfg.backends:
+        where = backend_url(cfg, b)
+        what = b.url if b.engine == "remote" else b.checkpoint
+        typer.echo(f"  {b.name:<22} {b.arch:<11} {b.engine:<7} tier={b.tier:<9} "
+                   f"ctx={b.max_context:<6} ${b.price_per_hour}/h  {what}  -> {where}")
+    groups = {**{t: n for t, n in cfg.tiers().items()}, **cfg.aliases, "auto": "all backends"}
+    typer.echo("aliases: " + "; ".join(f"{k} -> {v}" for k, v in groups.items()))
+
+
+@app.command("hash-key")
+def hash_key(key: str = typer.Argument(..., help="The API key to hash.")) -> None:
+    """Print the sha256 hex of KEY, for gateway.api_key_hashes or $HYBRIDSERVE_API_KEYS."""
+    from hybridserve.gateway.auth import hash_key as _hash
+
+    typer.echo(_hash(key))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,80 @@
+"""Validation before any upstream call: JSON, types, model name, max_tokens, prompt length.
+
+The gateway holds no tokenizer, so it bounds the prompt's token count from its text:
+
+* token-id prompts are counted exactly;
+* text is bounded from below by `ceil(utf8_bytes / MAX_BYTES_PER_TOKEN)`: no token of
+  a byte-level BPE vocabulary (the built-ins', Granite's, Llama's) spans more than
+  that many bytes in practice, so a prompt rejected here is too long for certain;
+* text is bounded from above by its UTF-8 byte count plus the chat template's
+  overhead (a byte-level tokenizer never needs more than one token per byte).
+
+A request whose lower bound does not fit any candidate backend is a 400 here; one
+that merely might not fit goes on, and the worker, which tokenizes exactly, has
+the last word. `auto` and aliases prefer backends where even the upper bound fits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hybridserve import protocol as P
+from hybridserve.errors import ContextLengthExceededError, InvalidRequestError
+from hybridserve.gateway.registry import BackendState, Registry
+
+MAX_BYTES_PER_TOKEN = 32
+CHAT_OVERHEAD_TOKENS_PER_MESSAGE = 8
+
+
+@dataclass
+class Admitted:
+    """A request that passed validation, with the backends it may go to (best first)."""
+
+    model: str
+    stream: bool
+    pinned: bool
+    candidates: list[BackendState]
+    preferred: frozenset[str] = frozenset()  # names where even the upper bound fits
+
+
+def prompt_bounds(req: Any, chat: bool) -> tuple[int, int]:
+    """(lower, upper) bound on the prompt's token count (the largest prompt of a batch)."""
+    if chat:
+        nbytes = sum(len(m.text().encode()) for m in req.messages)
+        upper = nbytes + CHAT_OVERHEAD_TOKENS_PER_MESSAGE * (len(req.messages) + 1)
+        return -(-nbytes // MAX_BYTES_PER_TOKEN), upper
+    lower = upper = 0
+    for p in req.prompts():
+        if isinstance(p, str):
+            nbytes = len(p.encode())
+            lo, hi = -(-nbytes // MAX_BYTES_PER_TOKEN), nbytes + 2
+        else:
+            lo = hi = len(p)
+        lower, upper = max(lower, lo), max(upper, hi)
+    return lower, upper
+
+
+def _check_fit(candidates: list[BackendState], lower: int, max_tokens: int | None) -> list[BackendState]:
+    fits = [b for b in candidates
+            if lower + (max_tokens or 1) <= b.config.max_context]
+    if fits:
+        return fits
+    longest = max(b.config.max_context for b in candidates)
+    if max_tokens is not None and max_tokens >= longest:
+        raise InvalidRequestError(f"max_tokens ({max_tokens}) must be below the model's context "
+                                  f"length ({longest})", param="max_tokens")
+    raise ContextLengthExceededError(
+        f"the prompt is at least {lower} tokens and cannot fit the context of any backend for "
+        f"this model (longest: {longest} tokens, including max_tokens={max_tokens or 1})")
+
+
+def admit(raw: bytes, chat: bool, registry: Registry) -> Admitted:
+    """Validate a request body; raise a typed 400/404 naming the problem, else say where it may go."""
+    data = P.parse_body(raw)
+    req = P.validate_request(P.ChatCompletionRequest if chat else P.CompletionRequest, data)
+    candidates, pinned = registry.resolve(req.model)
+    lower, upper = prompt_bounds(req, chat)
+    max_tokens = req.requested_max_tokens()
+    fits = _check_fit(candidates, lower, max_tokens)
+    sure = frozenset(b.name for b in fits if upper + (max_tokens or 1) <= b.config.max_context)
+    return Admitted(req.model, bool(req.stream), pinned, fits, sure)

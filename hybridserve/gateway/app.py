@@ -1,0 +1,167 @@
+"""The gateway app: auth → validation → route → proxy, plus /v1/models, /health, /metrics.
+
+Every response (errors included) carries `x-hybridserve-request-id` and
+`x-hybridserve-backend` (the backend that served it, or `gateway` when none did);
+a client may choose the request id with `x-request-id`. The id goes upstream in
+`x-request-id` and starts every log line about the request.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from hybridserve.config import HybridserveConfig
+from hybridserve.errors import HybridserveError, openai_error_body
+from hybridserve.gateway.admission import admit
+from hybridserve.gateway.auth import KeyChecker
+from hybridserve.gateway.metrics import GatewayMetrics
+from hybridserve.gateway.proxy import Proxy
+from hybridserve.gateway.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+_RID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+class RequestContext:
+    """Raw ASGI middleware: request id and start time in, hybridserve headers out."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = None
+        for k, v in scope["headers"]:
+            if k == b"x-request-id":
+                rid = v.decode("latin-1")
+                break
+        if not rid or not _RID_OK.match(rid):
+            rid = uuid.uuid4().hex[:16]
+        state = scope.setdefault("state", {})
+        state.update(request_id=rid, backend="gateway", t0=time.perf_counter())
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", ()))
+                headers.append((b"x-hybridserve-request-id", rid.encode()))
+                headers.append((b"x-hybridserve-backend", state["backend"].encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def http_client(timeout_s: float) -> httpx.AsyncClient:
+    """The one client the gateway uses for every backend: pooled keep-alive connections."""
+    # expire idle connections before uvicorn's default 5 s keep-alive closes them at the far end
+    limits = httpx.Limits(max_connections=2048, max_keepalive_connections=512, keepalive_expiry=4.0)
+    timeout = httpx.Timeout(timeout_s, connect=5.0)
+    return httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False)
+
+
+def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> RequestContext:
+    """Build the gateway for a config; raises ConfigError at once if auth is misconfigured."""
+    keys = KeyChecker(cfg.gateway)
+    registry = Registry.from_config(cfg)
+    metrics = GatewayMetrics(registry)
+    holder: dict[str, Proxy] = {}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        client = http_client(cfg.gateway.request_timeout_s)
+        holder["proxy"] = Proxy(client, registry, metrics, cfg.gateway.request_timeout_s)
+        await registry.poll_once(client)
+        poller = asyncio.create_task(registry.run_poller(client, poll_interval_s))
+        for b in registry.backends.values():
+            logger.info("backend %s (%s, %s) at %s: %s", b.name, b.config.arch, b.config.engine,
+                        b.url, "up" if b.healthy else f"down ({b.last_error})")
+        try:
+            yield
+        finally:
+            poller.cancel()
+            await asyncio.gather(poller, return_exceptions=True)
+            await client.aclose()
+
+    app = FastAPI(title="hybridserve gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.registry = registry
+
+    def error_json(request: Request, err: HybridserveError) -> JSONResponse:
+        backend = getattr(request.state, "backend", "gateway")
+        metrics.errors.labels(backend, err.error_type).inc()
+        metrics.requests.labels(backend, request.url.path, str(err.status_code)).inc()
+        logger.info("%s %s -> %s %d %s: %s", getattr(request.state, "request_id", "-"),
+                    request.url.path, backend, err.status_code, err.error_type, err.message)
+        return JSONResponse(err.to_openai(), status_code=err.status_code)
+
+    @app.exception_handler(HybridserveError)
+    async def _typed(request: Request, err: HybridserveError) -> JSONResponse:
+        return error_json(request, err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return JSONResponse(openai_error_body(str(err.detail), kind), status_code=err.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, err: Exception) -> JSONResponse:
+        logger.exception("%s unexpected error", getattr(request.state, "request_id", "-"))
+        return JSONResponse(openai_error_body(f"internal error: {type(err).__name__}",
+                                              "server_error"), status_code=500)
+
+    async def handle(request: Request, path: str, chat: bool) -> Response:
+        keys.check(request.headers.get("authorization"))
+        raw = await request.body()
+        adm = admit(raw, chat, registry)
+        return await holder["proxy"].forward(request, adm, path, raw)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await handle(request, "/v1/completions", chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await handle(request, "/v1/chat/completions", chat=True)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        keys.check(request.headers.get("authorization"))
+        return {"object": "list", "data": registry.cards()}
+
+    @app.get("/health")
+    async def health() -> Response:
+        backends = {b.name: {"healthy": b.healthy, "url": b.url, "load": b.load(),
+                             **({"error": b.last_error} if not b.healthy else {})}
+                    for b in registry.backends.values()}
+        ok = any(b.healthy for b in registry.backends.values())
+        return JSONResponse({"status": "ok" if ok else "degraded", "backends": backends})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    wrapped = RequestContext(app)
+    wrapped.state = app.state
+    return wrapped
+
+
+def serve_gateway(cfg: HybridserveConfig, host: str | None = None, port: int | None = None,
+                  log_level: str = "info") -> None:
+    """Run the gateway in this process until SIGINT/SIGTERM (in-flight requests drain)."""
+    import uvicorn
+
+    app = create_app(cfg)
+    uvicorn.run(app, host=host or cfg.gateway.host, port=port or cfg.gateway.port,
+                log_level=log_level, access_log=False, timeout_keep_alive=75,
+                timeout_graceful_shutdown=30, lifespan="on")

@@ -1,0 +1,218 @@
+"""OpenAI request models and response builders shared by the gateway and the worker.
+
+Requests are pydantic models in strict mode, so a wrong JSON type (`"max_tokens": "9"`)
+is a 400 naming the field rather than a silent coercion; unknown OpenAI fields are
+kept (`extra="allow"`) so newer clients still work. Responses are plain dicts built
+by small functions: they sit on the hot path and need no validation.
+
+The `usage` object may carry hybridserve's measurements next to OpenAI's three
+counts (`device_seconds`, `ttft_s`, `queue_s`, `e2e_s`); the `openai` client keeps
+unknown usage fields as extras, so callers read them as `usage.device_seconds`.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hybridserve.errors import InvalidRequestError
+
+MAX_N = 16
+MAX_LOGPROBS = 20
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class StreamOptions(_Model):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Model):
+    """Fields completions and chat share."""
+
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)  # vLLM extension; 0 or -1 means off
+    n: int = Field(1, ge=1, le=MAX_N)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None  # vLLM extension
+    ignore_eos: bool = False  # vLLM extension
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_ok(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return v
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Prompt
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = None
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> "CompletionRequest":
+        if self.echo:
+            raise ValueError("`echo` is not supported; leave it false")
+        if self.best_of not in (None, 1, self.n):
+            raise ValueError("`best_of` other than n is not supported")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("`prompt` must not be empty")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt as a list of single prompts (text or token ids)."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+
+class ContentPart(_Model):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Model):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.type != "text":
+                raise InvalidRequestError(f"content part type '{part.type}' is not supported; "
+                                          "only 'text'", param="messages")
+            parts.append(part.text or "")
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _logprobs_pair(self) -> "ChatCompletionRequest":
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("`top_logprobs` needs `logprobs: true`")
+        return self
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """Decode a JSON object body or raise a 400 that says what is wrong."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise InvalidRequestError(f"request body is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    return data
+
+
+def validate_request(model_cls: type[_Model], data: dict[str, Any]) -> Any:
+    """Validate a decoded body against a request model; 400 names the first bad field."""
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or None
+        msg = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "missing":
+            msg = "required field is missing"
+        top = str(first["loc"][0]) if first["loc"] else None
+        raise InvalidRequestError(f"{loc}: {msg}" if loc else msg, param=top) from None
+
+
+# ---------------------------------------------------------------- responses
+
+
+def new_id(prefix: str, request_id: str) -> str:
+    return f"{prefix}-{request_id}"
+
+
+def usage_dict(prompt_tokens: int, completion_tokens: int, **extra: float | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                           "total_tokens": prompt_tokens + completion_tokens}
+    out.update({k: v for k, v in extra.items() if v is not None})
+    return out
+
+
+def completion_response(rid: str, model: str, choices: list[dict], usage: dict) -> dict[str, Any]:
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": usage}
+
+
+def chat_response(rid: str, model: str, choices: list[dict], usage: dict) -> dict[str, Any]:
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": usage}
+
+
+def completion_chunk(rid: str, model: str, created: int, choices: list[dict],
+                     usage: dict | None = None, with_usage: bool = False) -> dict[str, Any]:
+    out = {"id": rid, "object": "text_completion", "created": created, "model": model,
+           "choices": choices}
+    if with_usage:
+        out["usage"] = usage
+    return out
+
+
+def chat_chunk(rid: str, model: str, created: int, choices: list[dict],
+               usage: dict | None = None, with_usage: bool = False) -> dict[str, Any]:
+    out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+           "choices": choices}
+    if with_usage:
+        out["usage"] = usage
+    return out
+
+
+def sse(obj: dict[str, Any]) -> bytes:
+    """One server-sent event carrying a JSON object."""
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def model_card(name: str, owned_by: str = "hybridserve", **extra: Any) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": owned_by, **extra}

@@ -1,0 +1,202 @@
+"""`hybridserve up`: start one worker per local backend plus the gateway, keep them alive.
+
+Children are plain processes (`python -m hybridserve.cli worker|gateway ...`) in
+their own session, so Ctrl-C reaches only the supervisor, which then stops them in
+order: the gateway first (it drains in-flight requests), then the workers. A child
+that dies on its own is reported and restarted after a back-off (1 s, doubling to
+30 s; reset once it has stayed up a minute). Children also get SIGTERM if the
+supervisor itself dies (Linux parent-death signal), so nothing is left orphaned.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import httpx
+
+from hybridserve.config import ConfigError, HybridserveConfig
+from hybridserve.gateway.registry import worker_port
+
+BACKOFF_MAX_S = 30.0
+STABLE_AFTER_S = 60.0
+
+
+def _die_with_parent() -> None:
+    try:  # PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    health_url: str
+    proc: subprocess.Popen | None = None
+    started_at: float = 0.0
+    failures: int = 0
+    restart_at: float | None = None
+    history: list[int] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, start_new_session=True, preexec_fn=_die_with_parent)
+        self.started_at = time.monotonic()
+        self.restart_at = None
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(self.health_url, timeout=1.0, trust_env=False).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+
+def check_startable(cfg: HybridserveConfig) -> None:
+    vllm = [b.name for b in cfg.backends if b.engine == "vllm"]
+    if vllm:
+        raise ConfigError(f"backends {vllm} use `engine: vllm`, which `hybridserve up` does not "
+                          "support yet; use `engine: native`, or run vLLM yourself and declare "
+                          "it as `engine: remote` with its `url`")
+
+
+def plan_children(cfg: HybridserveConfig, config_path: str, profile: str | None,
+                  log_level: str = "info", engine_factory: str | None = None) -> list[Child]:
+    """Workers (one per non-remote backend) then the gateway, as commands to run."""
+    base = [sys.executable, "-m", "hybridserve.cli"]
+    common = ["--config", config_path, "--log-level", log_level]
+    if profile:
+        common += ["--profile", profile]
+    children = []
+    for b in cfg.backends:
+        if b.engine == "remote":
+            continue
+        port = worker_port(cfg, b)
+        argv = base + ["worker", *common, "--backend", b.name, "--port", str(port)]
+        if engine_factory:
+            argv += ["--engine-factory", engine_factory]
+        children.append(Child(b.name, argv, f"http://127.0.0.1:{port}/health"))
+    gw = cfg.gateway
+    host = "127.0.0.1" if gw.host in ("0.0.0.0", "::") else gw.host
+    children.append(Child("gateway", base + ["gateway", *common],
+                          f"http://{host}:{gw.port}/health"))
+    return children
+
+
+class Supervisor:
+    def __init__(self, children: list[Child], say: Callable[[str], None]):
+        self.children = children
+        self.say = say
+        self.stopping = False
+
+    def start_all(self) -> None:
+        for c in self.children:
+            c.start()
+            self.say(f"started {c.name} (pid {c.proc.pid})")
+
+    def wait_healthy(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        pending = list(self.children)
+        while pending and time.monotonic() < deadline and not self.stopping:
+            for c in list(pending):
+                if c.proc.poll() is not None:
+                    self.say(f"{c.name} exited with code {c.proc.returncode} while starting")
+                    return False
+                if c.healthy():
+                    pending.remove(c)
+            time.sleep(0.2)
+        return not pending
+
+    def tick(self) -> None:
+        """Notice dead children and restart them once their back-off has passed."""
+        now = time.monotonic()
+        for c in self.children:
+            if c.restart_at is not None:
+                if now >= c.restart_at:
+                    c.start()
+                    self.say(f"restarted {c.name} (pid {c.proc.pid}, restart #{c.failures})")
+                continue
+            code = c.proc.poll()
+            if code is None:
+                continue
+            c.failures = 1 if now - c.started_at > STABLE_AFTER_S else c.failures + 1
+            delay = min(BACKOFF_MAX_S, 2.0 ** (c.failures - 1))
+            c.history.append(code)
+            c.restart_at = now + delay
+            self.say(f"{c.name} died (exit code {code}); restarting in {delay:g}s")
+
+    def stop_all(self, grace_s: float = 30.0) -> None:
+        """Gateway first (drains its clients), then the workers; kill what outlives the grace."""
+        self.stopping = True
+        gateway = [c for c in self.children if c.name == "gateway"]
+        workers = [c for c in self.children if c.name != "gateway"]
+        for group in (gateway, workers):
+            live = [c for c in group if c.proc and c.proc.poll() is None]
+            for c in live:
+                c.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + grace_s
+            for c in live:
+                try:
+                    c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    self.say(f"{c.name} did not stop in {grace_s:g}s; killing it")
+                    c.proc.kill()
+                    c.proc.wait()
+
+
+def banner(cfg: HybridserveConfig) -> str:
+    gw = cfg.gateway
+    host = "127.0.0.1" if gw.host in ("0.0.0.0", "::") else gw.host
+    url = f"http://{host}:{gw.port}"
+    key = "$HYBRIDSERVE_KEY" if gw.auth == "required" else "none"
+    auth = f' -H "Authorization: Bearer {key}"' if gw.auth == "required" else ""
+    names = ", ".join([b.name for b in cfg.backends] + ["auto"])
+    return f"""
+hybridserve is up: {url}/v1   (models: {names})
+
+  curl {url}/v1/chat/completions -H "Content-Type: application/json"{auth} \\
+    -d '{{"model": "auto", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 32}}'
+
+  python -c 'from openai import OpenAI
+c = OpenAI(base_url="{url}/v1", api_key="{key}")
+r = c.chat.completions.create(model="auto", messages=[{{"role": "user", "content": "Hello"}}], max_tokens=32)
+print(r.choices[0].message.content, r.usage)'
+
+Built-in models have random weights: they measure serving, not answer quality.
+Metrics: {url}/metrics   Health: {url}/health   Stop: Ctrl-C
+"""
+
+
+def run_up(cfg: HybridserveConfig, config_path: str, profile: str | None, *,
+           log_level: str = "info", engine_factory: str | None = None,
+           ready_timeout_s: float = 600.0, say: Callable[[str], None] = print) -> int:
+    """Start everything, print how to call it, supervise until SIGINT/SIGTERM; exit code."""
+    check_startable(cfg)
+    sup = Supervisor(plan_children(cfg, config_path, profile, log_level, engine_factory), say)
+
+    def on_signal(signum, _frame) -> None:
+        sup.stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    sup.start_all()
+    try:
+        if not sup.wait_healthy(ready_timeout_s):
+            if not sup.stopping:
+                say(f"not every process became healthy within {ready_timeout_s:g}s; stopping")
+                return 1
+            return 0
+        say(banner(cfg))
+        while not sup.stopping:
+            sup.tick()
+            time.sleep(0.25)
+        say("stopping: draining in-flight requests")
+        return 0
+    finally:
+        sup.stop_all()
+        say("all processes stopped")

@@ -1,0 +1,1 @@
+"""The native worker: an OpenAI-compatible HTTP server over one `AsyncEngine`."""

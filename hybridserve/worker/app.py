@@ -1,0 +1,208 @@
+"""The worker's HTTP server: OpenAI endpoints, /health and /metrics over one AsyncEngine.
+
+The engine knows nothing of HTTP and this module knows nothing of scheduling: it
+validates the request (`protocol`), hands it to `serving`, and streams or returns
+the result. Errors raised on purpose (`HybridserveError`) become OpenAI error JSON
+here, in one place. A client that goes away aborts its engine requests: streams
+are cancelled by Starlette, non-streaming requests race a disconnect watcher.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from hybridserve import protocol as P
+from hybridserve.errors import HybridserveError, openai_error_body
+from hybridserve.worker import serving as S
+from hybridserve.worker.metrics import WorkerMetrics
+
+logger = logging.getLogger(__name__)
+
+CLIENT_CLOSED = 499  # nginx's convention: the client went away before the answer
+
+
+def error_response(err: HybridserveError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(err.to_openai(), status_code=err.status_code, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """OpenAI error JSON for our errors, unknown routes and anything unexpected."""
+
+    @app.exception_handler(HybridserveError)
+    async def _typed(_: Request, err: HybridserveError) -> JSONResponse:
+        return error_response(err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return JSONResponse(openai_error_body(str(err.detail), kind), status_code=err.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, err: Exception) -> JSONResponse:
+        logger.exception("%s unexpected error", request.headers.get("x-request-id", "-"))
+        return JSONResponse(openai_error_body(f"internal error: {type(err).__name__}",
+                                              "server_error"), status_code=500)
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class Worker:
+    """Serves OpenAI requests from one engine."""
+
+    def __init__(self, engine: Any, params_cls: Any):
+        self.engine = engine
+        self.params_cls = params_cls
+        self.model = engine.model_name
+        self.renderer = S.Renderer(engine.tokenizer, engine.max_context)
+        self.metrics = WorkerMetrics(self.model, engine.stats)
+        self._seq = itertools.count()
+        self.ready = False
+
+    def request_id(self, request: Request) -> str:
+        given = request.headers.get("x-request-id")
+        return f"{given}.{next(self._seq)}" if given else uuid.uuid4().hex[:16]
+
+    def plan_completion(self, rid: str, data: dict) -> S.RequestPlan:
+        req = P.validate_request(P.CompletionRequest, data)
+        prompts = [self.renderer.encode_text(p) if isinstance(p, str) else p for p in req.prompts()]
+        choices = S.build_choices(rid, prompts, req, self.renderer, self.params_cls, req.logprobs)
+        return S.RequestPlan(rid, self.model, choices, req.logprobs, req.include_usage(), chat=False)
+
+    def plan_chat(self, rid: str, data: dict) -> S.RequestPlan:
+        req = P.validate_request(P.ChatCompletionRequest, data)
+        ids = self.renderer.encode_chat(req.messages)
+        n_lp = req.num_logprobs()
+        choices = S.build_choices(rid, [ids], req, self.renderer, self.params_cls, n_lp)
+        return S.RequestPlan(rid, self.model, choices, n_lp, req.include_usage(), chat=True)
+
+    def on_output(self, plan: S.RequestPlan, choice: S.Choice, out: Any) -> None:
+        if plan.num_logprobs is not None and out.delta_logprobs:
+            choice.logprobs.extend(out.delta_logprobs)
+        if out.finished:
+            choice.final = out
+            self.metrics.observe_finished(getattr(out, "metrics", None), out.finish_reason)
+            logger.info("%s finished choice=%d prompt=%d completion=%d reason=%s", plan.request_id,
+                        choice.index, len(choice.prompt_ids), len(out.token_ids), out.finish_reason)
+
+    async def serve(self, request: Request, chat: bool) -> Response:
+        rid = self.request_id(request)
+        data = P.parse_body(await request.body())
+        plan = self.plan_chat(rid, data) if chat else self.plan_completion(rid, data)
+        headers = {"x-request-id": rid}
+        if data.get("stream"):
+            return await self.stream(plan, headers)
+        return await self.complete(request, plan, headers)
+
+    async def complete(self, request: Request, plan: S.RequestPlan, headers: dict) -> Response:
+        async def collect() -> dict:
+            async for choice, out in S.merge(self.engine, plan.choices):
+                self.on_output(plan, choice, out)
+            return S.full_body(plan, self.renderer)
+
+        work = asyncio.create_task(collect())
+        watch = asyncio.create_task(wait_for_disconnect(request))
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not work.done():
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+        if work.cancelled():
+            logger.info("%s client disconnected; aborted", plan.request_id)
+            return Response(status_code=CLIENT_CLOSED)
+        return JSONResponse(work.result(), headers=headers)
+
+    async def stream(self, plan: S.RequestPlan, headers: dict) -> Response:
+        outputs = S.merge(self.engine, plan.choices)
+        try:  # the first output surfaces engine-side validation errors as a plain 400
+            first = await outputs.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await outputs.aclose()
+            raise
+        chunks = S.ChunkRenderer(plan, self.renderer)
+
+        async def body():
+            try:
+                for b in chunks.opening():
+                    yield b
+                item = first
+                while item is not None:
+                    self.on_output(plan, *item)
+                    b = chunks.delta(*item)
+                    if b is not None:
+                        yield b
+                    item = await anext(outputs, None)
+                for b in chunks.closing():
+                    yield b
+            finally:
+                if any(c.final is None for c in plan.choices):
+                    logger.info("%s stream closed early; aborting", plan.request_id)
+                await outputs.aclose()
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={**headers, "cache-control": "no-cache"})
+
+
+def create_app(engine: Any, params_cls: Any = None) -> FastAPI:
+    """The worker app; the engine is started and shut down with the app's lifespan."""
+    if params_cls is None:
+        from hybridserve.engine import SamplingParams as params_cls  # noqa: N813
+    worker = Worker(engine, params_cls)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        await engine.start()
+        worker.ready = True
+        logger.info("worker for %s ready (pid %d)", worker.model, os.getpid())
+        try:
+            yield
+        finally:
+            worker.ready = False
+            await engine.shutdown()
+
+    app = FastAPI(title=f"hybridserve worker: {worker.model}", lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.worker = worker
+    install_error_handlers(app)
+    started = time.time()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await worker.serve(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await worker.serve(request, chat=True)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        card = P.model_card(worker.model, max_model_len=engine.max_context)
+        return {"object": "list", "data": [card]}
+
+    @app.get("/health")
+    async def health() -> Response:
+        body = {"status": "ok" if worker.ready else "starting", "model": worker.model,
+                "pid": os.getpid(), "uptime_s": round(time.time() - started, 3)}
+        return JSONResponse(body, status_code=200 if worker.ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(worker.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app

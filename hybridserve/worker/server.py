@@ -1,0 +1,43 @@
+"""Run one worker process: load the backend's engine, then serve it with uvicorn."""
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any, Callable
+
+from hybridserve.config import BackendConfig, HybridserveConfig
+
+logger = logging.getLogger(__name__)
+
+
+def load_factory(spec: str) -> Callable[[BackendConfig], tuple[Any, Any]]:
+    """'module:function' → a factory returning (engine, SamplingParams class)."""
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr or "make")
+
+
+def native_engine(backend: BackendConfig) -> tuple[Any, Any]:
+    from hybridserve.engine import AsyncEngine, SamplingParams
+
+    return AsyncEngine.from_backend(backend), SamplingParams
+
+
+def serve_worker(cfg: HybridserveConfig, backend_name: str, host: str, port: int,
+                 log_level: str = "info", engine_factory: str | None = None) -> None:
+    """Serve `backend_name` on host:port until SIGINT/SIGTERM (in-flight requests drain)."""
+    import uvicorn
+
+    from hybridserve.worker.app import create_app
+
+    backend = cfg.backend(backend_name)
+    if backend.engine != "native":
+        raise SystemExit(f"backend '{backend_name}' has engine '{backend.engine}'; "
+                         "`hybridserve worker` serves only engine 'native'"
+                         + (" (engine 'vllm' is not yet supported)" if backend.engine == "vllm"
+                            else " (a remote backend is already running elsewhere)"))
+    factory = load_factory(engine_factory) if engine_factory else native_engine
+    logger.info("loading %s (%s)", backend.name, backend.checkpoint)
+    engine, params_cls = factory(backend)
+    app = create_app(engine, params_cls)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
+                timeout_keep_alive=75, timeout_graceful_shutdown=30, lifespan="on")

@@ -1,0 +1,255 @@
+"""Turn one OpenAI request into engine requests and engine outputs into OpenAI JSON.
+
+Data path: the HTTP layer hands a validated request here; `prepare_*` tokenizes it
+and builds one `Choice` per returned choice (prompts x n, seeds seed+i); `merge`
+runs those engine streams side by side and yields `(index, RequestOutput)`; the
+`*_body` / `*_chunks` functions render OpenAI JSON. Closing the merged stream (a
+client disconnect cancels it) closes every engine generator, which aborts the
+engine request and frees its cache at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, AsyncIterator
+
+from hybridserve import protocol as P
+from hybridserve.errors import ContextLengthExceededError, InvalidRequestError
+
+logger = logging.getLogger(__name__)
+
+_END = object()
+
+
+@dataclass
+class Choice:
+    """One engine request: one returned choice."""
+
+    index: int
+    request_id: str
+    prompt_ids: list[int]
+    params: Any  # SamplingParams
+    prompt_index: int = 0
+    logprobs: list[Any] = field(default_factory=list)
+    final: Any = None  # the last RequestOutput
+
+
+class RequestPlan:
+    """Everything the worker needs to serve one OpenAI request."""
+
+    def __init__(self, request_id: str, model: str, choices: list[Choice], num_logprobs: int | None,
+                 include_usage: bool, chat: bool):
+        self.request_id = request_id
+        self.model = model
+        self.choices = choices
+        self.num_logprobs = num_logprobs
+        self.include_usage = include_usage
+        self.chat = chat
+        self.created = int(time.time())
+
+
+class Renderer:
+    """Tokenizer-aware helpers: prompt encoding and token strings for logprobs."""
+
+    def __init__(self, tokenizer: Any, max_context: int):
+        self.tokenizer = tokenizer
+        self.max_context = max_context
+        self.token_str = lru_cache(maxsize=65536)(self._token_str)
+
+    def _token_str(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def encode_text(self, text: str) -> list[int]:
+        return list(self.tokenizer(text).input_ids)
+
+    def encode_chat(self, messages: list[P.ChatMessage]) -> list[int]:
+        msgs = [{"role": m.role, "content": m.text()} for m in messages]
+        text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def check_fits(self, num_prompt: int, max_tokens: int | None) -> int:
+        """Return the effective max_tokens, or raise when the request cannot fit the context."""
+        if num_prompt == 0:
+            raise InvalidRequestError("prompt is empty", param="prompt")
+        room = self.max_context - num_prompt
+        if room <= 0:
+            raise ContextLengthExceededError(
+                f"prompt has {num_prompt} tokens; this model's context is {self.max_context} "
+                "tokens and at least one must remain for the completion")
+        if max_tokens is None:
+            return room
+        if max_tokens > room:
+            raise ContextLengthExceededError(
+                f"prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) exceeds this model's "
+                f"context of {self.max_context} tokens; lower max_tokens to at most {room}",
+                param="max_tokens")
+        return max_tokens
+
+
+def build_choices(request_id: str, prompts: list[list[int]], req: P._SamplingFields,
+                  renderer: Renderer, params_cls: Any, num_logprobs: int | None) -> list[Choice]:
+    choices = []
+    for p_idx, ids in enumerate(prompts):
+        max_tokens = renderer.check_fits(len(ids), req.requested_max_tokens())
+        for j in range(req.n):
+            seed = None if req.seed is None else req.seed + j
+            params = params_cls(
+                max_tokens=max_tokens,
+                temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p,
+                top_k=max(req.top_k or 0, 0), seed=seed, stop=req.stop_list(),
+                stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
+                logprobs=num_logprobs)
+            idx = p_idx * req.n + j
+            choices.append(Choice(idx, f"{request_id}-{idx}", ids, params, p_idx))
+    return choices
+
+
+async def merge(engine: Any, choices: list[Choice]) -> AsyncIterator[tuple[Choice, Any]]:
+    """Run the choices' engine streams together; yield (choice, output) as they come."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(choice: Choice) -> None:
+        gen = engine.generate(choice.request_id, choice.prompt_ids, choice.params)
+        try:
+            async for out in gen:
+                queue.put_nowait((choice, out))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as err:  # handed to the consumer, raised there
+            queue.put_nowait((choice, err))
+        finally:
+            await gen.aclose()
+            queue.put_nowait((choice, _END))
+
+    tasks = [asyncio.create_task(pump(c)) for c in choices]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            choice, item = await queue.get()
+            if item is _END:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield choice, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# ------------------------------------------------------------------ rendering
+
+
+def _completion_logprobs(renderer: Renderer, entries: list[Any], offset0: int) -> dict[str, Any]:
+    tokens, lps, tops, offsets = [], [], [], []
+    offset = offset0
+    for e in entries:
+        s = renderer.token_str(e.token_id)
+        tokens.append(s)
+        lps.append(e.logprob)
+        tops.append({renderer.token_str(t): lp for t, lp in e.top} if e.top else None)
+        offsets.append(offset)
+        offset += len(s)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _chat_logprobs(renderer: Renderer, entries: list[Any]) -> dict[str, Any]:
+    content = []
+    for e in entries:
+        s = renderer.token_str(e.token_id)
+        top = [{"token": renderer.token_str(t), "logprob": lp,
+                "bytes": list(renderer.token_str(t).encode())} for t, lp in e.top]
+        content.append({"token": s, "logprob": e.logprob, "bytes": list(s.encode()),
+                        "top_logprobs": top})
+    return {"content": content}
+
+
+def usage_of(plan: RequestPlan) -> dict[str, Any]:
+    prompt = {c.prompt_index: len(c.prompt_ids) for c in plan.choices}
+    completion = 0
+    device = 0.0
+    ttft = queue = e2e = None
+    for c in plan.choices:
+        if c.final is None:
+            continue
+        completion += len(c.final.token_ids)
+        m = getattr(c.final, "metrics", None)
+        if m is not None:
+            device += m.device_seconds or 0.0
+            ttft = m.ttft_s if ttft is None else ttft
+            queue = m.queue_s if queue is None else queue
+            e2e = m.e2e_s if e2e is None or (m.e2e_s or 0) > e2e else e2e
+    return P.usage_dict(sum(prompt.values()), completion, device_seconds=round(device, 6),
+                        ttft_s=ttft, queue_s=queue, e2e_s=e2e)
+
+
+def full_body(plan: RequestPlan, renderer: Renderer) -> dict[str, Any]:
+    """The non-streaming response once every choice has finished."""
+    choices = []
+    for c in plan.choices:
+        out = c.final
+        lp = None
+        if plan.num_logprobs is not None:
+            lp = (_chat_logprobs(renderer, c.logprobs) if plan.chat
+                  else _completion_logprobs(renderer, c.logprobs, 0))
+        if plan.chat:
+            choices.append({"index": c.index, "message": {"role": "assistant", "content": out.text},
+                            "logprobs": lp, "finish_reason": out.finish_reason})
+        else:
+            choices.append({"index": c.index, "text": out.text, "logprobs": lp,
+                            "finish_reason": out.finish_reason})
+    rid = P.new_id("chatcmpl" if plan.chat else "cmpl", plan.request_id)
+    build = P.chat_response if plan.chat else P.completion_response
+    return build(rid, plan.model, choices, usage_of(plan))
+
+
+class ChunkRenderer:
+    """Builds the SSE chunks of a streaming response, one per engine output."""
+
+    def __init__(self, plan: RequestPlan, renderer: Renderer):
+        self.plan = plan
+        self.renderer = renderer
+        self.rid = P.new_id("chatcmpl" if plan.chat else "cmpl", plan.request_id)
+        self.build = P.chat_chunk if plan.chat else P.completion_chunk
+        self.text_len = {c.index: 0 for c in plan.choices}
+
+    def _chunk(self, choices: list[dict], usage: dict | None = None) -> bytes:
+        return P.sse(self.build(self.rid, self.plan.model, self.plan.created, choices, usage,
+                                self.plan.include_usage))
+
+    def opening(self) -> list[bytes]:
+        if not self.plan.chat:
+            return []
+        return [self._chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                              "logprobs": None, "finish_reason": None}])
+                for c in self.plan.choices]
+
+    def delta(self, choice: Choice, out: Any) -> bytes | None:
+        want_lp = self.plan.num_logprobs is not None
+        if not out.delta_text and not out.finished and not (want_lp and out.delta_token_ids):
+            return None
+        lp = None
+        if want_lp:
+            entries = list(out.delta_logprobs or [])
+            lp = (_chat_logprobs(self.renderer, entries) if self.plan.chat else
+                  _completion_logprobs(self.renderer, entries, self.text_len[choice.index]))
+        self.text_len[choice.index] += len(out.delta_text)
+        body: dict[str, Any] = {"index": choice.index, "logprobs": lp,
+                                "finish_reason": out.finish_reason if out.finished else None}
+        if self.plan.chat:
+            body["delta"] = {"content": out.delta_text} if out.delta_text else {}
+        else:
+            body["text"] = out.delta_text
+        return self._chunk([body])
+
+    def closing(self) -> list[bytes]:
+        tail = []
+        if self.plan.include_usage:
+            tail.append(self._chunk([], usage_of(self.plan)))
+        tail.append(P.SSE_DONE)
+        return tail

@@ -1,0 +1,169 @@
+"""Live-process fixtures: `hybridserve up` on free loopback ports, always torn down.
+
+`stack` starts the gateway plus a tiny-transformer and a tiny-hybrid worker once per
+module through `hybridserve up` (so the supervisor is exercised too). Set
+HYBRIDSERVE_TEST_ENGINE=fake to run the same tests against tests/serving/fake_engine
+(serving-layer debugging only; the default is the real native engine).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+API_KEY = "sk-test-hybridserve"
+TINY = {"tiny-transformer": "transformer", "tiny-hybrid": "hybrid"}
+STARTUP_TIMEOUT_S = 180.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout_s: float, what: str, interval_s: float = 0.1):
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except httpx.HTTPError as err:
+            last = err
+        time.sleep(interval_s)
+    raise TimeoutError(f"{what} not reached within {timeout_s}s (last: {last!r})")
+
+
+def http_ok(url: str) -> bool:
+    return httpx.get(url, timeout=2.0, trust_env=False).status_code == 200
+
+
+def stop_process(proc: subprocess.Popen, grace_s: float = 40.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL) if _own_group(proc) else proc.kill()
+            proc.wait()
+
+
+def _own_group(proc: subprocess.Popen) -> bool:
+    try:
+        return os.getpgid(proc.pid) == proc.pid
+    except ProcessLookupError:
+        return False
+
+
+def spawn(argv: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    out = open(log, "ab")
+    return subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+
+
+def log_tail(log: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+@dataclass
+class Stack:
+    """A running `hybridserve up`: where to call it and how to find its workers."""
+
+    url: str
+    workers: dict[str, str]
+    proc: subprocess.Popen
+    log: Path
+    config: Path
+    key: str = API_KEY
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.key}"}
+
+    def worker_pid(self, name: str) -> int:
+        return httpx.get(self.workers[name] + "/health", timeout=5, trust_env=False).json()["pid"]
+
+
+def engine_backends(ckpt_dir: Path, max_context: int = 512) -> tuple[list[dict], list[str]]:
+    """Backend entries for the two tiny models, plus extra `up` args (fake engine only)."""
+    fake = os.environ.get("HYBRIDSERVE_TEST_ENGINE") == "fake"
+    backends = []
+    for name, arch in TINY.items():
+        backends.append({"name": name, "arch": arch, "engine": "native",
+                         "checkpoint": str(ckpt_dir) if fake else f"builtin:{name}",
+                         "max_context": max_context, "price_per_hour": 0.5, "port": free_port(),
+                         "tier": "standard" if arch == "transformer" else "economy",
+                         "native": {"max_num_seqs": 32, "max_num_batched_tokens": 512,
+                                    "cache_memory_gb": 0.25}})
+    extra = ["--engine-factory", "tests.serving.fake_engine:make"] if fake else []
+    return backends, extra
+
+
+def start_stack(tmp: Path, backends: list[dict], gateway: dict | None = None,
+                up_args: list[str] | None = None, aliases: dict | None = None,
+                env: dict | None = None) -> Stack:
+    port = free_port()
+    gw = {"host": "127.0.0.1", "port": port, "auth": "required",
+          "api_key_hashes": [hashlib.sha256(API_KEY.encode()).hexdigest()],
+          "request_timeout_s": 60}
+    gw.update(gateway or {})
+    cfg = {"gateway": gw, "backends": backends, "aliases": aliases or {}}
+    path = tmp / "models.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    log = tmp / "up.log"
+    proc = spawn([sys.executable, "-m", "hybridserve.cli", "up", "--config", str(path),
+                  "--ready-timeout", str(STARTUP_TIMEOUT_S), *(up_args or [])], log, env)
+    workers = {b["name"]: f"http://127.0.0.1:{b['port']}" for b in backends
+               if b.get("engine", "native") != "remote"}
+    stack = Stack(f"http://127.0.0.1:{port}", workers, proc, log, path)
+    try:
+        wait_until(lambda: proc.poll() is None and "hybridserve is up" in log.read_text(errors="replace"),
+                   STARTUP_TIMEOUT_S + 10, "`hybridserve up` ready", 0.25)
+        wait_until(lambda: all(b["healthy"] for b in httpx.get(
+            stack.url + "/health", timeout=2, trust_env=False).json()["backends"].values()
+            if b["url"] in workers.values()), 10, "gateway sees every worker")
+    except BaseException:
+        stop_process(proc)
+        raise RuntimeError("stack failed to start:\n" + log_tail(log)) from None
+    return stack
+
+
+@pytest.fixture(scope="module")
+def engine_stack(tmp_path_factory) -> Stack:
+    tmp = tmp_path_factory.mktemp("stack")
+    backends, extra = engine_backends(tmp)
+    stack = start_stack(tmp, backends, up_args=extra,
+                        aliases={"any-tiny": list(TINY)})
+    yield stack
+    stop_process(stack.proc)
+    assert stack.proc.returncode == 0, log_tail(stack.log)
+
+
+@pytest.fixture()
+def openai_client(engine_stack):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=engine_stack.base_url, api_key=engine_stack.key, timeout=60,
+                    max_retries=0)
+    yield client
+    client.close()
