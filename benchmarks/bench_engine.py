@@ -1,0 +1,181 @@
+"""Engine benchmark: native engine vs `transformers.generate()` on the same checkpoint, same run.
+
+For each model × context × batch it measures prefill tok/s, decode tok/s and the
+peak RSS of a fresh process (each point runs in its own subprocess so memory
+figures do not bleed into each other), prints a table with the native/HF ratio
+and, per model, decode tok/s at the longest context over the shortest (a hybrid
+keeps this closer to 1). The last stdout line is one JSON object.
+
+    python benchmarks/bench_engine.py                      # small pair, 512/2048/8192, batch 1 and 8
+    python benchmarks/bench_engine.py --quick              # tiny pair, short contexts (smoke)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+NEW_TOKENS = 64
+
+
+def _prompts(batch: int, ctx: int) -> list[list[int]]:
+    import torch
+
+    g = torch.Generator().manual_seed(ctx * 31 + batch)
+    return torch.randint(0, 256, (batch, ctx), generator=g).tolist()
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def point_native(model_name: str, ctx: int, batch: int, new: int, chunk: int) -> dict:
+    from transformers import AutoTokenizer
+
+    from hybridserve.engine import EngineConfig, LLMEngine, SamplingParams
+    from hybridserve.models.builtin import materialize
+    from hybridserve.models.loader import load_model
+
+    path = materialize(model_name)
+    model = load_model(path)
+    specs_bytes = _cache_bytes(model, batch, ctx + new)
+    engine = LLMEngine(model, AutoTokenizer.from_pretrained(str(path)), EngineConfig(
+        max_context=ctx + new, max_num_seqs=batch, max_num_batched_tokens=chunk, block_size=16,
+        cache_memory_gb=specs_bytes * 1.05 / 2**30 + 0.001), name=model_name)
+    params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
+    engine.generate([[1] * 16], SamplingParams(max_tokens=2, temperature=0.0))  # warm-up
+    for i, p in enumerate(_prompts(batch, ctx)):
+        engine.add_request(f"b{i}", p, params)
+    t0 = time.perf_counter()
+    started, prefill_end, decode_tokens = set(), None, 0
+    while engine.has_unfinished():
+        outs = engine.step()
+        if prefill_end is not None:
+            decode_tokens += sum(len(o.delta_token_ids) for o in outs)
+        started |= {o.request_id for o in outs}
+        if prefill_end is None and len(started) == batch:
+            prefill_end = time.perf_counter()
+    end = time.perf_counter()
+    return {"prefill_s": prefill_end - t0, "prefill_tok_s": batch * ctx / (prefill_end - t0),
+            "decode_tok_s": decode_tokens / (end - prefill_end), "cache_mb": specs_bytes / 2**20}
+
+
+def _cache_bytes(model, batch: int, tokens: int) -> int:
+    from hybridserve.models.decoder import AttentionCacheSpec, MambaCacheSpec
+
+    dtype = next(model.parameters()).dtype
+    total = 0
+    for s in model.cache_specs():
+        if isinstance(s, AttentionCacheSpec):
+            total += s.bytes_per_token(dtype) * (tokens + 16) * batch
+        else:
+            total += s.bytes_per_seq(dtype, dtype) * batch
+    return total
+
+
+def point_hf(model_name: str, ctx: int, batch: int, new: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+
+    from hybridserve.models.builtin import materialize
+
+    class StepClock(LogitsProcessor):  # called once per generated token, after each forward
+        def __init__(self):
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores):
+            self.times.append(time.perf_counter())
+            return scores
+
+    model = AutoModelForCausalLM.from_pretrained(str(materialize(model_name)), dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    ids = torch.tensor(_prompts(batch, ctx))
+    kw = dict(do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(ids[:, :16], max_new_tokens=2, **kw)  # warm-up
+        clock = StepClock()
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=new, min_new_tokens=new,
+                       logits_processor=LogitsProcessorList([clock]), **kw)
+        end = time.perf_counter()
+    prefill = clock.times[0] - t0
+    return {"prefill_s": prefill, "prefill_tok_s": batch * ctx / prefill,
+            "decode_tok_s": batch * (new - 1) / (end - clock.times[0])}
+
+
+def run_point(impl: str, model: str, ctx: int, batch: int, new: int, chunk: int) -> dict:
+    cmd = [sys.executable, __file__, "--point", impl, model, str(ctx), str(batch), str(new), str(chunk)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="small-transformer,small-hybrid")
+    ap.add_argument("--contexts", default="512,2048,8192")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
+    ap.add_argument("--chunk", type=int, default=2048, help="native engine's per-step token budget")
+    ap.add_argument("--quick", action="store_true", help="tiny pair, contexts 64/256, batch 1 and 4")
+    ap.add_argument("--out", default="results/bench_engine.json")
+    ap.add_argument("--point", nargs=6, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.point:
+        impl, model, ctx, batch, new, chunk = a.point
+        fn = point_native if impl == "native" else point_hf
+        extra = (int(chunk),) if impl == "native" else ()
+        res = fn(model, int(ctx), int(batch), int(new), *extra)
+        res["peak_rss_mb"] = _peak_rss_mb()
+        print(json.dumps(res))
+        return
+    if a.quick:
+        a.models, a.contexts, a.batches, a.new_tokens = "tiny-transformer,tiny-hybrid", "64,256", "1,4", 16
+    models, ctxs = a.models.split(","), [int(c) for c in a.contexts.split(",")]
+    batches = [int(b) for b in a.batches.split(",")]
+    rows, total, done = [], len(models) * len(ctxs) * len(batches) * 2, 0
+    hdr = f"{'model':<18}{'ctx':>6}{'B':>3} | {'prefill tok/s':>22} | {'decode tok/s':>22} | {'ratio':>5} | {'peak RSS MB':>15}"
+    print(hdr + "\n" + " " * 27 + "|      native        HF |      native        HF | dec   |  native      HF")
+    for model in models:
+        for ctx in ctxs:
+            for batch in batches:
+                res = {}
+                for impl in ("native", "hf"):
+                    done += 1
+                    print(f"  [{done}/{total}] {impl} {model} ctx={ctx} batch={batch} ...", file=sys.stderr, flush=True)
+                    res[impl] = run_point(impl, model, ctx, batch, a.new_tokens, a.chunk)
+                n, h = res["native"], res["hf"]
+                ratio = n.get("decode_tok_s", 0) / h["decode_tok_s"] if "decode_tok_s" in h else None
+                rows.append({"model": model, "context": ctx, "batch": batch, "native": n, "hf": h,
+                             "decode_ratio_native_over_hf": ratio})
+                f = lambda d, k: f"{d[k]:>10.1f}" if k in d else f"{'ERR':>10}"
+                print(f"{model:<18}{ctx:>6}{batch:>3} | {f(n, 'prefill_tok_s')}{f(h, 'prefill_tok_s')} | "
+                      f"{f(n, 'decode_tok_s')}{f(h, 'decode_tok_s')} | {ratio or 0:>5.2f} | "
+                      f"{n.get('peak_rss_mb', 0):>7.0f} {h.get('peak_rss_mb', 0):>7.0f}", flush=True)
+    flat = {}
+    for model in models:
+        for impl in ("native", "hf"):
+            for batch in batches:
+                d = {r["context"]: r[impl].get("decode_tok_s") for r in rows if r["model"] == model and r["batch"] == batch}
+                lo, hi = d.get(min(ctxs)), d.get(max(ctxs))
+                if lo and hi:
+                    flat[f"{model}/{impl}/B{batch}"] = hi / lo
+    print("\ndecode tok/s at context %d over context %d (closer to 1 = flatter):" % (max(ctxs), min(ctxs)))
+    for k, v in flat.items():
+        print(f"  {k:<36} {v:.3f}")
+    worst = min((r["decode_ratio_native_over_hf"] or 0) for r in rows if r["batch"] == max(batches))
+    summary = {"bench": "engine", "new_tokens": a.new_tokens, "rows": rows, "decode_long_over_short": flat,
+               f"min_decode_ratio_at_batch_{max(batches)}": worst}
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out, "w") as fh:
+        json.dump(summary, fh, indent=1)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
