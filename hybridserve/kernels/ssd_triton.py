@@ -3,7 +3,7 @@
 Chunks never straddle a sequence: sequence s is cut into ceil(L_s / chunk_size)
 chunks, listed in a small table (start, end, sequence). Four launches:
 
-1. `_chunk_state_kernel`  dt -> softplus/clamp, chunk-local cumsum of dt*A (stored),
+1. `_chunk_state_kernel`  dt -> softplus/clamp, chunk-local cumsum of dt*A and its total (stored),
                            and each chunk's own end state  sum_l exp(cum_end - cum_l) dt_l x_l B_l^T
 2. `_state_passing_kernel` walks each sequence's chunks in order from its initial
                            state: writes every chunk's start state and the final state
@@ -11,7 +11,7 @@ chunks, listed in a small table (start, end, sequence). Four launches:
 4. `_chunk_scan_kernel`    y = intra-chunk (CB * decay * dt) @ x + exp(cum) * C @ start_state,
                            + D x, * silu(z)
 
-Buffers: dt/cum [H, T] fp32, chunk states [nchunks, H, P, N] fp32, start states
+Buffers: dt/cum [H, T] fp32, chunk totals [H, nchunks] fp32, chunk states [nchunks, H, P, N] fp32, start states
 [nchunks, H, P, N] in x.dtype when x is 16-bit (as mamba-ssm keeps them) else fp32,
 CB [nchunks, G, chunk, chunk] fp32.
 """
@@ -26,7 +26,7 @@ from hybridserve.kernels._backend import interpreting, lazy_jit, next_pow2, tl, 
 @lazy_jit
 def _chunk_state_kernel(
     # pointers
-    x_ptr, dt_ptr, A_ptr, B_ptr, dt_bias_ptr, chunks_ptr, dt_out_ptr, cum_ptr, states_ptr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, dt_bias_ptr, chunks_ptr, dt_out_ptr, cum_ptr, total_ptr, states_ptr,
     # sizes
     T, nchunks, P, N, heads_per_group, dt_min, dt_max,
     # strides
@@ -59,6 +59,8 @@ def _chunk_state_kernel(
         dt_all = tl.where(dt_all <= 20.0, tl.log(1.0 + tl.exp(dt_all)), dt_all)
     dt_all = tl.minimum(tl.maximum(dt_all, dt_min), dt_max)
     total = tl.sum(tl.where(start + l_all < end, dt_all * A, 0.0), axis=0)
+    if writes_dt:
+        tl.store(total_ptr + h * nchunks + c, total)
 
     # pass 2: accumulate sum_l (exp(total - cum_l) dt_l x_l)^T B_l over blocks of BLOCK_L tokens
     p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -96,9 +98,9 @@ def _chunk_state_kernel(
 @lazy_jit
 def _state_passing_kernel(
     # pointers
-    states_ptr, cum_ptr, chunks_ptr, seq_chunks_ptr, init_ptr, start_states_ptr, final_ptr,
+    states_ptr, total_ptr, seq_chunks_ptr, init_ptr, start_states_ptr, final_ptr,
     # sizes
-    T, nchunks, PN,
+    nchunks, PN,
     # strides
     st_c, st_h, ss_c, ss_h, init_s, init_h, fin_s, fin_h,
     # meta-parameters
@@ -115,11 +117,18 @@ def _state_passing_kernel(
         state = tl.zeros((BLOCK,), tl.float32)
     c0 = tl.load(seq_chunks_ptr + s).to(tl.int64)  # int64 loop bounds: c * stride may pass 2**31
     c1 = tl.load(seq_chunks_ptr + s + 1).to(tl.int64)
-    for c64 in range(c0, c1):
-        tl.store(start_states_ptr + c64 * ss_c + h * ss_h + e, state.to(start_states_ptr.dtype.element_ty), mask=mask)
-        end = tl.load(chunks_ptr + nchunks + c64)
-        decay = tl.exp(tl.load(cum_ptr + h * T + end - 1))
-        state = state * decay + tl.load(states_ptr + c64 * st_c + h * st_h + e, mask=mask, other=0.0)
+    # the next chunk's local state and decay are loaded one step ahead, so the loads
+    # of the serial walk overlap instead of each waiting a full memory latency
+    nxt_local = tl.load(states_ptr + c0 * st_c + h * st_h + e, mask=mask & (c0 < c1), other=0.0)
+    nxt_total = tl.load(total_ptr + h * nchunks + c0, mask=c0 < c1, other=0.0)
+    for c in range(c0, c1):
+        local = nxt_local
+        decay = tl.exp(nxt_total)
+        more = c + 1 < c1
+        nxt_local = tl.load(states_ptr + (c + 1) * st_c + h * st_h + e, mask=mask & more, other=0.0)
+        nxt_total = tl.load(total_ptr + h * nchunks + c + 1, mask=more, other=0.0)
+        tl.store(start_states_ptr + c * ss_c + h * ss_h + e, state.to(start_states_ptr.dtype.element_ty), mask=mask)
+        state = state * decay + local
     tl.store(final_ptr + s * fin_s + h * fin_h + e, state, mask=mask)
 
 
@@ -307,23 +316,24 @@ def ssd_scan_triton(
 
     dt_out = torch.empty(H, T, device=dev, dtype=torch.float32)
     cum = torch.empty(H, T, device=dev, dtype=torch.float32)
+    total = torch.empty(H, nchunks, device=dev, dtype=torch.float32)
     states = torch.empty(nchunks, H, P, N, device=dev, dtype=torch.float32)
     start_states = torch.empty(nchunks, H, P, N, device=dev, dtype=state_dtype)
     cb = torch.empty(nchunks, G, chunk_size, chunk_size, device=dev, dtype=torch.float32)
 
     _chunk_state_kernel[(H * triton.cdiv(P, BP), nchunks)](
-        x, dt, A, B, dt_bias if dt_bias is not None else A, table, dt_out, cum, states,
+        x, dt, A, B, dt_bias if dt_bias is not None else A, table, dt_out, cum, total, states,
         T, nchunks, P, N, H // G, float(dt_limit[0]), float(dt_limit[1]),
         x.stride(0), x.stride(1), dt.stride(0), B.stride(0), B.stride(1),
         states.stride(0), states.stride(1), states.stride(2),
         HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus, IEEE=ieee, UPCAST=upcast,
         CHUNK=chunk_size, BLOCK_L=BL, BLOCK_P=BP, BLOCK_N=BN, num_warps=4 if small else 8,
     )
-    block = min(next_pow2(P * N), 1024)
+    block = min(next_pow2(P * N), 512)
     init = initial_states if initial_states is not None else final
     _state_passing_kernel[(triton.cdiv(P * N, block), H, S)](
-        states, cum, table, seq_chunks, init, start_states, final,
-        T, nchunks, P * N,
+        states, total, seq_chunks, init, start_states, final,
+        nchunks, P * N,
         states.stride(0), states.stride(1), start_states.stride(0), start_states.stride(1),
         init.stride(0), init.stride(1), final.stride(0), final.stride(1),
         HAS_INIT=initial_states is not None, BLOCK=block,
