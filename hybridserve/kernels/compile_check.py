@@ -33,22 +33,31 @@ SMEM_LIMIT = 232_448  # bytes per block on sm_90
 
 
 @contextmanager
+def compiling() -> Iterator[None]:
+    """Triton's interpreter switched off for the block (compiling needs real JIT functions)."""
+    interpret = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        yield
+    finally:
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret
+
+
+@contextmanager
 def captured_launches() -> Iterator[list]:
     """Within the block, `lazy_jit` launches are recorded as (lazy_kernel, args, kwargs)."""
     launches: list = []
     original = _backend.lazy_jit.__getitem__
-    interpret = os.environ.pop("TRITON_INTERPRET", None)
 
     def record(self: Any, grid: Any) -> Any:
         return lambda *args, **kwargs: launches.append((self, args, kwargs))
 
     _backend.lazy_jit.__getitem__ = record  # type: ignore[method-assign]
     try:
-        yield launches
+        with compiling():
+            yield launches
     finally:
         _backend.lazy_jit.__getitem__ = original  # type: ignore[method-assign]
-        if interpret is not None:
-            os.environ["TRITON_INTERPRET"] = interpret
 
 
 def run_anchor_ops(dtype: torch.dtype = torch.bfloat16) -> None:
@@ -126,13 +135,20 @@ def _resources(cubin: bytes, cuobjdump: str) -> dict[str, int]:
 def compile_all(arch: int = 90) -> list[dict]:
     """Compile every captured launch for cuda:`arch`; one dict per kernel configuration."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.compiler import compile as triton_compile
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with captured_launches() as launches:
         run_anchor_ops()
+    with compiling():
+        return _compile_launches(launches, arch, cuobjdump)
+
+
+def _compile_launches(launches: list, arch: int, cuobjdump: str) -> list[dict]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler import compile as triton_compile
+
     results, seen = [], set()
     for lazy, args, kwargs in launches:
         fn = triton.jit(lazy.fn)
