@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The kernels' whole GPU check in one command: CUDA tests, then the benchmark (< 5 min on an H200).
+#
+# Here (CPU side, once, needs PyPI): build the mamba-ssm wheel (Triton ops only, no CUDA
+# build) into .whl/, which git ignores through .git/info/exclude:
+#     bash benchmarks/gpu_kernels_check.sh --prepare
+# On the GPU machine (device tool: carry [".whl"]):
+#     bash benchmarks/gpu_kernels_check.sh
+# Logs and the benchmark's JSON line go to $OUT (or ./gpu_out when OUT is unset).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ "${1:-}" == "--prepare" ]]; then
+    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+    mkdir -p .whl
+    PY=${PYTHON:-.venv/bin/python}
+    MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE "$PY" -m pip wheel --no-deps --no-build-isolation \
+        mamba-ssm==2.3.2.post1 -w .whl
+    "$PY" -m pip download --no-deps einops -d .whl
+    ls -l .whl
+    exit 0
+fi
+
+OUT=${OUT:-./gpu_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1 && ! "$PY" -c "import mamba_ssm" 2>/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+
+echo "== kernel tests on CUDA"
+"$PY" -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tee "$OUT/tests.log"
+tests_rc=${PIPESTATUS[0]}
+
+echo "== benchmark"
+"$PY" benchmarks/bench_kernels.py "$@" 2>&1 | tee "$OUT/bench.log"
+bench_rc=${PIPESTATUS[0]}
+tail -n 1 "$OUT/bench.log" > "$OUT/bench.json"
+echo "tests rc=$tests_rc bench rc=$bench_rc"
+exit $(( tests_rc || bench_rc ))

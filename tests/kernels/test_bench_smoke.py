@@ -1,0 +1,24 @@
+"""benchmarks/bench_kernels.py runs end to end on CPU (--cpu-smoke) and ends with one JSON line."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_kernels_cpu_smoke_ends_with_json():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_kernels.py"), "--cpu-smoke", "--no-mamba"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["all_checks_ok"]
+    assert {r["op"] for r in result["ops"]} >= {"ssd_scan", "state_update_bfloat16", "paged_attention_decode"}
