@@ -62,12 +62,10 @@ class RequestContext:
         await self.app(scope, receive, send_with_headers)
 
 
-def http_client(timeout_s: float) -> httpx.AsyncClient:
-    """The one client the gateway uses for every backend: pooled keep-alive connections."""
-    # expire idle connections before uvicorn's default 5 s keep-alive closes them at the far end
-    limits = httpx.Limits(max_connections=2048, max_keepalive_connections=512, keepalive_expiry=4.0)
-    timeout = httpx.Timeout(timeout_s, connect=5.0)
-    return httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False)
+def http_client() -> httpx.AsyncClient:
+    """The client for health checks (requests go through `upstream.Pool` instead)."""
+    return httpx.AsyncClient(timeout=httpx.Timeout(5.0), trust_env=False,
+                             limits=httpx.Limits(max_connections=64, keepalive_expiry=4.0))
 
 
 def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> RequestContext:
@@ -79,8 +77,8 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        client = http_client(cfg.gateway.request_timeout_s)
-        holder["proxy"] = Proxy(client, registry, metrics, cfg.gateway.request_timeout_s)
+        client = http_client()
+        holder["proxy"] = Proxy(registry, metrics, cfg.gateway.request_timeout_s)
         await registry.poll_once(client)
         poller = asyncio.create_task(registry.run_poller(client, poll_interval_s))
         for b in registry.backends.values():
@@ -92,6 +90,7 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
             poller.cancel()
             await asyncio.gather(poller, return_exceptions=True)
             await client.aclose()
+            holder["proxy"].close()
 
     app = FastAPI(title="hybridserve gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)

@@ -2,14 +2,14 @@
 
 The request body goes upstream exactly as the client sent it (it was parsed only to
 validate it) and a stream comes back as raw bytes, chunk by chunk as they arrive: no
-re-serialisation on the hot path. One shared `httpx.AsyncClient` keeps connections
-to every backend alive between requests.
+re-serialisation on the hot path. Each backend has one keep-alive pool
+(`upstream.Pool`) shared by all requests.
 
-Failure map: cannot connect (or the pooled connection died before any answer) →
-the backend is marked down and `auto`/aliases try the next one, a pinned request
-gets 503; a backend that breaks mid-answer → 502 (or an error event inside the
-stream); no answer within `gateway.request_timeout_s` → 504. A client that goes
-away closes the upstream connection, which makes the worker abort the sequence.
+Failure map: cannot connect (or the connection died before any answer) → the backend
+is marked down and `auto`/aliases try the next one, a pinned request gets 503; a
+backend that breaks mid-answer → 502 (or an error event inside the stream); no
+answer within `gateway.request_timeout_s` → 504. A client that goes away closes the
+upstream connection, which makes the worker abort the sequence.
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import asyncio
 import logging
 import time
 
-import httpx
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -26,12 +25,12 @@ from hybridserve.errors import BackendUnavailableError, HybridserveError, Upstre
 from hybridserve.gateway.admission import Admitted
 from hybridserve.gateway.metrics import GatewayMetrics
 from hybridserve.gateway.registry import BackendState, Registry
+from hybridserve.gateway.upstream import (BrokenResponse, ConnectFailed, ConnectionLost, Pool,
+                                          UpstreamResponse)
 
 logger = logging.getLogger(__name__)
 
 CLIENT_CLOSED = 499
-_CONNECT_FAILURES = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
-_DEAD_BEFORE_ANSWER = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
 class GatewayTimeoutError(HybridserveError):
@@ -64,12 +63,15 @@ class RelayResponse(StreamingResponse):
 
 
 class Proxy:
-    def __init__(self, client: httpx.AsyncClient, registry: Registry, metrics: GatewayMetrics,
-                 timeout_s: float):
-        self.client = client
+    def __init__(self, registry: Registry, metrics: GatewayMetrics, timeout_s: float):
         self.registry = registry
         self.metrics = metrics
         self.timeout_s = timeout_s
+        self.pools = {name: Pool(b.url) for name, b in registry.backends.items()}
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
 
     async def forward(self, request: Request, adm: Admitted, path: str, raw: bytes) -> Response:
         state = request.state
@@ -104,13 +106,23 @@ class Proxy:
         logger.info("%s %s -> %s %d upstream=%.1fms added=%.2fms", request.state.request_id, path,
                     b.name, status, (t_recv - t_send) * 1e3, added * 1e3)
 
+    def _timeout(self) -> GatewayTimeoutError:
+        return GatewayTimeoutError(f"the backend did not answer within {self.timeout_s:g}s "
+                                   "(gateway.request_timeout_s)")
+
+    async def _send(self, b: BackendState, path: str, raw: bytes, request_id: str) -> UpstreamResponse:
+        try:
+            return await self.pools[b.name].request("POST", path, raw, self._headers(b, request_id))
+        except ConnectFailed as err:
+            raise _Unreachable(f"cannot connect ({err})") from None
+        except ConnectionLost as err:
+            raise _Unreachable(f"connection lost before an answer ({err})") from None
+
     async def _unary(self, request: Request, b: BackendState, path: str, raw: bytes) -> Response:
-        req = self.client.build_request("POST", b.url + path, content=raw,
-                                        headers=self._headers(b, request.state.request_id))
         b.inflight += 1
         t_send = time.perf_counter()
         try:
-            resp = await self._send_unless_client_leaves(request, req)
+            status, ctype, body = await self._exchange_unless_client_leaves(request, b, path, raw)
         except _ClientGone:
             logger.info("%s client left; upstream %s request closed", request.state.request_id,
                         b.name)
@@ -118,13 +130,21 @@ class Proxy:
         finally:
             b.inflight -= 1
         t_recv = time.perf_counter()
-        out = Response(resp.content, status_code=resp.status_code,
-                       media_type=resp.headers.get("content-type"))
-        self._observe(request, b, path, resp.status_code, t_send, t_recv)
+        out = Response(body, status_code=status, media_type=ctype)
+        self._observe(request, b, path, status, t_send, t_recv)
         return out
 
-    async def _send_unless_client_leaves(self, request: Request, req: httpx.Request) -> httpx.Response:
-        """Send upstream; if the client disconnects first, cancel the upstream call."""
+    async def _exchange(self, b: BackendState, path: str, raw: bytes,
+                        request_id: str) -> tuple[int, str | None, bytes]:
+        resp = await self._send(b, path, raw, request_id)
+        try:
+            return resp.status, resp.content_type, await resp.read()
+        except BrokenResponse as err:
+            raise UpstreamError(f"backend '{b.name}' broke off its answer ({err})") from None
+
+    async def _exchange_unless_client_leaves(self, request: Request, b: BackendState, path: str,
+                                             raw: bytes) -> tuple[int, str | None, bytes]:
+        """Call upstream; if the client disconnects first, cancel (which closes the connection)."""
         task = asyncio.current_task()
         gone = False
 
@@ -138,41 +158,26 @@ class Proxy:
         watcher = asyncio.create_task(watch())
         try:
             async with asyncio.timeout(self.timeout_s):
-                return await self._send(req, stream=False)
+                return await self._exchange(b, path, raw, request.state.request_id)
         except asyncio.CancelledError:
             if gone:
                 task.uncancel()
                 raise _ClientGone() from None
             raise
         except TimeoutError:
-            raise GatewayTimeoutError(f"the backend did not answer within {self.timeout_s:g}s "
-                                      "(gateway.request_timeout_s)") from None
+            raise self._timeout() from None
         finally:
             watcher.cancel()
 
-    async def _send(self, req: httpx.Request, stream: bool) -> httpx.Response:
-        try:
-            try:
-                return await self.client.send(req, stream=stream)
-            except _DEAD_BEFORE_ANSWER:  # a pooled connection the server had just closed: once more
-                return await self.client.send(req, stream=stream)
-        except _CONNECT_FAILURES as err:
-            raise _Unreachable(f"cannot connect ({type(err).__name__})") from None
-        except _DEAD_BEFORE_ANSWER as err:
-            raise _Unreachable(f"connection lost before an answer ({type(err).__name__})") from None
-        except httpx.TimeoutException:
-            raise GatewayTimeoutError(f"the backend did not answer within {self.timeout_s:g}s "
-                                      "(gateway.request_timeout_s)") from None
-        except httpx.HTTPError as err:
-            raise UpstreamError(f"backend request failed: {type(err).__name__}: {err}") from None
-
     async def _stream(self, request: Request, b: BackendState, path: str, raw: bytes) -> Response:
-        req = self.client.build_request("POST", b.url + path, content=raw,
-                                        headers=self._headers(b, request.state.request_id))
         b.inflight += 1
         t_send = time.perf_counter()
         try:
-            resp = await self._send(req, stream=True)
+            async with asyncio.timeout(self.timeout_s):
+                resp = await self._send(b, path, raw, request.state.request_id)
+        except TimeoutError:
+            b.inflight -= 1
+            raise self._timeout() from None
         except BaseException:
             b.inflight -= 1
             raise
@@ -184,30 +189,32 @@ class Proxy:
             if not closed:
                 closed = True
                 b.inflight -= 1
-                await resp.aclose()
+                resp.aclose_now()
 
-        if resp.status_code != 200:  # an error answer: relay it whole
+        if resp.status != 200:  # an error answer: relay it whole
             try:
-                body = await resp.aread()
+                async with asyncio.timeout(self.timeout_s):
+                    body = await resp.read()
+            except (BrokenResponse, TimeoutError) as err:
+                raise UpstreamError(f"backend '{b.name}' broke off its answer ({err})") from None
             finally:
                 await close()
-            self._observe(request, b, path, resp.status_code, t_send, t_recv)
-            return Response(body, status_code=resp.status_code,
-                            media_type=resp.headers.get("content-type"))
+            self._observe(request, b, path, resp.status, t_send, t_recv)
+            return Response(body, status_code=resp.status, media_type=resp.content_type)
         deadline = time.monotonic() + self.timeout_s
         rid = request.state.request_id
 
         async def relay():
             try:
-                async for chunk in resp.aiter_raw():
+                async for chunk in resp.iter_raw(read_timeout_s=self.timeout_s):
                     yield chunk
                     if time.monotonic() > deadline:
                         yield P.sse(GatewayTimeoutError("stream exceeded the gateway's request "
                                                         "timeout").to_openai())
                         return
-            except httpx.HTTPError as err:
-                logger.warning("%s stream from %s broke: %s", rid, b.name, type(err).__name__)
-                yield P.sse(UpstreamError(f"backend stream broke: {type(err).__name__}").to_openai())
+            except (BrokenResponse, TimeoutError) as err:
+                logger.warning("%s stream from %s broke: %s", rid, b.name, err)
+                yield P.sse(UpstreamError(f"backend stream broke: {err}").to_openai())
 
         self._observe(request, b, path, 200, t_send, t_recv)
         return RelayResponse(relay(), close, media_type="text/event-stream",
