@@ -97,6 +97,12 @@ class Worker:
             logger.info("%s finished choice=%d prompt=%d completion=%d reason=%s", plan.request_id,
                         choice.index, len(choice.prompt_ids), len(out.token_ids), out.finish_reason)
 
+    def count_aborted(self, plan: S.RequestPlan) -> int:
+        aborted = [c for c in plan.choices if c.final is None]
+        for _ in aborted:
+            self.metrics.observe_finished(None, "abort")
+        return len(aborted)
+
     async def serve(self, request: Request, chat: bool) -> Response:
         rid = self.request_id(request)
         data = P.parse_body(await request.body())
@@ -122,6 +128,7 @@ class Worker:
                 work.cancel()
                 await asyncio.gather(work, return_exceptions=True)
         if work.cancelled():
+            self.count_aborted(plan)
             logger.info("%s client disconnected; aborted", plan.request_id)
             return Response(status_code=CLIENT_CLOSED)
         return JSONResponse(work.result(), headers=headers)
@@ -150,10 +157,13 @@ class Worker:
                     item = await anext(outputs, None)
                 for b in chunks.closing():
                     yield b
+            except HybridserveError as err:  # headers are out: report it inside the stream
+                logger.warning("%s failed mid-stream: %s", plan.request_id, err.message)
+                yield P.sse(err.to_openai())
             finally:
-                if any(c.final is None for c in plan.choices):
-                    logger.info("%s stream closed early; aborting", plan.request_id)
                 await outputs.aclose()
+                if self.count_aborted(plan):
+                    logger.info("%s stream closed early; aborted", plan.request_id)
 
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={**headers, "cache-control": "no-cache"})

@@ -51,3 +51,30 @@ def test_killed_worker_is_routed_around_and_restarted(stack):
     assert stack.worker_pid(victim) != pid
     assert "tiny-hybrid died" in log_tail(stack.log, 400)
     assert "restarted tiny-hybrid" in log_tail(stack.log, 400)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_sigterm_drains_in_flight_stream_then_stops_everything(stack):
+    pids = [stack.worker_pid(n) for n in stack.workers]
+    body = {"model": "tiny-transformer", "prompt": "hello", "max_tokens": 300, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    events = []
+    with httpx.stream("POST", stack.base_url + "/completions", json=body, headers=stack.headers(),
+                      timeout=60, trust_env=False) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                events.append(line)
+                if len(events) == 2:
+                    stack.proc.send_signal(signal.SIGTERM)  # mid-stream
+    assert events[-1] == "data: [DONE]"
+    assert '"completion_tokens":300' in events[-2]  # the stream ran to its end
+    assert stack.proc.wait(timeout=60) == 0
+    wait_until(lambda: not any(_alive(p) for p in pids), 10, "workers stopped")
+    assert "all processes stopped" in log_tail(stack.log, 50)

@@ -233,3 +233,19 @@ def test_metrics_worker_and_gateway(engine_stack):
     assert g["hybridserve_gateway_errors_total"] >= 5
     assert g["hybridserve_gateway_added_latency_seconds_count"] >= 10
     assert g["hybridserve_backend_up"] == 2
+
+
+def test_disconnect_while_waiting_for_a_full_answer_aborts(engine_stack):
+    """Non-streaming: the client gives up; gateway and worker drop the sequence."""
+    worker = engine_stack.workers["tiny-transformer"]
+    body = {"model": "tiny-transformer", "prompt": PROMPT, "max_tokens": 450, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        _post_timeout(engine_stack, body, timeout=1.0)
+    wait_until(lambda: (m := scrape(worker))["vllm:num_requests_running"] == 0
+               and m["vllm:num_requests_waiting"] == 0, 15, "sequence aborted")
+    assert 'finished_reason="abort"' in httpx.get(worker + "/metrics", trust_env=False).text
+
+
+def _post_timeout(stack, body, timeout: float) -> httpx.Response:
+    return httpx.post(stack.base_url + "/completions", json=body, headers=stack.headers(),
+                      timeout=timeout, trust_env=False)
