@@ -65,16 +65,18 @@ def run_anchor_ops(dtype: torch.dtype = torch.bfloat16) -> None:
     from hybridserve.kernels.conv1d import causal_conv1d_triton, causal_conv1d_update_triton
     from hybridserve.kernels.gated_rmsnorm import gated_rms_norm_triton
     from hybridserve.kernels.paged_attention import paged_attention_decode_triton
+    from hybridserve.kernels.ssd_fused_triton import ssd_scan_fused_triton
     from hybridserve.kernels.ssd_triton import ssd_scan_triton
     from hybridserve.kernels.state_update import selective_state_update_triton
 
     T, H, P, G, N, Bt = 512, 64, 64, 1, 128, 4
     z = lambda *s, dt=dtype: torch.zeros(*s, dtype=dt)  # noqa: E731
     f32 = torch.float32
-    ssd_scan_triton(
-        z(T, H, P), z(T, H), z(H, dt=f32), z(T, G, N), z(T, G, N), z(H, dt=f32), z=z(T, H, P),
-        dt_bias=z(H, dt=f32), initial_states=z(1, H, P, N, dt=f32), cu_seqlens=torch.tensor([0, T]),
-    )
+    for scan in (ssd_scan_triton, ssd_scan_fused_triton):
+        scan(
+            z(T, H, P), z(T, H), z(H, dt=f32), z(T, G, N), z(T, G, N), z(H, dt=f32), z=z(T, H, P),
+            dt_bias=z(H, dt=f32), initial_states=z(1, H, P, N, dt=f32), cu_seqlens=torch.tensor([0, T]),
+        )
     for state_dtype in (dtype, f32):
         selective_state_update_triton(
             z(8, H, P, N, dt=state_dtype), z(Bt, H, P), z(Bt, H), z(H, dt=f32), z(Bt, G, N), z(Bt, G, N),

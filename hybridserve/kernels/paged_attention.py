@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from hybridserve.kernels._backend import interpreting, lazy_jit, next_pow2, tl, triton, use_triton
 
@@ -197,24 +198,24 @@ def paged_attention_decode_triton(
 
 
 def paged_attention_decode_ref(q, k_cache, v_cache, block_tables, context_lens, scale):
-    """Torch reference of `paged_attention_decode`, batched over sequences."""
+    """Torch reference of `paged_attention_decode`, batched over sequences.
+
+    Gathers whole blocks (one index per block, not per token) and lets SDPA do the
+    masked softmax; this is the CPU decode path, so it avoids per-token temporaries.
+    """
     Bt, Hq, Dh = q.shape
     block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
     if Bt == 0:
         return q.new_empty(Bt, Hq, Dh)
-    max_len = int(context_lens.max())
-    pos = torch.arange(max_len, device=q.device)  # [L]
-    blocks = block_tables[:, pos // block_size].long().clamp_min(0)  # [Bt, L]
-    offsets = (pos % block_size).expand(Bt, max_len)  # [Bt, L]
-    k = k_cache[blocks, offsets].float()  # [Bt, L, Hkv, Dh]
-    v = v_cache[blocks, offsets].float()
-    qg = q.float().view(Bt, Hkv, Hq // Hkv, Dh)  # [Bt, Hkv, R, Dh]
-    scores = torch.einsum("bkrd,blkd->bkrl", qg, k) * scale  # [Bt, Hkv, R, L]
-    valid = pos[None, :] < context_lens[:, None].long()  # [Bt, L]
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bkrl,blkd->bkrd", probs, v)
-    return out.reshape(Bt, Hq, Dh).to(q.dtype)
+    num_blocks = -(-int(context_lens.max()) // block_size)
+    table = block_tables[:, :num_blocks].long().clamp_min(0)  # [Bt, nb]
+    L = num_blocks * block_size
+    k = k_cache[table].view(Bt, L, Hkv, Dh).transpose(1, 2).float()  # [Bt, Hkv, L, Dh]
+    v = v_cache[table].view(Bt, L, Hkv, Dh).transpose(1, 2).float()
+    valid = torch.arange(L, device=q.device)[None, :] < context_lens[:, None].long()  # [Bt, L]
+    out = F.scaled_dot_product_attention(q.float()[:, :, None, :], k, v, attn_mask=valid[:, None, None, :],
+                                         scale=scale, enable_gqa=True)  # [Bt, Hq, 1, Dh]
+    return out[:, :, 0, :].to(q.dtype)
 
 
 def paged_attention_prefill(
@@ -247,12 +248,13 @@ def paged_attention_prefill_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q,
             continue
         pos = torch.arange(ctx, device=q.device)
         blocks = block_tables[s, pos // block_size].long()
-        k = k_cache[blocks, pos % block_size].float().transpose(0, 1)  # [Hkv, ctx, Dh]
-        v = v_cache[blocks, pos % block_size].float().transpose(0, 1)
-        qs = q[start:end].float().transpose(0, 1)  # [Hq, q_len, Dh]
-        q_pos = torch.arange(ctx - q_len, ctx, device=q.device)
-        mask = pos[None, :] <= q_pos[:, None]  # [q_len, ctx]
-        o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        k = k_cache[blocks, pos % block_size].float().transpose(0, 1)[None]  # [1, Hkv, ctx, Dh]
+        v = v_cache[blocks, pos % block_size].float().transpose(0, 1)[None]
+        qs = q[start:end].float().transpose(0, 1)[None]  # [1, Hq, q_len, Dh]
+        # queries are the last q_len positions: causal aligned to the bottom-right corner,
+        # which SDPA runs with its fused kernel instead of a materialised mask
+        o = F.scaled_dot_product_attention(qs, k, v, attn_mask=causal_lower_right(q_len, ctx), scale=scale,
+                                           enable_gqa=True)[0]
         out[start:end] = o.transpose(0, 1).to(q.dtype)
     return out
 

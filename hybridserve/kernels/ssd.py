@@ -9,10 +9,16 @@ starting from `initial_states[s]` (zeros when None),
 with dt_t = clamp(softplus(dt_t + dt_bias), *dt_limit). Returns y [T, H, P] in
 x.dtype and the state after each sequence's last token, [S, H, P, N] fp32.
 Head h reads B/C group h // (H // G). The result does not depend on
-`chunk_size` beyond rounding.
+`chunk_size` beyond rounding. `cu_seqlens` may live on the host (the Triton
+path reads it there once per call; on the device that costs a sync).
+
+Triton: `ssd_triton` (four kernels, the default) or `ssd_fused_triton` (one fused
+kernel after C.B; HYBRIDSERVE_SSD_FUSED=1 picks it).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +49,10 @@ def ssd_scan(
         dt_limit=dt_limit, initial_states=initial_states, cu_seqlens=cu_seqlens,
     )
     if use_triton(x):
+        if os.environ.get("HYBRIDSERVE_SSD_FUSED", "0") == "1":  # one-kernel variant, opt-in until timed on a GPU
+            from hybridserve.kernels.ssd_fused_triton import ssd_scan_fused_triton
+
+            return ssd_scan_fused_triton(*args, **kwargs)
         from hybridserve.kernels.ssd_triton import ssd_scan_triton
 
         return ssd_scan_triton(*args, **kwargs)

@@ -136,17 +136,18 @@ def selective_state_update_ref(
         raise ValueError(f"heads ({H}) must be a multiple of B/C groups ({G})")
     if state_indices is None:
         state_indices = torch.arange(Bt, device=state.device)
-    head_group = torch.arange(H, device=x.device) // (H // G)  # [H]
-    Bh = B.float()[:, head_group]  # [Bt, H, N]
-    Ch = C.float()[:, head_group]  # [Bt, H, N]
+    N = B.shape[2]
+    Bh = B.float().repeat_interleave(H // G, dim=1).reshape(Bt * H, 1, N)  # [Bt*H, 1, N]
+    Ch = C.float().repeat_interleave(H // G, dim=1).reshape(Bt * H, N, 1)  # [Bt*H, N, 1]
     dt = process_dt(dt, dt_bias, dt_softplus)  # [Bt, H]
     decay = torch.exp(dt * A.float())  # [Bt, H]
-
-    old = state[state_indices].float()  # [Bt, H, P, N]
-    new = old * decay[..., None, None] + (dt[..., None] * x.float())[..., None] * Bh[:, :, None, :]
-    state[state_indices] = new.to(state.dtype)
-
-    y = torch.einsum("bhpn,bhn->bhp", new, Ch)
+    # In place on one gathered copy (no [Bt, H, P, N] temporaries): this ref is the CPU decode path.
+    new = state.index_select(0, state_indices).float()  # [Bt, H, P, N]
+    new.mul_(decay[..., None, None])
+    dtx = (dt[..., None] * x.float()).reshape(Bt * H, -1, 1)  # [Bt*H, P, 1]
+    new.view(Bt * H, -1, N).baddbmm_(dtx, Bh)
+    state.index_copy_(0, state_indices, new.to(state.dtype))
+    y = torch.bmm(new.view(Bt * H, -1, N), Ch).view(Bt, H, -1)  # [Bt, H, P]
     if D is not None:
         y = y + D.float()[:, None] * x.float()
     if z is not None:

@@ -35,3 +35,19 @@ def test_public_ops_run_on_cpu(monkeypatch):
         torch.ones(3, 2, 2), torch.zeros(3, 2), -torch.ones(2), torch.ones(3, 1, 4), torch.ones(3, 1, 4)
     )
     assert y.shape == (3, 2, 2) and final.shape == (1, 2, 2, 4)
+
+
+@pytest.mark.skipif(not _backend.HAS_TRITON or torch.cuda.is_available(), reason="needs triton's CPU interpreter")
+@pytest.mark.parametrize("fused", ["0", "1"])
+def test_forcing_triton_runs_the_kernels_through_the_public_ops(monkeypatch, fused):
+    monkeypatch.setenv("HYBRIDSERVE_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("HYBRIDSERVE_SSD_FUSED", fused)
+    g = torch.Generator().manual_seed(0)
+    x, dt = torch.randn(9, 2, 4, generator=g), torch.randn(9, 2, generator=g)
+    A, B, C = -torch.rand(2, generator=g), torch.randn(9, 1, 8, generator=g), torch.randn(9, 1, 8, generator=g)
+    y, final = dispatch.ssd_scan(x, dt, A, B, C, chunk_size=4)
+    monkeypatch.setenv("HYBRIDSERVE_KERNELS", "ref")
+    y_ref, final_ref = dispatch.ssd_scan(x, dt, A, B, C, chunk_size=4)
+    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(final, final_ref, atol=1e-4, rtol=1e-4)

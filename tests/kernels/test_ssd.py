@@ -5,6 +5,7 @@ import torch
 from kernels_testing import DEVICES, assert_close
 
 from hybridserve.kernels.ssd import ssd_scan_ref
+from hybridserve.kernels.ssd_fused_triton import ssd_scan_fused_triton
 from hybridserve.kernels.ssd_triton import ssd_scan_triton
 
 SEQ = ("x", "dt", "B", "C", "z")
@@ -24,34 +25,41 @@ def inputs(lens, H, P, G, N, dtype, device, seed=0, init=True):
     return d
 
 
+KERNELS = {"4-kernel": ssd_scan_triton, "fused": ssd_scan_fused_triton}
+
+
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "lens,H,P,G,N,chunk",
-    [([1, 37, 16], 6, 5, 2, 7, 16), ([21], 4, 16, 1, 16, 32), ([3, 1, 2], 3, 8, 3, 4, 16)],
+    [([1, 37, 16], 6, 5, 2, 7, 16), ([21], 4, 16, 1, 16, 32), ([3, 0, 1, 2], 3, 8, 3, 4, 16)]  # with an empty sequence,
 )
-def test_ssd_matches_ref(device, dtype, lens, H, P, G, N, chunk):
+def test_ssd_matches_ref(device, kernel, dtype, lens, H, P, G, N, chunk):
     d = inputs(lens, H, P, G, N, dtype, device)
     y_want, f_want = ssd_scan_ref(**d, chunk_size=chunk)
-    y, f = ssd_scan_triton(**d, chunk_size=chunk, blocks=dict(l=8, m=8, k=8, p=8))
+    y, f = KERNELS[kernel](**d, chunk_size=chunk, blocks=dict(l=8, m=8, k=8, p=8))
     assert y.dtype == dtype and f.dtype == torch.float32
     assert_close("y", y, y_want, dtype)
     assert_close("final states", f, f_want, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_ssd_without_optional_inputs_and_with_dt_limit(device):
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_ssd_without_optional_inputs_and_with_dt_limit(device, kernel):
     d = inputs([19], 2, 4, 1, 8, torch.float32, device, init=False)
     args = (d["x"], d["dt"], d["A"], d["B"], d["C"])
     kw = dict(chunk_size=8, dt_softplus=False, dt_limit=(0.05, 0.5))
     y_want, f_want = ssd_scan_ref(*args, **kw)
-    y, f = ssd_scan_triton(*args, **kw)
+    y, f = KERNELS[kernel](*args, **kw)
     assert_close("y", y, y_want, torch.float32)
     assert_close("final", f, f_want, torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_ssd_two_chained_calls_equal_one_call(device):
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_ssd_two_chained_calls_equal_one_call(device, kernel):
+    ssd_scan_triton = KERNELS[kernel]
     d = inputs([27], 4, 8, 2, 8, torch.float32, device, seed=4)
     y, f = ssd_scan_triton(**d, chunk_size=8)
     cut = 11
