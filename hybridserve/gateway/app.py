@@ -29,6 +29,7 @@ from hybridserve.gateway.registry import Registry
 
 logger = logging.getLogger(__name__)
 
+MAX_BODY_BYTES = 32 << 20  # a larger body is a 413 before anything else happens
 _RID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
@@ -60,6 +61,26 @@ class RequestContext:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+class PayloadTooLargeError(HybridserveError):
+    status_code = 413
+    error_type = "invalid_request_error"
+
+
+async def read_body(request: Request) -> bytes:
+    """The request body, refusing (413) one larger than MAX_BODY_BYTES before reading it all."""
+    too_big = PayloadTooLargeError(f"request body exceeds {MAX_BODY_BYTES >> 20} MiB")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_big
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > MAX_BODY_BYTES:
+            raise too_big
+        parts.append(part)
+    return b"".join(parts)
 
 
 def http_client() -> httpx.AsyncClient:
@@ -121,7 +142,7 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
 
     async def handle(request: Request, path: str, chat: bool) -> Response:
         keys.check(request.headers.get("authorization"))
-        raw = await request.body()
+        raw = await read_body(request)
         adm = admit(raw, chat, registry)
         return await holder["proxy"].forward(request, adm, path, raw)
 

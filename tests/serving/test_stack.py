@@ -249,3 +249,32 @@ def test_disconnect_while_waiting_for_a_full_answer_aborts(engine_stack):
 def _post_timeout(stack, body, timeout: float) -> httpx.Response:
     return httpx.post(stack.base_url + "/completions", json=body, headers=stack.headers(),
                       timeout=timeout, trust_env=False)
+
+
+def test_batched_prompts_with_n(openai_client):
+    out = openai_client.completions.create(model="tiny-hybrid", prompt=["Hello there", "A"],
+                                           n=2, max_tokens=3, seed=5,
+                                           extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in out.choices) == [0, 1, 2, 3]
+    single = [openai_client.completions.create(model="tiny-hybrid", prompt=p, max_tokens=1)
+              for p in ("Hello there", "A")]
+    assert out.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in single)
+    assert out.usage.completion_tokens == 12
+
+
+def test_streamed_chat_logprobs_cover_every_token(openai_client):
+    stream = openai_client.chat.completions.create(
+        model="tiny-transformer", messages=MESSAGES, max_tokens=7, logprobs=True, top_logprobs=1,
+        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    entries, usage = [], None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].logprobs:
+            entries += chunk.choices[0].logprobs.content
+        usage = chunk.usage or usage
+    assert usage.completion_tokens == 7 and len(entries) == 7
+    assert all(len(e.top_logprobs) == 1 for e in entries)
+
+
+def test_oversized_body_is_413(engine_stack):
+    r = _post(engine_stack, "/completions", None, raw=b'{"prompt": "' + b"x" * (33 << 20) + b'"}')
+    assert r.status_code == 413 and "error" in r.json()
