@@ -6,32 +6,15 @@ safetensors shard with strict key checking: a missing or extra weight is an erro
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from hybridserve.errors import UnsupportedModelError
-from hybridserve.models.args import ModelArgs
 from hybridserve.models.decoder import CausalLM
-from hybridserve.models.granite_hybrid import granite_args
-from hybridserve.models.llama import llama_args
+from hybridserve.models.registry import model_args, read_config
 
-_ARCHS = {"GraniteMoeHybridForCausalLM": granite_args, "LlamaForCausalLM": llama_args}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def read_config(directory: Path) -> dict:
-    return json.loads((Path(directory) / "config.json").read_text())
-
-
-def model_args(cfg: dict) -> ModelArgs:
-    archs = cfg.get("architectures") or []
-    for arch in archs:
-        if arch in _ARCHS:
-            return _ARCHS[arch](cfg)
-    raise UnsupportedModelError(f"architecture {archs or cfg.get('model_type')} is not supported by the "
-                                f"native engine (supported: {', '.join(_ARCHS)}); use engine: vllm")
 
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
