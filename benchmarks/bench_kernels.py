@@ -64,11 +64,11 @@ if CUDA:  # the anchor layer (ANCHORS.md)
     ATTN_SHAPES = [(1, 4096), (32, 32768)]
 else:
     H, P, N, G, CHUNK, K_CONV = 4, 8, 16, 1, 16, 4
-    SSD_SHAPES = [(1, 40), (2, 24)]
+    SSD_SHAPES = [(2, 20)]
     DECODE_BATCHES = [3]
     PREFILL_T = 24
     HQ, HKV, DH, PAGE = 4, 2, 16, 8
-    ATTN_SHAPES = [(1, 40), (2, 70)]
+    ATTN_SHAPES = [(2, 40)]
 DC = H * P + 2 * G * N  # conv channels: x, B and C
 RESULTS: dict = {"device": torch.cuda.get_device_name() if CUDA else "cpu (interpreter smoke)", "ops": [], "checks": {}}
 
@@ -80,7 +80,7 @@ def bench(fn) -> float:
 
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
     times = []
-    for _ in range(3):
+    for _ in range(1):  # CPU smoke: proves it runs, times mean little
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
@@ -255,7 +255,7 @@ def sweep(name, make_call, configs):
 
 
 def time_ssd(mamba):
-    d = ssd_inputs(*SSD_SHAPES[1 if CUDA else 0])
+    d = ssd_inputs(*SSD_SHAPES[1 if CUDA else 0])  # sweep at B1 L16384 on the GPU
     variants = {
         "ssd_scan": (ssd_scan_triton, [
             {"blocks": None}, {"blocks": dict(l=64, m=64, k=32, p=64)}, {"blocks": dict(l=32, m=64, k=64, p=32)},

@@ -291,6 +291,8 @@ def ssd_scan_triton(
     x, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, B, C))
     if z is not None and z.stride(-1) != 1:
         z = z.contiguous()
+    if dt.stride(-1) != 1:
+        dt = dt.contiguous()
     dev = x.device
     table, seq_chunks, nchunks = chunk_table(cu_seqlens, T, chunk_size, dev)
     S = seq_chunks.shape[0] - 1

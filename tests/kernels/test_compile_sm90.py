@@ -1,24 +1,29 @@
 """Every Triton kernel compiles for sm_90 (H100/H200) at the anchor shapes, without spills.
 
-Runs without a GPU: launches are captured on CPU tensors and compiled ahead of time.
+Runs without a GPU: launches are captured on CPU tensors and compiled ahead of time,
+in a child process, since Triton must be imported there with its interpreter off.
 """
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from hybridserve.kernels import compile_check
-
-triton = pytest.importorskip("triton")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_all_kernels_compile_for_sm90_without_spills():
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except ImportError:
-        pytest.skip("triton has no NVIDIA backend here")
-    results = compile_check.compile_all(arch=90)
-    for r in results:
-        print(r)
-    names = {r["kernel"] for r in results}
-    assert {"_chunk_scan_kernel", "_selective_state_update_kernel", "_paged_attention_decode_kernel"} <= names
-    assert all(r.get("local", 0) == 0 for r in results), "register spills"
-    assert all(r["shared"] <= compile_check.SMEM_LIMIT for r in results), "shared memory over the sm_90 limit"
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="triton has no NVIDIA backend here")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "hybridserve.kernels.compile_check"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+    )
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["compiled"] >= 13
+    assert summary["spilling_or_over_smem"] == []

@@ -71,3 +71,19 @@ def test_ssd_two_chained_calls_equal_one_call(device, kernel):
     y2, f2 = ssd_scan_triton(**{**second, "initial_states": f1}, chunk_size=8)
     assert_close("y chained", torch.cat([y1, y2]), y, torch.float32)
     assert_close("final chained", f2, f, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_ssd_reads_strided_views_of_one_projection(device, kernel):
+    """x, z, B, C and dt as column slices of one [T, width] projection, as a Mamba-2 layer splits it."""
+    d = inputs([13, 6], 4, 4, 2, 8, torch.float32, device, seed=7)
+    T = 19
+    parts = [d["z"].reshape(T, -1), d["x"].reshape(T, -1), d["B"].reshape(T, -1), d["C"].reshape(T, -1), d["dt"]]
+    packed = torch.cat(parts, dim=1)
+    z, x, B, C, dt = torch.split(packed, [p.shape[1] for p in parts], dim=1)
+    views = dict(z=z.view(T, 4, 4), x=x.view(T, 4, 4), B=B.view(T, 2, 8), C=C.view(T, 2, 8), dt=dt)
+    y_want, f_want = ssd_scan_ref(**d, chunk_size=8)
+    y, f = KERNELS[kernel](**{**d, **views}, chunk_size=8)
+    assert_close("y from views", y, y_want, torch.float32)
+    assert_close("final from views", f, f_want, torch.float32)
