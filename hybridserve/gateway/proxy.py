@@ -101,6 +101,8 @@ class Proxy:
                  t_recv: float) -> None:
         added = (t_send - request.state.t0) + (time.perf_counter() - t_recv)
         self.metrics.requests.labels(b.name, path, str(status)).inc()
+        if status >= 400:
+            self.metrics.errors.labels(b.name, f"upstream_{status}").inc()
         self.metrics.added.labels(b.name).observe(added)
         self.metrics.upstream.labels(b.name).observe(t_recv - t_send)
         logger.info("%s %s -> %s %d upstream=%.1fms added=%.2fms", request.state.request_id, path,
