@@ -43,7 +43,14 @@ def version() -> None:
 def up(config: str = ConfigOpt, profile: Optional[str] = ProfileOpt, log_level: str = LogOpt,
        ready_timeout: float = typer.Option(600.0, help="Seconds to wait for every process to be healthy."),
        engine_factory: Optional[str] = typer.Option(None, hidden=True)) -> None:
-    """Start one worker per backend plus the gateway; Ctrl-C drains and stops them all."""
+    """Start one worker per backend plus the gateway; Ctrl-C drains and stops them all.
+
+    Workers listen on 127.0.0.1 at `backend.port`, or gateway.port+1, +2, ... in file
+    order; `engine: remote` backends are only routed to. A worker that dies is
+    restarted with back-off (1 s doubling to 30 s). Example:
+
+        hybridserve up --config models.yaml --profile cpu
+    """
     from hybridserve.config import ConfigError
     from hybridserve.supervisor import run_up
 
@@ -61,7 +68,12 @@ def up(config: str = ConfigOpt, profile: Optional[str] = ProfileOpt, log_level: 
 def gateway(config: str = ConfigOpt, profile: Optional[str] = ProfileOpt, log_level: str = LogOpt,
             host: Optional[str] = typer.Option(None, help="Override gateway.host."),
             port: Optional[int] = typer.Option(None, help="Override gateway.port.")) -> None:
-    """Run only the gateway (workers are expected at their ports, remotes at their urls)."""
+    """Run only the gateway (workers are expected at their ports, remotes at their urls).
+
+    Clients send `Authorization: Bearer KEY` unless `gateway.auth: disabled`; keys are
+    stored as sha256 hashes (see `hybridserve hash-key`). `model` may be a backend,
+    a tier, an alias, or `auto` (least-loaded healthy backend).
+    """
     from hybridserve.config import ConfigError
     from hybridserve.gateway.app import serve_gateway
 
@@ -133,3 +145,49 @@ def hash_key(key: str = typer.Argument(..., help="The API key to hash.")) -> Non
 
 if __name__ == "__main__":
     app()
+
+
+@app.command()
+def bench(config: str = ConfigOpt, profile: Optional[str] = ProfileOpt,
+          backends: Optional[str] = typer.Option(None, help="Comma-separated backend names (default: all)."),
+          contexts: Optional[str] = typer.Option(None, help="Comma-separated context lengths "
+                                                 "(default: powers of two from --min-context to --max-context)."),
+          min_context: int = typer.Option(512, help="Smallest context of the default sweep."),
+          max_context: Optional[int] = typer.Option(8192, help="Cap of the default sweep (0 = backend max)."),
+          concurrency: str = typer.Option("1,4", help="Comma-separated concurrency levels."),
+          new_tokens: int = typer.Option(32, help="Tokens generated per request."),
+          quick: bool = typer.Option(False, "--quick", help="Contexts 64/128/256, concurrency 1/2, 8 tokens (CI)."),
+          out: str = typer.Option("results/bench", help="Output folder (points are resumed from it)."),
+          fresh: bool = typer.Option(False, "--fresh", help="Ignore points already measured in --out."),
+          url: Optional[str] = typer.Option(None, help="Measure this OpenAI endpoint (e.g. the gateway) "
+                                            "instead of starting engines; backend names are sent as `model`."),
+          memory_budget_gb: Optional[float] = typer.Option(None, help="Cache budget for the "
+                                                           "sequences-that-fit figure (default: each backend's)."),
+          log_level: str = LogOpt) -> None:
+    """Measure tokens/s, latency, cache bytes and $/1M tokens vs context for every backend.
+
+    Writes points.json/.csv, report.md, PNG plots and economics_profile.json (the
+    router's starting table) into --out; rerunning resumes where it stopped.
+    """
+    import json
+
+    from hybridserve.bench.harness import BenchOptions, run_bench
+
+    _setup_logging(log_level)
+    cfg = _load(config, profile)
+    ints = lambda s: [int(x) for x in s.split(",") if x.strip()]
+    kw = dict(backends=backends.split(",") if backends else None, out=out, fresh=fresh, url=url,
+              memory_budget_gb=memory_budget_gb)
+    if quick:
+        opts = BenchOptions.quick(**kw)
+    else:
+        opts = BenchOptions(contexts=ints(contexts) if contexts else None, min_context=min_context,
+                            max_context=max_context or None, concurrency=ints(concurrency),
+                            new_tokens=new_tokens, **kw)
+    try:
+        summary = run_bench(cfg, opts, say=typer.echo)
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"report: {out}/report.md")
+    typer.echo(json.dumps(summary))
