@@ -45,9 +45,11 @@ def up(config: str = ConfigOpt, profile: Optional[str] = ProfileOpt, log_level: 
        engine_factory: Optional[str] = typer.Option(None, hidden=True)) -> None:
     """Start one worker per backend plus the gateway; Ctrl-C drains and stops them all.
 
-    Workers listen on 127.0.0.1 at `backend.port`, or gateway.port+1, +2, ... in file
-    order; `engine: remote` backends are only routed to. A worker that dies is
-    restarted with back-off (1 s doubling to 30 s). Example:
+    Workers listen on 127.0.0.1 at `backend.port` (default: gateway.port+1, +2, ...).
+
+    `engine: remote` backends are only routed to. A dead worker is restarted with back-off.
+
+    Example:
 
         hybridserve up --config models.yaml --profile cpu
     """
@@ -70,9 +72,11 @@ def gateway(config: str = ConfigOpt, profile: Optional[str] = ProfileOpt, log_le
             port: Optional[int] = typer.Option(None, help="Override gateway.port.")) -> None:
     """Run only the gateway (workers are expected at their ports, remotes at their urls).
 
-    Clients send `Authorization: Bearer KEY` unless `gateway.auth: disabled`; keys are
-    stored as sha256 hashes (see `hybridserve hash-key`). `model` may be a backend,
-    a tier, an alias, or `auto` (least-loaded healthy backend).
+    Clients send `Authorization: Bearer KEY` unless `gateway.auth: disabled`.
+
+    Keys are stored as sha256 hashes (see `hybridserve hash-key`).
+
+    `model` may be a backend, a tier, an alias, or `auto` (least-loaded healthy backend).
     """
     from hybridserve.config import ConfigError
     from hybridserve.gateway.app import serve_gateway
