@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	# CPU build of torch from the local wheel; never a CUDA build on CPU machines.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q triton==3.6.0
-	$(BIN)/pip install -q -e '.[dev,kernels]'
+	$(BIN)/pip install -q -e '.[dev,kernels,bench]'
 	touch $(STAMP)
 
 venv: $(STAMP)

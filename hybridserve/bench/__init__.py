@@ -1,0 +1,1 @@
+"""The throughput and economics harness behind `hybridserve bench`."""
