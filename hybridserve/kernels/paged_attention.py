@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.bias import causal_lower_right
 
 from hybridserve.kernels._backend import interpreting, lazy_jit, next_pow2, tl, triton, use_triton
 
@@ -235,9 +236,16 @@ def paged_attention_prefill(
 
 
 def paged_attention_prefill_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale):
-    """Torch reference of `paged_attention_prefill`; loops over sequences, SDPA inside."""
+    """Torch reference of `paged_attention_prefill`; loops over sequences, SDPA inside.
+
+    The causal mask is SDPA's own (`is_causal`, or a lower-right causal bias when the
+    queries are a suffix of the context), never a materialised [q_len, ctx] tensor,
+    so long prompts stay on the fused kernels. fp32 on CPU; the input dtype on CUDA
+    (the fused kernels keep the softmax in fp32).
+    """
     T, Hq, Dh = q.shape
     block_size = k_cache.shape[1]
+    dtype = q.dtype if q.is_cuda else torch.float32
     out = torch.empty_like(q)
     bounds = cu_seqlens_q.tolist()
     lens = context_lens.tolist()
@@ -248,13 +256,14 @@ def paged_attention_prefill_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q,
             continue
         pos = torch.arange(ctx, device=q.device)
         blocks = block_tables[s, pos // block_size].long()
-        k = k_cache[blocks, pos % block_size].float().transpose(0, 1)[None]  # [1, Hkv, ctx, Dh]
-        v = v_cache[blocks, pos % block_size].float().transpose(0, 1)[None]
-        qs = q[start:end].float().transpose(0, 1)[None]  # [1, Hq, q_len, Dh]
-        # queries are the last q_len positions: causal aligned to the bottom-right corner,
-        # which SDPA runs with its fused kernel instead of a materialised mask
-        o = F.scaled_dot_product_attention(qs, k, v, attn_mask=causal_lower_right(q_len, ctx), scale=scale,
-                                           enable_gqa=True)[0]
+        k = k_cache[blocks, pos % block_size].to(dtype).transpose(0, 1)  # [Hkv, ctx, Dh]
+        v = v_cache[blocks, pos % block_size].to(dtype).transpose(0, 1)
+        qs = q[start:end].to(dtype).transpose(0, 1)  # [Hq, q_len, Dh]
+        if q_len == ctx:
+            o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            mask = causal_lower_right(q_len, ctx)
+            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         out[start:end] = o.transpose(0, 1).to(q.dtype)
     return out
 
