@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test test-fast bench-engine clean
+.PHONY: venv run test test-fast bench-engine bench load clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,3 +33,14 @@ bench-engine: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Needs a running stack (`make run` in another terminal). Bounded: 60 s, 8 users.
+LOAD_HOST ?= http://127.0.0.1:8000
+load: $(STAMP)
+	mkdir -p results
+	$(BIN)/locust -f benchmarks/locustfile.py --headless --host $(LOAD_HOST) -u 8 -r 4 -t 60s \
+	  --csv results/load --only-summary
+	$(BIN)/python benchmarks/load_report.py results/load results/bench/report.md
+
+bench: $(STAMP)
+	$(BIN)/hybridserve bench
