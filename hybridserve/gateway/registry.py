@@ -25,6 +25,7 @@ from hybridserve.errors import BackendUnavailableError, ModelNotFoundError
 logger = logging.getLogger(__name__)
 
 AUTO = "auto"
+HEALTH_TIMEOUT_S = 2.0
 _LOAD_METRICS = ("vllm:num_requests_running", "vllm:num_requests_waiting")
 
 
@@ -69,6 +70,7 @@ class BackendState:
     inflight: int = 0
     health_path: str = "/metrics"
     last_error: str = "not checked yet"
+    slow_checks: int = 0
     checked_at: float = 0.0
 
     @property
@@ -141,10 +143,17 @@ class Registry:
                                    if p != b.health_path]
         for path in paths:
             try:
-                r = await client.get(b.url + path, headers=headers, timeout=2.0)
+                r = await client.get(b.url + path, headers=headers, timeout=HEALTH_TIMEOUT_S)
+            except httpx.TimeoutException:
+                # a busy worker may answer late: down only after two slow checks in a row
+                b.slow_checks += 1
+                if b.slow_checks >= 2:
+                    b.mark_down(f"no answer on {path} within {HEALTH_TIMEOUT_S:g}s")
+                return
             except httpx.HTTPError as err:
                 b.mark_down(f"{type(err).__name__} on {path}")
                 return
+            b.slow_checks = 0
             if r.status_code == 404:
                 continue
             b.checked_at = time.monotonic()
