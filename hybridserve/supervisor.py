@@ -10,7 +10,6 @@ supervisor itself dies (Linux parent-death signal), so nothing is left orphaned.
 from __future__ import annotations
 
 import ctypes
-import os
 import signal
 import subprocess
 import sys
