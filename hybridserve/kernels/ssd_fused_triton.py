@@ -45,7 +45,7 @@ def _ssd_fused_kernel(
     h = (ticket // n_pb) % H
     pb = ticket % n_pb
     g = h // heads_per_group
-    start = tl.load(chunks_ptr + c)
+    start = tl.load(chunks_ptr + c).to(tl.int64)  # token offsets: t * stride may pass 2**31
     end = tl.load(chunks_ptr + nchunks + c)
     seq = tl.load(chunks_ptr + 2 * nchunks + c)
     first = c == tl.load(seq_chunks_ptr + seq)

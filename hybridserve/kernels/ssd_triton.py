@@ -44,7 +44,7 @@ def _chunk_state_kernel(
     nb = pid % n_nb
     c = tl.program_id(1)
     g = h // heads_per_group
-    start = tl.load(chunks_ptr + c)
+    start = tl.load(chunks_ptr + c).to(tl.int64)  # token offsets: t * stride may pass 2**31
     end = tl.load(chunks_ptr + nchunks + c)
     A = tl.load(A_ptr + h).to(tl.float32)
     bias = 0.0
@@ -150,7 +150,7 @@ def _chunk_cb_kernel(
     kb = tl.program_id(0) % n_kb
     g = tl.program_id(1)
     c = tl.program_id(2)
-    start = tl.load(chunks_ptr + c)
+    start = tl.load(chunks_ptr + c).to(tl.int64)  # token offsets: t * stride may pass 2**31
     end = tl.load(chunks_ptr + nchunks + c)
     if (kb * BLOCK_K <= mb * BLOCK_M + BLOCK_M - 1) & (start + mb * BLOCK_M < end):
         m = start + mb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -192,7 +192,7 @@ def _chunk_scan_kernel(
     c = tl.program_id(1) // (CHUNK // BLOCK_M)
     mb = tl.program_id(1) % (CHUNK // BLOCK_M)
     g = h // heads_per_group
-    start = tl.load(chunks_ptr + c)
+    start = tl.load(chunks_ptr + c).to(tl.int64)  # token offsets: t * stride may pass 2**31
     end = tl.load(chunks_ptr + nchunks + c)
     m0 = mb * BLOCK_M
     if start + m0 < end:
