@@ -195,3 +195,40 @@ def bench(config: str = ConfigOpt, profile: Optional[str] = ProfileOpt,
         raise typer.Exit(2) from None
     typer.echo(f"report: {out}/report.md")
     typer.echo(json.dumps(summary))
+
+
+@app.command("route-sim")
+def route_sim(config: str = ConfigOpt, profile: Optional[str] = ProfileOpt,
+              economics: str = typer.Option("results/bench/economics_profile.json",
+                                            help="Economics profile written by `hybridserve bench`."),
+              trace: Optional[str] = typer.Option(None, help="JSONL trace (prompt_tokens, output_tokens per line); "
+                                                  "default: a generated mix of chats and long documents."),
+              requests: int = typer.Option(2000, help="Requests in the generated workload."),
+              long_share: float = typer.Option(0.25, help="Share of long documents in the generated workload."),
+              policies: str = typer.Option("round_robin,least_loaded,economics,cascade",
+                                           help="Comma-separated policies to compare."),
+              slo_ttft: Optional[float] = typer.Option(None, help="TTFT SLO in seconds."),
+              slo_e2e: Optional[float] = typer.Option(None, help="End-to-end SLO in seconds."),
+              seed: int = typer.Option(0)) -> None:
+    """Compare routing policies on a workload: $/1M tokens, SLO attainment, escalations (no models run)."""
+    import json
+
+    from hybridserve.router.economics import load_profile
+    from hybridserve.router.policies import BackendView
+    from hybridserve.router.sim import compare, format_table, load_trace, mixed_workload
+    from hybridserve.router.table import EconomicsTable
+
+    cfg = _load(config, profile)
+    try:
+        prof = load_profile(economics)
+    except (OSError, ValueError) as err:
+        typer.echo(f"error: {err}\n(run `hybridserve bench` first, or pass --economics PATH)", err=True)
+        raise typer.Exit(2) from None
+    table = EconomicsTable.from_profile(prof, {b.name: b.price_per_hour for b in cfg.backends})
+    measured = [b for b in cfg.backends if b.name in prof["backends"]]
+    views = [BackendView(b.name, b.arch, b.tier, b.price_per_hour, b.max_context) for b in measured]
+    top = max(p["context"] for b in prof["backends"].values() for p in b["points"])
+    reqs = load_trace(trace) if trace else mixed_workload(requests, long_share, seed, max_context=top)
+    rows = compare(policies.split(","), reqs, views, table, slo_ttft, slo_e2e, seed=seed)
+    typer.echo(format_table(rows))
+    typer.echo(json.dumps({"route_sim": rows, "requests": len(reqs), "economics": economics}))
