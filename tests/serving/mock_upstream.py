@@ -1,7 +1,8 @@
 """A minimal OpenAI-compatible upstream for gateway tests (an `engine: remote` stand-in).
 
 Behaviour is chosen by the request: `max_tokens` is the number of streamed chunks,
-`"delay_s"` (extra field) sleeps before answering or between chunks. /stats tells
+`"delay_s"` (extra field) sleeps before answering or between chunks, `"crash_after"`
+breaks a stream after that many chunks. /stats tells
 how many streams started, finished and were cut off by the client, so tests can
 see that a disconnect at the gateway reaches the upstream.
 
@@ -61,7 +62,8 @@ def make_app(name: str):
         STATS["last_authorization"] = headers.get(b"authorization", b"").decode() or None
         delay = float(req.get("delay_s", 0.0))
         if req.get("stream"):
-            return await _stream(send, receive, name, int(req.get("max_tokens") or 4), delay)
+            return await _stream(send, receive, name, int(req.get("max_tokens") or 4), delay,
+                                 req.get("crash_after"))
         await asyncio.sleep(delay)
         await _json(send, 200, {
             "id": "cmpl-mock", "object": "text_completion", "created": 0, "model": name,
@@ -72,13 +74,15 @@ def make_app(name: str):
     return app
 
 
-async def _stream(send, receive, name: str, n: int, delay: float) -> None:
+async def _stream(send, receive, name: str, n: int, delay: float, crash_after: int | None) -> None:
     STATS["streams_started"] += 1
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/event-stream")]})
     disconnected = asyncio.ensure_future(receive())
     try:
         for i in range(n):
+            if crash_after is not None and i == crash_after:
+                raise RuntimeError("mock upstream crashes mid-stream")
             chunk = {"id": "cmpl-mock", "object": "text_completion", "created": 0, "model": name,
                      "choices": [{"index": 0, "text": f"t{i} ", "logprobs": None,
                                   "finish_reason": "length" if i == n - 1 else None}]}

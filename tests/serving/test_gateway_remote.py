@@ -3,6 +3,7 @@ failures, timeouts, streaming pass-through and disconnects. No engine needed."""
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 import time
 
@@ -136,3 +137,14 @@ def test_gateway_metrics_per_backend(remote):
     assert 'hybridserve_backend_up{backend="up1"} 1.0' in text
     assert 'hybridserve_gateway_added_latency_seconds_count{backend="up1"}' in text
     assert 'hybridserve_gateway_errors_total{backend="dead",type="service_unavailable"}' in text
+
+
+def test_upstream_crash_mid_stream_ends_with_an_error_event(remote):
+    body = {"model": "up1", "prompt": "hi", "stream": True, "max_tokens": 10, "crash_after": 2}
+    with httpx.stream("POST", remote.base_url + "/completions", json=body, headers=remote.headers(),
+                      timeout=10, trust_env=False) as r:
+        assert r.status_code == 200
+        events = [line for line in r.iter_lines() if line.startswith("data:")]
+    assert len(events) == 3
+    assert json.loads(events[-1][5:])["error"]["type"] == "bad_gateway"
+    assert post(remote, {"model": "up1"}).status_code == 200  # and the gateway carries on
