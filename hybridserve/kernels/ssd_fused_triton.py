@@ -45,9 +45,17 @@ def _ssd_fused_kernel(
     h = (ticket // n_pb) % H
     pb = ticket % n_pb
     g = h // heads_per_group
-    start = tl.load(chunks_ptr + c).to(tl.int64)  # token offsets: t * stride may pass 2**31
-    end = tl.load(chunks_ptr + nchunks + c)
+    start = tl.load(chunks_ptr + c)
+    length = tl.load(chunks_ptr + nchunks + c) - start
     seq = tl.load(chunks_ptr + 2 * nchunks + c)
+    start = start.to(tl.int64)  # chunk-base pointers in 64 bits, offsets inside a chunk in 32
+    x_c = x_ptr + start * x_t
+    z_c = z_ptr + start * z_t
+    y_c = y_ptr + start * y_t
+    B_c = B_ptr + start * B_t
+    C_c = C_ptr + start * C_t
+    dt_c = dt_out_ptr + h * T + start
+    cum_c = cum_ptr + h * T + start
     first = c == tl.load(seq_chunks_ptr + seq)
     last = c == tl.load(seq_chunks_ptr + seq + 1) - 1
     A = tl.load(A_ptr + h).to(tl.float32)
@@ -59,7 +67,7 @@ def _ssd_fused_kernel(
 
     # 1. dt and the chunk-local cumsum of dt*A, written to scratch for the block loops below
     l_all = tl.arange(0, CHUNK)
-    in_chunk = start + l_all < end
+    in_chunk = l_all < length
     dt_all = tl.load(dt_ptr + (start + l_all) * dt_t + h, mask=in_chunk, other=0.0).to(tl.float32)
     if HAS_DT_BIAS:
         dt_all += tl.load(dt_bias_ptr + h).to(tl.float32)
@@ -68,20 +76,20 @@ def _ssd_fused_kernel(
     dt_all = tl.where(in_chunk, tl.minimum(tl.maximum(dt_all, dt_min), dt_max), 0.0)
     cum_all = tl.cumsum(dt_all * A, axis=0)
     total = tl.sum(dt_all * A, axis=0)
-    tl.store(dt_out_ptr + h * T + start + l_all, dt_all, mask=in_chunk)
-    tl.store(cum_ptr + h * T + start + l_all, cum_all, mask=in_chunk)
+    tl.store(dt_c + l_all, dt_all, mask=in_chunk)
+    tl.store(cum_c + l_all, cum_all, mask=in_chunk)
     tl.debug_barrier()
 
     # 2. the chunk's own end state: sum_l (exp(total - cum_l) dt_l x_l)^T B_l
     local = tl.zeros((BLOCK_P, BLOCK_N), tl.float32)
     for l0 in range(0, CHUNK, BLOCK_K):
-        t = start + l0 + tl.arange(0, BLOCK_K)
-        t_mask = t < end
-        dt = tl.load(dt_out_ptr + h * T + t, mask=t_mask, other=0.0)
-        cum = tl.load(cum_ptr + h * T + t, mask=t_mask, other=0.0)
+        l = l0 + tl.arange(0, BLOCK_K)  # positions in the chunk
+        t_mask = l < length
+        dt = tl.load(dt_c + l, mask=t_mask, other=0.0)
+        cum = tl.load(cum_c + l, mask=t_mask, other=0.0)
         scale = tl.where(t_mask, tl.exp(total - cum) * dt, 0.0)
-        xt = tl.load(x_ptr + t[:, None] * x_t + h * x_h + p[None, :], mask=t_mask[:, None] & p_mask[None, :], other=0.0)
-        Bt = tl.load(B_ptr + t[:, None] * B_t + g * B_g + n[None, :], mask=t_mask[:, None] & n_mask[None, :], other=0.0)
+        xt = tl.load(x_c + l[:, None] * x_t + h * x_h + p[None, :], mask=t_mask[:, None] & p_mask[None, :], other=0.0)
+        Bt = tl.load(B_c + l[:, None] * B_t + g * B_g + n[None, :], mask=t_mask[:, None] & n_mask[None, :], other=0.0)
         xs = xt.to(tl.float32) * scale[:, None]
         if UPCAST:
             Bt = Bt.to(tl.float32)
@@ -119,12 +127,11 @@ def _ssd_fused_kernel(
     else:
         prev_op = tl.trans(prev).to(x_ptr.dtype.element_ty)
     for m0 in range(0, CHUNK, BLOCK_M):
-        if start + m0 < end:
+        if m0 < length:
             m = m0 + tl.arange(0, BLOCK_M)
-            t_m = start + m
-            m_mask = t_m < end
-            cum_m = tl.load(cum_ptr + h * T + t_m, mask=m_mask, other=0.0)
-            Cm = tl.load(C_ptr + t_m[:, None] * C_t + g * C_g + n[None, :], mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+            m_mask = m < length
+            cum_m = tl.load(cum_c + m, mask=m_mask, other=0.0)
+            Cm = tl.load(C_c + m[:, None] * C_t + g * C_g + n[None, :], mask=m_mask[:, None] & n_mask[None, :], other=0.0)
             if UPCAST:
                 Cm = Cm.to(tl.float32)
             if IEEE:
@@ -134,14 +141,13 @@ def _ssd_fused_kernel(
             acc = acc * tl.exp(cum_m)[:, None]
             for k0 in range(0, m0 + BLOCK_M, BLOCK_K):
                 k = k0 + tl.arange(0, BLOCK_K)
-                t_k = start + k
-                k_mask = t_k < end
+                k_mask = k < length
                 cb = tl.load(cb_ptr + c.to(tl.int64) * cb_c + g * cb_g + m[:, None] * cb_m + k[None, :])
-                cum_k = tl.load(cum_ptr + h * T + t_k, mask=k_mask, other=0.0)
-                dt_k = tl.load(dt_out_ptr + h * T + t_k, mask=k_mask, other=0.0)
+                cum_k = tl.load(cum_c + k, mask=k_mask, other=0.0)
+                dt_k = tl.load(dt_c + k, mask=k_mask, other=0.0)
                 causal = (m[:, None] >= k[None, :]) & k_mask[None, :]
                 w = cb * tl.exp(tl.where(causal, cum_m[:, None] - cum_k[None, :], float("-inf"))) * dt_k[None, :]
-                xk = tl.load(x_ptr + t_k[:, None] * x_t + h * x_h + p[None, :], mask=k_mask[:, None] & p_mask[None, :], other=0.0)
+                xk = tl.load(x_c + k[:, None] * x_t + h * x_h + p[None, :], mask=k_mask[:, None] & p_mask[None, :], other=0.0)
                 if UPCAST:
                     xk = xk.to(tl.float32)
                 else:
@@ -152,12 +158,12 @@ def _ssd_fused_kernel(
                     acc += tl.dot(w, xk)
             io_mask = m_mask[:, None] & p_mask[None, :]
             if HAS_D:
-                xm = tl.load(x_ptr + t_m[:, None] * x_t + h * x_h + p[None, :], mask=io_mask, other=0.0).to(tl.float32)
+                xm = tl.load(x_c + m[:, None] * x_t + h * x_h + p[None, :], mask=io_mask, other=0.0).to(tl.float32)
                 acc += xm * tl.load(D_ptr + h).to(tl.float32)
             if HAS_Z:
-                zm = tl.load(z_ptr + t_m[:, None] * z_t + h * z_h + p[None, :], mask=io_mask, other=0.0).to(tl.float32)
+                zm = tl.load(z_c + m[:, None] * z_t + h * z_h + p[None, :], mask=io_mask, other=0.0).to(tl.float32)
                 acc = acc * zm * tl.sigmoid(zm)
-            tl.store(y_ptr + t_m[:, None] * y_t + h * y_h + p[None, :], acc.to(y_ptr.dtype.element_ty), mask=io_mask)
+            tl.store(y_c + m[:, None] * y_t + h * y_h + p[None, :], acc.to(y_ptr.dtype.element_ty), mask=io_mask)
 
 
 def ssd_scan_fused_triton(

@@ -44,8 +44,14 @@ def _chunk_state_kernel(
     nb = pid % n_nb
     c = tl.program_id(1)
     g = h // heads_per_group
-    start = tl.load(chunks_ptr + c).to(tl.int64)  # token offsets: t * stride may pass 2**31
-    end = tl.load(chunks_ptr + nchunks + c)
+    start = tl.load(chunks_ptr + c)
+    length = tl.load(chunks_ptr + nchunks + c) - start
+    start = start.to(tl.int64)  # chunk-base pointers in 64 bits, offsets inside a chunk in 32
+    x_c = x_ptr + start * x_t
+    dt_c = dt_ptr + start * dt_t
+    B_c = B_ptr + start * B_t
+    dt_out_c = dt_out_ptr + h * T + start
+    cum_c = cum_ptr + h * T + start
     A = tl.load(A_ptr + h).to(tl.float32)
     bias = 0.0
     if HAS_DT_BIAS:
@@ -54,11 +60,11 @@ def _chunk_state_kernel(
 
     # pass 1: the chunk's total log-decay
     l_all = tl.arange(0, CHUNK)
-    dt_all = tl.load(dt_ptr + (start + l_all) * dt_t + h, mask=start + l_all < end, other=0.0).to(tl.float32) + bias
+    dt_all = tl.load(dt_c + l_all * dt_t + h, mask=l_all < length, other=0.0).to(tl.float32) + bias
     if DT_SOFTPLUS:
         dt_all = tl.where(dt_all <= 20.0, tl.log(1.0 + tl.exp(dt_all)), dt_all)
     dt_all = tl.minimum(tl.maximum(dt_all, dt_min), dt_max)
-    total = tl.sum(tl.where(start + l_all < end, dt_all * A, 0.0), axis=0)
+    total = tl.sum(tl.where(l_all < length, dt_all * A, 0.0), axis=0)
     if writes_dt:
         tl.store(total_ptr + h * nchunks + c, total)
 
@@ -68,20 +74,20 @@ def _chunk_state_kernel(
     acc = tl.zeros((BLOCK_P, BLOCK_N), tl.float32)
     carry = total * 0.0
     for l0 in range(0, CHUNK, BLOCK_L):
-        t = start + l0 + tl.arange(0, BLOCK_L)  # [BLOCK_L]
-        t_mask = t < end
-        dt = tl.load(dt_ptr + t * dt_t + h, mask=t_mask, other=0.0).to(tl.float32) + bias
+        l = l0 + tl.arange(0, BLOCK_L)  # [BLOCK_L] positions in the chunk
+        t_mask = l < length
+        dt = tl.load(dt_c + l * dt_t + h, mask=t_mask, other=0.0).to(tl.float32) + bias
         if DT_SOFTPLUS:
             dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
         dt = tl.where(t_mask, tl.minimum(tl.maximum(dt, dt_min), dt_max), 0.0)
         cum = carry + tl.cumsum(dt * A, axis=0)
         carry += tl.sum(dt * A, axis=0)
         if writes_dt:
-            tl.store(dt_out_ptr + h * T + t, dt, mask=t_mask)
-            tl.store(cum_ptr + h * T + t, cum, mask=t_mask)
+            tl.store(dt_out_c + l, dt, mask=t_mask)
+            tl.store(cum_c + l, cum, mask=t_mask)
         scale = tl.where(t_mask, tl.exp(total - cum) * dt, 0.0)  # [BLOCK_L]
-        xt = tl.load(x_ptr + t[:, None] * x_t + h * x_h + p[None, :], mask=t_mask[:, None] & (p < P)[None, :], other=0.0)
-        Bt = tl.load(B_ptr + t[:, None] * B_t + g * B_g + n[None, :], mask=t_mask[:, None] & (n < N)[None, :], other=0.0)
+        xt = tl.load(x_c + l[:, None] * x_t + h * x_h + p[None, :], mask=t_mask[:, None] & (p < P)[None, :], other=0.0)
+        Bt = tl.load(B_c + l[:, None] * B_t + g * B_g + n[None, :], mask=t_mask[:, None] & (n < N)[None, :], other=0.0)
         xs = xt.to(tl.float32) * scale[:, None]  # [BLOCK_L, BLOCK_P]
         if UPCAST:
             Bt = Bt.to(tl.float32)
@@ -150,16 +156,18 @@ def _chunk_cb_kernel(
     kb = tl.program_id(0) % n_kb
     g = tl.program_id(1)
     c = tl.program_id(2)
-    start = tl.load(chunks_ptr + c).to(tl.int64)  # token offsets: t * stride may pass 2**31
-    end = tl.load(chunks_ptr + nchunks + c)
-    if (kb * BLOCK_K <= mb * BLOCK_M + BLOCK_M - 1) & (start + mb * BLOCK_M < end):
-        m = start + mb * BLOCK_M + tl.arange(0, BLOCK_M)
-        k = start + kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    start = tl.load(chunks_ptr + c)
+    length = tl.load(chunks_ptr + nchunks + c) - start
+    B_c = B_ptr + start.to(tl.int64) * B_t
+    C_c = C_ptr + start.to(tl.int64) * C_t
+    if (kb * BLOCK_K <= mb * BLOCK_M + BLOCK_M - 1) & (mb * BLOCK_M < length):
+        m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
         for n0 in range(0, N, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
-            Cm = tl.load(C_ptr + m[:, None] * C_t + g * C_g + n[None, :], mask=(m < end)[:, None] & (n < N)[None, :], other=0.0)
-            Bk = tl.load(B_ptr + k[:, None] * B_t + g * B_g + n[None, :], mask=(k < end)[:, None] & (n < N)[None, :], other=0.0)
+            Cm = tl.load(C_c + m[:, None] * C_t + g * C_g + n[None, :], mask=(m < length)[:, None] & (n < N)[None, :], other=0.0)
+            Bk = tl.load(B_c + k[:, None] * B_t + g * B_g + n[None, :], mask=(k < length)[:, None] & (n < N)[None, :], other=0.0)
             if UPCAST:
                 Cm = Cm.to(tl.float32)
                 Bk = Bk.to(tl.float32)
@@ -167,9 +175,7 @@ def _chunk_cb_kernel(
                 acc += tl.dot(Cm, tl.trans(Bk), input_precision="ieee")
             else:
                 acc += tl.dot(Cm, tl.trans(Bk))
-        rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-        tl.store(cb_ptr + c.to(tl.int64) * cb_c + g * cb_g + rows[:, None] * cb_m + cols[None, :], acc)
+        tl.store(cb_ptr + c.to(tl.int64) * cb_c + g * cb_g + m[:, None] * cb_m + k[None, :], acc)
 
 
 @lazy_jit
@@ -192,20 +198,26 @@ def _chunk_scan_kernel(
     c = tl.program_id(1) // (CHUNK // BLOCK_M)
     mb = tl.program_id(1) % (CHUNK // BLOCK_M)
     g = h // heads_per_group
-    start = tl.load(chunks_ptr + c).to(tl.int64)  # token offsets: t * stride may pass 2**31
-    end = tl.load(chunks_ptr + nchunks + c)
+    start = tl.load(chunks_ptr + c)
+    length = tl.load(chunks_ptr + nchunks + c) - start
+    start = start.to(tl.int64)  # chunk-base pointers in 64 bits, offsets inside a chunk in 32
+    x_c = x_ptr + start * x_t
+    z_c = z_ptr + start * z_t
+    y_c = y_ptr + start * y_t
+    C_c = C_ptr + start * C_t
+    cum_c = cum_ptr + h * T + start
+    dt_c = dt_out_ptr + h * T + start
     m0 = mb * BLOCK_M
-    if start + m0 < end:
+    if m0 < length:
         m = m0 + tl.arange(0, BLOCK_M)  # positions in the chunk
-        t_m = start + m
-        m_mask = t_m < end
+        m_mask = m < length
         p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
         p_mask = p < P
         n = tl.arange(0, BLOCK_N)
-        cum_m = tl.load(cum_ptr + h * T + t_m, mask=m_mask, other=0.0)
+        cum_m = tl.load(cum_c + m, mask=m_mask, other=0.0)
 
         # the incoming state's share: exp(cum_m) * C_m . state^T
-        Cm = tl.load(C_ptr + t_m[:, None] * C_t + g * C_g + n[None, :], mask=m_mask[:, None] & (n < N)[None, :], other=0.0)
+        Cm = tl.load(C_c + m[:, None] * C_t + g * C_g + n[None, :], mask=m_mask[:, None] & (n < N)[None, :], other=0.0)
         S = tl.load(
             start_states_ptr + c.to(tl.int64) * ss_c + h * ss_h + p[None, :] * ss_p + n[:, None],
             mask=(n < N)[:, None] & p_mask[None, :], other=0.0,
@@ -224,14 +236,13 @@ def _chunk_scan_kernel(
         # the chunk's own tokens: sum_{k <= m} CB[m, k] exp(cum_m - cum_k) dt_k x_k
         for k0 in range(0, m0 + BLOCK_M, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            t_k = start + k
-            k_mask = t_k < end
+            k_mask = k < length
             cb = tl.load(cb_ptr + c.to(tl.int64) * cb_c + g * cb_g + m[:, None] * cb_m + k[None, :])
-            cum_k = tl.load(cum_ptr + h * T + t_k, mask=k_mask, other=0.0)
-            dt_k = tl.load(dt_out_ptr + h * T + t_k, mask=k_mask, other=0.0)
+            cum_k = tl.load(cum_c + k, mask=k_mask, other=0.0)
+            dt_k = tl.load(dt_c + k, mask=k_mask, other=0.0)
             causal = (m[:, None] >= k[None, :]) & k_mask[None, :]
             w = cb * tl.exp(tl.where(causal, cum_m[:, None] - cum_k[None, :], float("-inf"))) * dt_k[None, :]
-            xk = tl.load(x_ptr + t_k[:, None] * x_t + h * x_h + p[None, :], mask=k_mask[:, None] & p_mask[None, :], other=0.0)
+            xk = tl.load(x_c + k[:, None] * x_t + h * x_h + p[None, :], mask=k_mask[:, None] & p_mask[None, :], other=0.0)
             if UPCAST:
                 xk = xk.to(tl.float32)
             else:
@@ -243,12 +254,12 @@ def _chunk_scan_kernel(
 
         io_mask = m_mask[:, None] & p_mask[None, :]
         if HAS_D:
-            xm = tl.load(x_ptr + t_m[:, None] * x_t + h * x_h + p[None, :], mask=io_mask, other=0.0).to(tl.float32)
+            xm = tl.load(x_c + m[:, None] * x_t + h * x_h + p[None, :], mask=io_mask, other=0.0).to(tl.float32)
             acc += xm * tl.load(D_ptr + h).to(tl.float32)
         if HAS_Z:
-            zm = tl.load(z_ptr + t_m[:, None] * z_t + h * z_h + p[None, :], mask=io_mask, other=0.0).to(tl.float32)
+            zm = tl.load(z_c + m[:, None] * z_t + h * z_h + p[None, :], mask=io_mask, other=0.0).to(tl.float32)
             acc = acc * zm * tl.sigmoid(zm)
-        tl.store(y_ptr + t_m[:, None] * y_t + h * y_h + p[None, :], acc.to(y_ptr.dtype.element_ty), mask=io_mask)
+        tl.store(y_c + m[:, None] * y_t + h * y_h + p[None, :], acc.to(y_ptr.dtype.element_ty), mask=io_mask)
 
 
 _CHUNK_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
