@@ -96,6 +96,37 @@ def run_anchor_ops(dtype: torch.dtype = torch.bfloat16) -> None:
     )
 
 
+def run_test_shapes() -> None:
+    """The odd shapes of tests/kernels (fp32 and bf16), so CUDA test runs compile too."""
+    from hybridserve.kernels.conv1d import causal_conv1d_triton, causal_conv1d_update_triton
+    from hybridserve.kernels.gated_rmsnorm import gated_rms_norm_triton
+    from hybridserve.kernels.paged_attention import paged_attention_decode_triton
+    from hybridserve.kernels.ssd_fused_triton import ssd_scan_fused_triton
+    from hybridserve.kernels.ssd_triton import ssd_scan_triton
+    from hybridserve.kernels.state_update import selective_state_update_triton
+
+    f32 = torch.float32
+    for dt in (f32, torch.bfloat16):
+        z = lambda *s, d=dt: torch.zeros(*s, dtype=d)  # noqa: E731
+        T, H, P, G, N = 54, 6, 5, 2, 7
+        for scan in (ssd_scan_triton, ssd_scan_fused_triton):
+            scan(z(T, H, P), z(T, H), z(H, d=f32), z(T, G, N), z(T, G, N), z(H, d=f32), z=z(T, H, P),
+                 dt_bias=z(H, d=f32), initial_states=z(3, H, P, N, d=f32), cu_seqlens=torch.tensor([0, 1, 38, 54]),
+                 chunk_size=16, blocks=dict(l=8, m=8, k=8, p=8))
+        selective_state_update_triton(
+            z(5, H, P, N), z(3, H, P), z(3, H), z(H, d=f32), z(3, G, N), z(3, G, N), z(H, d=f32), z=z(3, H, P),
+            dt_bias=z(H, d=f32), state_indices=torch.arange(3), block_p=4,
+        )
+        causal_conv1d_triton(z(50, 10), z(10, 4), z(10), conv_states=z(6, 10, 3), cu_seqlens=torch.tensor([0, 1, 8, 10, 50]),
+                             state_indices=torch.arange(4), has_initial_state=torch.ones(4, dtype=torch.bool),
+                             block_t=8, block_d=16)
+        causal_conv1d_update_triton(z(3, 37), z(5, 37, 2), z(37, 3), None, state_indices=torch.arange(3),
+                                    activation=None, block_d=16)
+        gated_rms_norm_triton(z(3, 60), z(3, 60), z(60), 1e-5, 12)
+        paged_attention_decode_triton(z(3, 6, 24), z(40, 4, 2, 24), z(40, 4, 2, 24), torch.zeros(3, 11, dtype=torch.int32),
+                                      torch.full((3,), 30, dtype=torch.int32), 0.2, num_splits=3, block_n=16)
+
+
 def _signature(fn: Any, args: tuple, kwargs: dict) -> tuple[dict, dict, dict, dict]:
     """Signature, constexprs, options and attributes as Triton's launcher would specialize them:
     16-byte aligned pointers and multiples of 16 marked divisible, ints equal to 1 made constants."""
@@ -134,13 +165,15 @@ def _resources(cubin: bytes, cuobjdump: str) -> dict[str, int]:
     return {k.lower(): int(v) for k, v in found.items()}
 
 
-def compile_all(arch: int = 90) -> list[dict]:
+def compile_all(arch: int = 90, test_shapes: bool = True) -> list[dict]:
     """Compile every captured launch for cuda:`arch`; one dict per kernel configuration."""
     import triton
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with captured_launches() as launches:
         run_anchor_ops()
+        if test_shapes:
+            run_test_shapes()
     with compiling():
         return _compile_launches(launches, arch, cuobjdump)
 

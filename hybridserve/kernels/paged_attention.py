@@ -176,7 +176,7 @@ def paged_attention_decode_triton(
     direct = num_splits == 1
     part_o = q.new_empty((Bt, Hq, num_splits, Dh) if not direct else (1, 1, 1, 1), dtype=torch.float32)
     part_lse = q.new_empty((Bt, Hq, num_splits) if not direct else (1, 1, 1), dtype=torch.float32)
-    block_d = next_pow2(Dh)
+    block_d = max(16, next_pow2(Dh))  # the dot's inner dimension: tensor-core tiles need 16
     _paged_attention_decode_kernel[(Bt, Hkv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, part_o, part_lse, out,
         split_len, scale, R, Dh,

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from hybridserve.kernels._backend import interpreting, lazy_jit, next_pow2, tl, triton
-from hybridserve.kernels.ssd_triton import _chunk_cb_kernel, chunk_table
+from hybridserve.kernels._backend import interpreting, lazy_jit, tl, triton
+from hybridserve.kernels.ssd_triton import _chunk_cb_kernel, chunk_table, tile_sizes
 
 
 @lazy_jit
@@ -195,11 +195,7 @@ def ssd_scan_fused_triton(
     final = initial_states.clone() if initial_states is not None else torch.zeros(S, H, P, N, device=dev)
 
     small = interpreting()
-    bl = blocks or {}
-    BM = min(bl.get("m", 16 if small else 64), chunk_size)
-    BK = min(bl.get("k", 16 if small else 64), chunk_size)
-    BP = bl.get("p", min(next_pow2(P), 16 if small else 64))
-    BN = next_pow2(N)
+    _, BM, BK, BP, BN = tile_sizes(blocks, chunk_size, P, N, small)
     ieee = x.dtype == torch.float32
     n_pb = triton.cdiv(P, BP)
 

@@ -262,6 +262,22 @@ def _chunk_scan_kernel(
         tl.store(y_c + m[:, None] * y_t + h * y_h + p[None, :], acc.to(y_ptr.dtype.element_ty), mask=io_mask)
 
 
+def tile_sizes(blocks: dict | None, chunk: int, P: int, N: int, small: bool) -> tuple[int, ...]:
+    """(BLOCK_L, BLOCK_M, BLOCK_K, BLOCK_P, BLOCK_N) from defaults and `blocks` overrides.
+
+    Compiled for a GPU every dot dimension is at least 16 (tensor-core tiles); the
+    interpreter (`small`) takes any power of two, which keeps CPU tests fast.
+    """
+    lo = 1 if small else 16
+    if chunk < lo:
+        raise ValueError(f"chunk_size={chunk}: the GPU kernels need chunk_size >= {lo}")
+    bl = blocks or {}
+    default = 16 if small else 64
+    inner = [max(lo, min(bl.get(key, default), chunk)) for key in ("l", "m", "k")]
+    BP = max(lo, bl.get("p", min(next_pow2(P), default)))
+    return (*inner, BP, max(lo, next_pow2(N)))
+
+
 _CHUNK_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
 
 
@@ -316,13 +332,7 @@ def ssd_scan_triton(
     final = torch.empty(S, H, P, N, device=dev, dtype=torch.float32)
 
     small = interpreting()
-    bl = blocks or {}
-    BL = bl.get("l", 16 if small else 64)
-    BM = bl.get("m", 16 if small else 64)
-    BK = bl.get("k", 16 if small else 64)
-    BP = bl.get("p", min(next_pow2(P), 16 if small else 64))
-    BN = next_pow2(N)
-    BL, BM, BK = (min(b, chunk_size) for b in (BL, BM, BK))
+    BL, BM, BK, BP, BN = tile_sizes(blocks, chunk_size, P, N, small)
     ieee = x.dtype == torch.float32
     upcast = small
     state_dtype = x.dtype if x.element_size() == 2 else torch.float32

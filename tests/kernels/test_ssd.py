@@ -49,7 +49,7 @@ def test_ssd_matches_ref(device, kernel, dtype, lens, H, P, G, N, chunk):
 def test_ssd_without_optional_inputs_and_with_dt_limit(device, kernel):
     d = inputs([19], 2, 4, 1, 8, torch.float32, device, init=False)
     args = (d["x"], d["dt"], d["A"], d["B"], d["C"])
-    kw = dict(chunk_size=8, dt_softplus=False, dt_limit=(0.05, 0.5))
+    kw = dict(chunk_size=16, dt_softplus=False, dt_limit=(0.05, 0.5))
     y_want, f_want = ssd_scan_ref(*args, **kw)
     y, f = KERNELS[kernel](*args, **kw)
     assert_close("y", y, y_want, torch.float32)
@@ -60,15 +60,15 @@ def test_ssd_without_optional_inputs_and_with_dt_limit(device, kernel):
 @pytest.mark.parametrize("kernel", list(KERNELS))
 def test_ssd_two_chained_calls_equal_one_call(device, kernel):
     ssd_scan_triton = KERNELS[kernel]
-    d = inputs([27], 4, 8, 2, 8, torch.float32, device, seed=4)
-    y, f = ssd_scan_triton(**d, chunk_size=8)
-    cut = 11
+    d = inputs([37], 4, 8, 2, 8, torch.float32, device, seed=4)
+    y, f = ssd_scan_triton(**d, chunk_size=16)
+    cut = 21
     first = {k: (v[:cut] if k in SEQ else v) for k, v in d.items()}
     second = {k: (v[cut:] if k in SEQ else v) for k, v in d.items()}
     first["cu_seqlens"] = torch.tensor([0, cut], device=device)
-    second["cu_seqlens"] = torch.tensor([0, 27 - cut], device=device)
-    y1, f1 = ssd_scan_triton(**first, chunk_size=8)
-    y2, f2 = ssd_scan_triton(**{**second, "initial_states": f1}, chunk_size=8)
+    second["cu_seqlens"] = torch.tensor([0, 37 - cut], device=device)
+    y1, f1 = ssd_scan_triton(**first, chunk_size=16)
+    y2, f2 = ssd_scan_triton(**{**second, "initial_states": f1}, chunk_size=16)
     assert_close("y chained", torch.cat([y1, y2]), y, torch.float32)
     assert_close("final chained", f2, f, torch.float32)
 
@@ -83,7 +83,7 @@ def test_ssd_reads_strided_views_of_one_projection(device, kernel):
     packed = torch.cat(parts, dim=1)
     z, x, B, C, dt = torch.split(packed, [p.shape[1] for p in parts], dim=1)
     views = dict(z=z.view(T, 4, 4), x=x.view(T, 4, 4), B=B.view(T, 2, 8), C=C.view(T, 2, 8), dt=dt)
-    y_want, f_want = ssd_scan_ref(**d, chunk_size=8)
-    y, f = KERNELS[kernel](**{**d, **views}, chunk_size=8)
+    y_want, f_want = ssd_scan_ref(**d, chunk_size=16)
+    y, f = KERNELS[kernel](**{**d, **views}, chunk_size=16)
     assert_close("y from views", y, y_want, torch.float32)
     assert_close("final from views", f, f_want, torch.float32)
