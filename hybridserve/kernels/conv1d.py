@@ -192,10 +192,12 @@ def causal_conv1d_triton(
     out = torch.empty(T, Dc, device=x.device, dtype=x.dtype)
     if T == 0:
         return out
-    cu = cu_seqlens.to(torch.int32)
+    dev = x.device  # index tensors may come from the host
+    cu = cu_seqlens.to(device=dev, dtype=torch.int32)
+    state_indices = state_indices.to(dev)
     lens = cu[1:] - cu[:-1]
     seq_of_token = torch.repeat_interleave(torch.arange(S, device=x.device, dtype=torch.int32), lens, output_size=T)
-    has_init = has_initial_state.to(torch.int8)
+    has_init = has_initial_state.to(device=dev, dtype=torch.int8)
     grid = (triton.cdiv(T, block_t), triton.cdiv(Dc, block_d))
     _causal_conv1d_kernel[grid](
         x, weight, bias if bias is not None else weight, conv_states, seq_of_token, cu, state_indices, has_init, out,
@@ -257,6 +259,7 @@ def causal_conv1d_update_triton(
     out = torch.empty_like(x)
     if Bt == 0:
         return out
+    state_indices = state_indices.to(x.device)
     _causal_conv1d_update_kernel[(Bt, triton.cdiv(Dc, block_d))](
         x, weight, bias if bias is not None else weight, conv_states, state_indices, out,
         Dc,

@@ -166,6 +166,7 @@ def paged_attention_decode_triton(
     if Bt == 0:
         return out
     R = Hq // Hkv
+    block_tables, context_lens = block_tables.to(q.device), context_lens.to(q.device)
     block_n = block_n or (64 if Dh <= 128 else 32)
     max_ctx = max_context_len or block_tables.shape[1] * page
     if num_splits is None:

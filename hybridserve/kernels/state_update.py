@@ -109,6 +109,8 @@ def selective_state_update_triton(
     y = torch.empty_like(x)
     if Bt == 0:
         return y
+    if state_indices is not None:
+        state_indices = state_indices.to(x.device)
     block_n = next_pow2(N)
     block_p = block_p or min(next_pow2(P), max(1, 4096 // block_n))
     grid = (Bt, H, triton.cdiv(P, block_p))

@@ -27,11 +27,13 @@ def make(lens, Dc, K, dtype, device, seed=0):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("lens,Dc,K", [([1, 7, 2, 40], 10, 4), ([3], 33, 3), ([2, 1], 5, 5)])
-def test_conv_prefill_matches_ref(device, dtype, lens, Dc, K):
+@pytest.mark.parametrize(
+    "lens,Dc,K,act", [([1, 7, 2, 40], 10, 4, "silu"), ([3], 33, 3, None), ([2, 1], 5, 5, "silu")]
+)
+def test_conv_prefill_matches_ref(device, dtype, lens, Dc, K, act):
     x, w, b, states, slots, has_init, cu = make(lens, Dc, K, dtype, device)
     want_states = states.clone()
-    kw = dict(cu_seqlens=cu, state_indices=slots, has_initial_state=has_init)
+    kw = dict(cu_seqlens=cu, state_indices=slots, has_initial_state=has_init, activation=act)
     want = causal_conv1d_ref(x, w, b, conv_states=want_states, **kw)
     out = causal_conv1d_triton(x, w, b, conv_states=states, **kw, block_t=8, block_d=16)
     assert_close("out", out, want, dtype)
