@@ -311,9 +311,10 @@ def time_conv():
     x = rand(DECODE_BATCHES[-1] if CUDA else 3, DC)
     st = rand(x.shape[0], DC, K_CONV - 1)
     idx = torch.arange(x.shape[0], device=DEV)
-    cfgs = [{"block_d": bd, "num_warps": nw} for bd in (256, 512, 1024, 128) for nw in (4, 8)]
-    best = sweep("conv1d_update", lambda block_d, num_warps: lambda: causal_conv1d_update_triton(
-        x, st, w, bias, state_indices=idx, block_d=block_d, num_warps=num_warps), cfgs)
+    cfgs = [{"block_d": bd, "num_warps": nw, "flat": flat} for flat in (True, False)
+            for bd in (256, 512, 128) for nw in (4, 8)]
+    best = sweep("conv1d_update", lambda **cfg: lambda: causal_conv1d_update_triton(
+        x, st, w, bias, state_indices=idx, **cfg), cfgs)
     for batch in DECODE_BATCHES:
         x, st = rand(batch, DC), rand(batch, DC, K_CONV - 1)
         idx = torch.randperm(batch, device=DEV)

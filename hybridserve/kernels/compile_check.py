@@ -87,7 +87,8 @@ def run_anchor_ops(dtype: torch.dtype = torch.bfloat16) -> None:
         z(T, Dc), z(Dc, K), z(Dc), conv_states=z(2, Dc, K - 1), cu_seqlens=torch.tensor([0, T]),
         state_indices=torch.tensor([1]), has_initial_state=torch.tensor([True]),
     )
-    causal_conv1d_update_triton(z(Bt, Dc), z(8, Dc, K - 1), z(Dc, K), z(Dc), state_indices=torch.arange(Bt))
+    for flat in (False, True):
+        causal_conv1d_update_triton(z(Bt, Dc), z(8, Dc, K - 1), z(Dc, K), z(Dc), state_indices=torch.arange(Bt), flat=flat)
     gated_rms_norm_triton(z(T, H * P), z(T, H * P), z(H * P))
     page, blocks = 16, 256
     paged_attention_decode_triton(
@@ -121,7 +122,7 @@ def run_test_shapes() -> None:
                              state_indices=torch.arange(4), has_initial_state=torch.ones(4, dtype=torch.bool),
                              block_t=8, block_d=16)
         causal_conv1d_update_triton(z(3, 37), z(5, 37, 2), z(37, 3), None, state_indices=torch.arange(3),
-                                    activation=None, block_d=16)
+                                    activation=None, block_d=16, flat=True)
         gated_rms_norm_triton(z(3, 60), z(3, 60), z(60), 1e-5, 12)
         paged_attention_decode_triton(z(3, 6, 24), z(40, 4, 2, 24), z(40, 4, 2, 24), torch.zeros(3, 11, dtype=torch.int32),
                                       torch.full((3,), 30, dtype=torch.int32), 0.2, num_splits=3, block_n=16)

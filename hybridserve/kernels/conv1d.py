@@ -248,10 +248,59 @@ def _causal_conv1d_update_kernel(
     tl.store(out_ptr + b * out_b + d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
-def causal_conv1d_update_triton(
-    x, conv_states, weight, bias=None, *, state_indices, activation="silu", block_d=256, num_warps=4,
+@lazy_jit
+def _causal_conv1d_update_flat_kernel(
+    # pointers
+    x_ptr, w_ptr, bias_ptr, states_ptr, slots_ptr, out_ptr,
+    # sizes
+    Dc,
+    # strides
+    x_b, st_slot, out_b,
+    # meta-parameters
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
+    BLOCK_W: tl.constexpr,
 ):
-    """Triton `causal_conv1d_update`; `block_d` / `num_warps` are tuning knobs for benchmarks."""
+    # one program: batch row b x channels [d0, d0 + BLOCK_D). The state rows of those channels
+    # are one contiguous run of BLOCK_D * (K-1) values: read and written as a flat vector (wide
+    # accesses), shifted and reduced per channel in registers with gathers
+    KM1: tl.constexpr = K - 1
+    b = tl.program_id(0)
+    d0 = tl.program_id(1) * BLOCK_D
+    slot = tl.load(slots_ptr + b).to(tl.int64)
+    dd = tl.arange(0, BLOCK_D)  # [BLOCK_D] channel in the block
+    d_mask = d0 + dd < Dc
+    f = tl.arange(0, BLOCK_F)  # [BLOCK_F] flat index: channel f // KM1, tap f % KM1
+    ch = tl.minimum(f // KM1, BLOCK_D - 1)
+    tap = f % KM1
+    f_mask = f < tl.minimum(BLOCK_D, Dc - d0) * KM1  # one bound, so the mask stays vector-friendly
+    run = states_ptr + slot * st_slot + d0 * KM1
+    old = tl.load(run + f, mask=f_mask, other=0.0)
+    xv = tl.load(x_ptr + b * x_b + d0 + dd, mask=d_mask, other=0.0)
+    new = tl.where(tap == KM1 - 1, tl.gather(xv, ch, 0), tl.gather(old, tl.minimum(f + 1, BLOCK_F - 1), 0))
+    tl.store(run + f, new, mask=f_mask)
+
+    wi = tl.arange(0, BLOCK_W)  # the block's weights, [BLOCK_D, K] row-major, as one flat run
+    w = tl.load(w_ptr + d0 * K + wi, mask=wi < tl.minimum(BLOCK_D, Dc - d0) * K, other=0.0).to(tl.float32)
+    prod = old.to(tl.float32) * tl.gather(w, ch * K + tap, 0)  # [BLOCK_F] tap products
+    acc = xv.to(tl.float32) * tl.gather(w, dd * K + KM1, 0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + d0 + dd, mask=d_mask, other=0.0).to(tl.float32)
+    for k in tl.static_range(KM1):
+        acc += tl.gather(prod, dd * KM1 + k, 0)
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    tl.store(out_ptr + b * out_b + d0 + dd, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+def causal_conv1d_update_triton(
+    x, conv_states, weight, bias=None, *, state_indices, activation="silu", block_d=256, num_warps=4, flat=True,
+):
+    """Triton `causal_conv1d_update`; `block_d`, `num_warps` and `flat` are tuning knobs.
+
+    `flat` reads/writes each state run (and the weights) as one contiguous vector
+    (needs contiguous [Dc, K-1] state rows and [Dc, K] weights); otherwise one
+    strided access per tap.
+    """
     Bt, Dc = x.shape
     K = weight.shape[1]
     if x.stride(1) != 1 or conv_states.stride(2) != 1 or weight.stride(1) != 1:
@@ -260,10 +309,21 @@ def causal_conv1d_update_triton(
     if Bt == 0:
         return out
     state_indices = state_indices.to(x.device)
-    _causal_conv1d_update_kernel[(Bt, triton.cdiv(Dc, block_d))](
-        x, weight, bias if bias is not None else weight, conv_states, state_indices, out,
+    b = bias if bias is not None else weight
+    meta = dict(K=K, HAS_BIAS=bias is not None, SILU=activation is not None, BLOCK_D=block_d, num_warps=num_warps)
+    grid = (Bt, triton.cdiv(Dc, block_d))
+    if flat and K > 1 and conv_states.stride(1) == K - 1 and weight.stride(0) == K:
+        _causal_conv1d_update_flat_kernel[grid](
+            x, weight, b, conv_states, state_indices, out,
+            Dc,
+            x.stride(0), conv_states.stride(0), out.stride(0),
+            BLOCK_F=next_pow2(block_d * (K - 1)), BLOCK_W=next_pow2(block_d * K), **meta,
+        )
+        return out
+    _causal_conv1d_update_kernel[grid](
+        x, weight, b, conv_states, state_indices, out,
         Dc,
         x.stride(0), weight.stride(0), conv_states.stride(0), conv_states.stride(1), out.stride(0),
-        K=K, HAS_BIAS=bias is not None, SILU=activation is not None, BLOCK_D=block_d, num_warps=num_warps,
+        **meta,
     )
     return out

@@ -43,12 +43,13 @@ def test_conv_prefill_matches_ref(device, dtype, lens, Dc, K, act):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("Dc,K,bias,act", [(10, 4, True, "silu"), (37, 3, False, None)])
-def test_conv_update_matches_ref(device, dtype, Dc, K, bias, act):
+@pytest.mark.parametrize("flat", [False, True])
+def test_conv_update_matches_ref(device, dtype, Dc, K, bias, act, flat):
     x, w, b, states, slots, _, _ = make([1, 1, 1], Dc, K, dtype, device, seed=3)
     want_states = states.clone()
     b = b if bias else None
     want = causal_conv1d_update_ref(x, want_states, w, b, state_indices=slots, activation=act)
-    out = causal_conv1d_update_triton(x, states, w, b, state_indices=slots, activation=act, block_d=16)
+    out = causal_conv1d_update_triton(x, states, w, b, state_indices=slots, activation=act, block_d=16, flat=flat)
     assert_close("out", out, want, dtype)
     assert_close("states", states, want_states, dtype)
 
