@@ -342,9 +342,10 @@ def time_attention():
     for batch, L in ATTN_SHAPES:
         q, k_cache, v_cache, tables, lens = paged_inputs(batch, L)
         nbytes = 2 * batch * L * HKV * DH * 2 + 2 * batch * HQ * DH * 2
-        cfgs = [{"block_n": bn, "num_warps": nw} for bn in (64, 32, 128) for nw in (4, 8)]
-        best = sweep(f"paged_decode B{batch} L{L}", lambda block_n, num_warps: lambda: paged_attention_decode_triton(
-            q, k_cache, v_cache, tables, lens, DH**-0.5, max_context_len=L, block_n=block_n, num_warps=num_warps), cfgs)
+        cfgs = [{"block_n": bn, "num_warps": nw, "fused_reduce": True} for bn in (64, 32, 128) for nw in (4, 8)]
+        cfgs.append({"block_n": 64, "num_warps": 4, "fused_reduce": False})
+        best = sweep(f"paged_decode B{batch} L{L}", lambda **cfg: lambda: paged_attention_decode_triton(
+            q, k_cache, v_cache, tables, lens, DH**-0.5, max_context_len=L, **cfg), cfgs)
         ms = bench(lambda: paged_attention_decode_triton(q, k_cache, v_cache, tables, lens, DH**-0.5, max_context_len=L, **best))
         del k_cache, v_cache
         k = rand(batch, HKV, L, DH)

@@ -91,10 +91,12 @@ def run_anchor_ops(dtype: torch.dtype = torch.bfloat16) -> None:
         causal_conv1d_update_triton(z(Bt, Dc), z(8, Dc, K - 1), z(Dc, K), z(Dc), state_indices=torch.arange(Bt), flat=flat)
     gated_rms_norm_triton(z(T, H * P), z(T, H * P), z(H * P))
     page, blocks = 16, 256
-    paged_attention_decode_triton(
-        z(1, 32, 128), z(blocks, page, 8, 128), z(blocks, page, 8, 128),
-        torch.zeros(1, blocks, dtype=torch.int32), torch.full((1,), 4096, dtype=torch.int32), 0.088,
-    )
+    for fused_reduce in (True, False):
+        paged_attention_decode_triton(
+            z(1, 32, 128), z(blocks, page, 8, 128), z(blocks, page, 8, 128),
+            torch.zeros(1, blocks, dtype=torch.int32), torch.full((1,), 4096, dtype=torch.int32), 0.088,
+            fused_reduce=fused_reduce,
+        )
 
 
 def run_test_shapes() -> None:

@@ -42,18 +42,20 @@ def paged_attention_decode(
 @lazy_jit
 def _paged_attention_decode_kernel(
     # pointers
-    q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, part_o_ptr, part_lse_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, part_o_ptr, part_lse_ptr, out_ptr, counters_ptr,
     # sizes
-    split_len, scale, R, Dh,
+    split_len, scale, R, Dh, Hkv,
     # strides
     q_b, q_h, k_blk, k_off, k_h, v_blk, v_off, v_h, tab_b, po_b, po_h, po_s, pl_b, pl_h, out_b, out_h,
     # meta-parameters
     PAGE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DIRECT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    DIRECT: tl.constexpr, FUSED_REDUCE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # one program: sequence b, kv head kh (all R query heads sharing it), tokens of split sp.
     # Online softmax over BLOCK_N-token tiles gathered through the block table; writes a
     # partial (o, lse) per split, or the final output when there is one split (DIRECT).
+    # FUSED_REDUCE: the last split of (b, kh) to finish (an atomic count) merges the partials
+    # and resets the count, which saves the reduce launch.
     b = tl.program_id(0)
     kh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -104,6 +106,27 @@ def _paged_attention_decode_kernel(
         else:
             tl.store(part_o_ptr + b * po_b + heads[:, None] * po_h + sp * po_s + d[None, :], o, mask=o_mask)
             tl.store(part_lse_ptr + b * pl_b + heads * pl_h + sp, m + tl.log(l), mask=r_mask)
+            if FUSED_REDUCE:
+                tl.debug_barrier()
+                counter = counters_ptr + b * Hkv + kh
+                n_splits = tl.cdiv(ctx, split_len)
+                if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == n_splits - 1:
+                    m_all = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+                    den = tl.zeros((BLOCK_R,), tl.float32)
+                    merged = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+                    for s in range(0, n_splits):  # online merge of the splits' (o, lse)
+                        lse = tl.load(part_lse_ptr + b * pl_b + heads * pl_h + s, mask=r_mask, other=0.0, cache_modifier=".cg")
+                        o_s = tl.load(part_o_ptr + b * po_b + heads[:, None] * po_h + s * po_s + d[None, :],
+                                      mask=o_mask, other=0.0, cache_modifier=".cg")
+                        m_new = tl.maximum(m_all, lse)
+                        scale_old = tl.exp(m_all - m_new)
+                        w = tl.exp(lse - m_new)
+                        den = den * scale_old + w
+                        merged = merged * scale_old[:, None] + o_s * w[:, None]
+                        m_all = m_new
+                    tl.store(out_ptr + b * out_b + heads[:, None] * out_h + d[None, :],
+                             (merged / den[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
+                    tl.atomic_xchg(counter, 0)  # ready for the next call
 
 
 @lazy_jit
@@ -132,6 +155,18 @@ def _paged_attention_reduce_kernel(
 
 
 _NUM_SMS: dict[int, int] = {}
+_COUNTERS: dict[str, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters, one per (sequence, kv head), kept per device and re-zeroed by
+    the kernel itself. Shared by every call on the device: calls must not overlap (one stream)."""
+    key = str(device)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1 << 16), device=device, dtype=torch.int32)
+        _COUNTERS[key] = buf
+    return buf
 
 
 def _num_sms(device: torch.device) -> int:
@@ -153,9 +188,10 @@ def plan_splits(batch_programs: int, max_ctx: int, num_sms: int, block_n: int, m
 
 def paged_attention_decode_triton(
     q, k_cache, v_cache, block_tables, context_lens, scale, *, max_context_len=None, num_splits=None,
-    block_n=None, num_warps=4,
+    block_n=None, num_warps=4, fused_reduce=True,
 ):
-    """Triton `paged_attention_decode`: split-K (flash-decoding) kernel plus a reduce kernel."""
+    """Triton `paged_attention_decode`: split-K (flash-decoding), merged by the last split of
+    each (sequence, kv head) (`fused_reduce`) or by a second kernel."""
     Bt, Hq, Dh = q.shape
     page, Hkv = k_cache.shape[1], k_cache.shape[2]
     if Hq % Hkv:
@@ -178,17 +214,20 @@ def paged_attention_decode_triton(
     part_o = q.new_empty((Bt, Hq, num_splits, Dh) if not direct else (1, 1, 1, 1), dtype=torch.float32)
     part_lse = q.new_empty((Bt, Hq, num_splits) if not direct else (1, 1, 1), dtype=torch.float32)
     block_d = max(16, next_pow2(Dh))  # the dot's inner dimension: tensor-core tiles need 16
+    fused_reduce = fused_reduce and not direct
+    counters = _split_counters(q.device, Bt * Hkv) if fused_reduce else part_lse
     _paged_attention_decode_kernel[(Bt, Hkv, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, part_o, part_lse, out,
-        split_len, scale, R, Dh,
+        q, k_cache, v_cache, block_tables, context_lens, part_o, part_lse, out, counters,
+        split_len, scale, R, Dh, Hkv,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
         out.stride(0), out.stride(1),
         PAGE=page, BLOCK_R=max(16, next_pow2(R)), BLOCK_N=block_n, BLOCK_D=block_d,
-        DIRECT=direct, IEEE=q.dtype == torch.float32, UPCAST=interpreting(), num_warps=num_warps,
+        DIRECT=direct, FUSED_REDUCE=fused_reduce, IEEE=q.dtype == torch.float32, UPCAST=interpreting(),
+        num_warps=num_warps,
     )
-    if not direct:
+    if not direct and not fused_reduce:
         _paged_attention_reduce_kernel[(Bt, Hq)](
             part_o, part_lse, context_lens, out,
             split_len, Dh,
