@@ -51,16 +51,41 @@ class RequestPlan:
         self.created = int(time.time())
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the printable character that stands for each byte."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    out, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            out[chr(b)] = b
+        else:
+            out[chr(256 + extra)] = b
+            extra += 1
+    return out
+
+
+_BYTE_OF = _byte_level_alphabet()
+
+
 class Renderer:
-    """Tokenizer-aware helpers: prompt encoding and token strings for logprobs."""
+    """Tokenizer-aware helpers: prompt encoding, token strings and bytes for logprobs."""
 
     def __init__(self, tokenizer: Any, max_context: int):
         self.tokenizer = tokenizer
         self.max_context = max_context
         self.token_str = lru_cache(maxsize=65536)(self._token_str)
+        self.token_bytes = lru_cache(maxsize=65536)(self._token_bytes)
 
     def _token_str(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
+
+    def _token_bytes(self, token_id: int) -> list[int]:
+        """The token's own bytes: exact for byte-level BPE, where one token may be part of a
+        UTF-8 character (its decoded string alone is then U+FFFD)."""
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if isinstance(piece, str) and piece and all(c in _BYTE_OF for c in piece):
+            return [_BYTE_OF[c] for c in piece]
+        return list(self._token_str(token_id).encode())
 
     def encode_text(self, text: str) -> list[int]:
         return list(self.tokenizer(text).input_ids)
@@ -161,11 +186,10 @@ def _completion_logprobs(renderer: Renderer, entries: list[Any], offset0: int) -
 def _chat_logprobs(renderer: Renderer, entries: list[Any]) -> dict[str, Any]:
     content = []
     for e in entries:
-        s = renderer.token_str(e.token_id)
-        top = [{"token": renderer.token_str(t), "logprob": lp,
-                "bytes": list(renderer.token_str(t).encode())} for t, lp in e.top]
-        content.append({"token": s, "logprob": e.logprob, "bytes": list(s.encode()),
-                        "top_logprobs": top})
+        top = [{"token": renderer.token_str(t), "logprob": lp, "bytes": renderer.token_bytes(t)}
+               for t, lp in e.top]
+        content.append({"token": renderer.token_str(e.token_id), "logprob": e.logprob,
+                        "bytes": renderer.token_bytes(e.token_id), "top_logprobs": top})
     return {"content": content}
 
 

@@ -79,12 +79,17 @@ def test_n_logprobs_stop_and_auto(openai_client):
         for entry in c.logprobs.content:
             assert entry.logprob <= 0 and len(entry.top_logprobs) == 2
     assert len({c.message.content for c in out.choices}) > 1  # seeds seed+i differ
+    for c in out.choices:  # each token's own bytes (a token may be part of a character)
+        assert all(all(0 <= b < 256 for b in e.bytes) for e in c.logprobs.content)
+        assert sum(len(e.bytes) for e in c.logprobs.content) >= len(c.message.content.encode(
+            errors="ignore").replace("\ufffd".encode(), b""))
 
     comp = openai_client.completions.create(model="any-tiny", prompt=PROMPT, max_tokens=5,
                                             logprobs=1, temperature=0.0,
                                             extra_body={"ignore_eos": True})
     lp = comp.choices[0].logprobs
-    assert len(lp.tokens) == len(lp.token_logprobs) == 5 and "".join(lp.tokens) == comp.choices[0].text
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == 5
+    assert all(x <= 0 for x in lp.token_logprobs) and all(len(t) == 1 for t in lp.top_logprobs)
 
     text = comp.choices[0].text
     stop = text[2:4] if len(text) >= 4 else None
