@@ -104,11 +104,14 @@ def record(op, shape, ms, nbytes, flops=None, **extra):
     return row
 
 
-def check(name, got, want, atol, rtol):
+def check(name, got, want, rel=2e-2):
+    """Normwise: max |got - want| <= rel * max |want| (bf16 outputs round at ~4e-3)."""
     diff = (got.double() - want.double()).abs()
-    ok = bool(torch.allclose(got.double(), want.double(), atol=atol, rtol=rtol))
-    RESULTS["checks"][name] = {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "ok": ok}
-    print(f"check {name:34s} max {float(diff.max()):.3e} mean {float(diff.mean()):.3e} {'ok' if ok else 'FAIL'}", flush=True)
+    scale = float(want.double().abs().max()) or 1.0
+    ok = float(diff.max()) <= rel * scale
+    RESULTS["checks"][name] = {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "rel": float(diff.max()) / scale, "ok": ok}
+    print(f"check {name:36s} max {float(diff.max()):.3e} mean {float(diff.mean()):.3e} "
+          f"rel {float(diff.max()) / scale:.2e} {'ok' if ok else 'FAIL'}", flush=True)
 
 
 def import_mamba():
@@ -185,46 +188,45 @@ def paged_inputs(batch, L):
 # ---------------------------------------------------------------- correctness first
 
 def run_checks(mamba):
-    tol = (3e-2, 5e-2)
     d = ssd_inputs(2, 3 * CHUNK // 2 + 5)
     y_ref, f_ref = ssd_scan_ref(**d, chunk_size=CHUNK)
     for name, scan in (("ssd_scan", ssd_scan_triton), ("ssd_scan_fused", ssd_scan_fused_triton)):
         y, f = scan(**d, chunk_size=CHUNK)
-        check(f"{name} y vs ref", y, y_ref, *tol)
-        check(f"{name} final states vs ref", f, f_ref, 1e-2, 2e-2)
+        check(f"{name} y vs ref", y, y_ref)
+        check(f"{name} final states vs ref", f, f_ref)
     if mamba is not None:
         d1 = ssd_inputs(1, 2 * CHUNK)
         y_m, f_m = mamba_scan(mamba, d1, 1)
         y1, f1 = ssd_scan_triton(**d1, chunk_size=CHUNK)
-        check("ssd_scan y vs mamba-ssm", y1, y_m[0], *tol)
-        check("ssd_scan final vs mamba-ssm", f1, f_m, 1e-2, 2e-2)
+        check("ssd_scan y vs mamba-ssm", y1, y_m[0])
+        check("ssd_scan final vs mamba-ssm", f1, f_m)
     for state_dtype in (BF16, F32):
         u = update_inputs(DECODE_BATCHES[0], state_dtype)
         u_ref = {**u, "state": u["state"].clone()}
         y = selective_state_update_triton(**u)
         y_ref = selective_state_update_ref(**u_ref)
-        check(f"state_update y ({state_dtype})", y, y_ref, *tol)
-        check(f"state_update state ({state_dtype})", u["state"].float(), u_ref["state"].float(), *tol)
+        check(f"state_update y ({state_dtype})", y, y_ref)
+        check(f"state_update state ({state_dtype})", u["state"].float(), u_ref["state"].float())
     b = DECODE_BATCHES[0]
     x, w, bias = rand(b, DC), rand(DC, K_CONV), rand(DC)
     st, idx = rand(b, DC, K_CONV - 1), torch.randperm(b, device=DEV)
     st_ref = st.clone()
     check("conv1d_update out", causal_conv1d_update_triton(x, st, w, bias, state_indices=idx),
-          causal_conv1d_update_ref(x, st_ref, w, bias, state_indices=idx), *tol)
-    check("conv1d_update states", st, st_ref, 0, 0)
+          causal_conv1d_update_ref(x, st_ref, w, bias, state_indices=idx))
+    check("conv1d_update states", st, st_ref, rel=0.0)
     T = 3 * CHUNK + 7
     xs, cu = rand(T, DC), torch.tensor([0, 5, T], device=DEV)
-    st, st_ref = rand(4, DC, K_CONV - 1), None
+    st = rand(4, DC, K_CONV - 1)
     st_ref = st.clone()
     kw = dict(cu_seqlens=cu, state_indices=torch.tensor([2, 0], device=DEV),
               has_initial_state=torch.tensor([True, False], device=DEV))
     check("conv1d prefill out", causal_conv1d_triton(xs, w, bias, conv_states=st, **kw),
-          causal_conv1d_ref(xs, w, bias, conv_states=st_ref, **kw), *tol)
+          causal_conv1d_ref(xs, w, bias, conv_states=st_ref, **kw))
     xn, zn, wn = rand(64, H * P), rand(64, H * P), rand(H * P)
-    check("gated_rms_norm", gated_rms_norm_triton(xn, zn, wn), gated_rms_norm_ref(xn, zn, wn), *tol)
+    check("gated_rms_norm", gated_rms_norm_triton(xn, zn, wn), gated_rms_norm_ref(xn, zn, wn))
     args = paged_inputs(3, ATTN_SHAPES[0][1] + 13)
     check("paged_attention_decode", paged_attention_decode_triton(*args, DH**-0.5),
-          paged_attention_decode_ref(*args, DH**-0.5), *tol)
+          paged_attention_decode_ref(*args, DH**-0.5))
 
 
 # ---------------------------------------------------------------- timings
@@ -378,6 +380,7 @@ def judge_targets():
     RESULTS["targets"] = t if CUDA else "not judged on CPU"
 
 
+@torch.inference_mode()
 def main():
     torch.manual_seed(0)
     start = time.time()
