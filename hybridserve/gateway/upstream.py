@@ -15,6 +15,7 @@ more on a fresh connection. Anything interrupted mid-response closes its connect
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
@@ -142,12 +143,13 @@ class Pool:
     def __init__(self, base_url: str, *, max_idle: int = 256, idle_expiry_s: float = 4.0,
                  connect_timeout_s: float = 5.0):
         u = urlsplit(base_url)
-        if u.scheme != "http":
-            raise ValueError(f"{base_url}: the gateway's upstream client speaks plain http only")
+        if u.scheme not in ("http", "https"):
+            raise ValueError(f"{base_url}: the gateway's upstream client speaks http and https only")
+        self.tls = ssl.create_default_context() if u.scheme == "https" else None
         self.host = u.hostname or "127.0.0.1"
-        self.port = u.port or 80
+        self.port = u.port or (443 if self.tls else 80)
         self.prefix = u.path.rstrip("/")
-        self.host_header = f"{self.host}:{self.port}"
+        self.host_header = u.netloc
         self.max_idle = max_idle
         self.idle_expiry_s = idle_expiry_s
         self.connect_timeout_s = connect_timeout_s
@@ -165,7 +167,7 @@ class Pool:
     async def _connect(self) -> _Conn:
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                reader, writer = await asyncio.open_connection(self.host, self.port)
+                reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.tls)
         except (OSError, TimeoutError) as err:
             raise ConnectFailed(f"{type(err).__name__}: {err}") from None
         return _Conn(reader, writer)

@@ -114,3 +114,16 @@ def test_worker_ports_follow_the_gateway_port():
         {"name": "z", "arch": "hybrid", "checkpoint": "/tmp", "price_per_hour": 0, "port": 7777}]})
     assert worker_port(cfg, cfg.backend("y")) == 9001
     assert worker_port(cfg, cfg.backend("z")) == 7777
+
+
+def test_remote_urls_may_end_in_v1_and_use_https():
+    from hybridserve.gateway.registry import backend_url
+    from hybridserve.gateway.upstream import Pool
+
+    cfg = parse_config({"gateway": {"auth": "disabled"}, "backends": [
+        {"name": "r", "arch": "hybrid", "engine": "remote", "url": "https://llm.internal/v1/",
+         "price_per_hour": 0}]})
+    url = backend_url(cfg, cfg.backend("r"))
+    assert url == "https://llm.internal"
+    pool = Pool(url)
+    assert (pool.port, pool.tls is not None, pool.host_header) == (443, True, "llm.internal")
