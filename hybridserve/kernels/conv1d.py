@@ -134,14 +134,19 @@ def _causal_conv1d_kernel(
         acc += tl.load(bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
     for k in tl.static_range(K):
         src = t - (K - 1) + k  # [BLOCK_T] input position read by tap k
-        in_seq = src >= start
-        m_x = (t_mask & in_seq)[:, None] & d_mask[None, :]
+        m_x = (t_mask & (src >= start))[:, None] & d_mask[None, :]
         xv = tl.load(x_ptr + src[:, None].to(tl.int64) * x_t + d[None, :], mask=m_x, other=0.0)
-        j = src - start + (K - 1)  # column of the conv state holding that input
-        m_s = (t_mask & ~in_seq & has_init)[:, None] & d_mask[None, :]
-        sv = tl.load(states_ptr + slot[:, None] * st_slot + d[None, :] * st_d + j[:, None], mask=m_s, other=0.0)
         wk = tl.load(w_ptr + d * w_d + k, mask=d_mask, other=0.0).to(tl.float32)
-        acc += (xv.to(tl.float32) + sv.to(tl.float32)) * wk[None, :]
+        acc += xv.to(tl.float32) * wk[None, :]
+    # only tiles holding one of a sequence's first K-1 tokens read conv states
+    if tl.sum((t_mask & (t - start < K - 1) & has_init).to(tl.int32), axis=0) > 0:
+        for k in tl.static_range(K - 1):
+            src = t - (K - 1) + k
+            j = src - start + (K - 1)  # column of the conv state holding that input
+            m_s = (t_mask & (src < start) & has_init)[:, None] & d_mask[None, :]
+            sv = tl.load(states_ptr + slot[:, None] * st_slot + d[None, :] * st_d + j[:, None], mask=m_s, other=0.0)
+            wk = tl.load(w_ptr + d * w_d + k, mask=d_mask, other=0.0).to(tl.float32)
+            acc += sv.to(tl.float32) * wk[None, :]
     if SILU:
         acc = acc * tl.sigmoid(acc)
     o_mask = t_mask[:, None] & d_mask[None, :]
