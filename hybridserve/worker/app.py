@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hybridserve import protocol as P
-from hybridserve.errors import HybridserveError, openai_error_body
+from hybridserve.errors import HybridserveError, InvalidRequestError, openai_error_body
 from hybridserve.worker import serving as S
 from hybridserve.worker.metrics import WorkerMetrics
 
@@ -59,6 +59,20 @@ async def wait_for_disconnect(request: Request) -> None:
         pass
 
 
+def refuse_unsupported(data: dict) -> None:
+    """OpenAI fields the native engine cannot honour: a clear 400 rather than silence."""
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+        if data.get(name) not in (None, 0, 0.0, 1.0 if name == "repetition_penalty" else 0):
+            raise InvalidRequestError(f"`{name}` is not supported by the native engine", param=name)
+    for name in ("logit_bias", "tools", "functions"):
+        if data.get(name):
+            raise InvalidRequestError(f"`{name}` is not supported by the native engine", param=name)
+    fmt = data.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+        raise InvalidRequestError("only `response_format: {\"type\": \"text\"}` is supported by "
+                                  "the native engine", param="response_format")
+
+
 class Worker:
     """Serves OpenAI requests from one engine."""
 
@@ -77,12 +91,14 @@ class Worker:
 
     def plan_completion(self, rid: str, data: dict) -> S.RequestPlan:
         req = P.validate_request(P.CompletionRequest, data)
+        refuse_unsupported(data)
         prompts = [self.renderer.encode_text(p) if isinstance(p, str) else p for p in req.prompts()]
         choices = S.build_choices(rid, prompts, req, self.renderer, self.params_cls, req.logprobs)
         return S.RequestPlan(rid, self.model, choices, req.logprobs, req.include_usage(), chat=False)
 
     def plan_chat(self, rid: str, data: dict) -> S.RequestPlan:
         req = P.validate_request(P.ChatCompletionRequest, data)
+        refuse_unsupported(data)
         ids = self.renderer.encode_chat(req.messages)
         n_lp = req.num_logprobs()
         choices = S.build_choices(rid, [ids], req, self.renderer, self.params_cls, n_lp)

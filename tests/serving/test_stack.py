@@ -181,6 +181,8 @@ BAD = [
     ("prompt too long", {"model": "auto", "prompt": "lorem ipsum " * 4000}, None, 400, None),
     ("token prompt too long", {"model": "tiny-hybrid", "prompt": [5] * 600}, None, 400, None),
     ("n too large", {"model": "auto", "prompt": "x", "n": 1000}, None, 400, "n"),
+    ("unsupported penalty", {"model": "auto", "prompt": "x", "presence_penalty": 1.5}, None, 400,
+     "presence_penalty"),
 ]
 
 
