@@ -79,6 +79,20 @@ class UpstreamError(HybridserveError):
     error_type = "bad_gateway"
 
 
+class PayloadTooLargeError(HybridserveError):
+    """The request body is larger than the gateway accepts (413)."""
+
+    status_code = 413
+    error_type = "invalid_request_error"
+
+
+class GatewayTimeoutError(HybridserveError):
+    """The backend did not answer within the gateway's request timeout (504)."""
+
+    status_code = 504
+    error_type = "timeout"
+
+
 class EngineCapacityError(HybridserveError):
     """The request can never fit the engine's cache, even alone (400)."""
 

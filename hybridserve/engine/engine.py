@@ -154,6 +154,9 @@ class LLMEngine:
         now = time.time()
         outputs = []
         for seq, token, record in results:
+            token = seq.override(token)
+            if record is not None and record.token_id != token:
+                record = type(record)(token_id=token, logprob=0.0, top=record.top)  # forced, not sampled
             seq.append_token(token, record, now)
             self._generation_tokens_total += 1
             if seq.finished:

@@ -17,6 +17,12 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None    # None = off; k >= 0 → chosen token's logprob and the top k
+    # Budget forcing: once this many tokens were generated inside <think>…</think>, the engine
+    # emits `think_end_ids` itself (the answer follows). None = no cap.
+    max_thinking_tokens: int | None = None
+    think_start_id: int | None = None
+    think_end_ids: list[int] = field(default_factory=list)
+    starts_in_thinking: bool = False   # the prompt already opened <think> (chat templates that do)
 
     @property
     def greedy(self) -> bool:
@@ -38,6 +44,12 @@ class SamplingParams:
             raise InvalidRequestError(f"logprobs must be in [0, 20], got {self.logprobs}", param="logprobs")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequestError("stop must be a list of non-empty strings", param="stop")
+        if self.max_thinking_tokens is not None:
+            if self.max_thinking_tokens < 0:
+                raise InvalidRequestError("max_thinking_tokens must be >= 0", param="max_thinking_tokens")
+            if not self.think_end_ids:
+                raise InvalidRequestError("this model has no end-of-thinking token, so max_thinking_tokens "
+                                          "cannot be enforced", param="max_thinking_tokens")
         bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
         if bad:
             raise InvalidRequestError(f"stop_token_ids {bad} are outside the vocabulary [0, {vocab_size})",

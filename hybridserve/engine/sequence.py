@@ -40,6 +40,14 @@ class IncrementalDetokenizer:
         self.prefix_offset, self.read_offset = self.read_offset, len(ids)
         return full[len(prefix):]
 
+    def flush(self, ids: list[int]) -> str:
+        """At finish: whatever is still held back, incomplete characters included (as U+FFFD)."""
+        decode = self.tokenizer.decode
+        prefix = decode(ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
+        full = decode(ids[self.prefix_offset:], skip_special_tokens=True)
+        self.prefix_offset = self.read_offset = len(ids)
+        return full[len(prefix):] if len(full) > len(prefix) else ""
+
 
 class Sequence:
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, tokenizer,
@@ -62,6 +70,10 @@ class Sequence:
         self._emitted_chars = 0
         self._emitted_tokens = 0
         self._pending_logprobs: list[TokenLogprob] = []
+        self.in_thinking = params.starts_in_thinking
+        self.thinking_tokens = 0
+        self.thinking_budget_exhausted = False
+        self._forced: list[int] = []
 
     # ---- sizes
     @property
@@ -83,8 +95,27 @@ class Sequence:
         return self.status is SeqStatus.FINISHED
 
     # ---- generation
+    def override(self, sampled: int) -> int:
+        """The token to append: a forced end-of-thinking token while one is pending, else `sampled`."""
+        return self._forced.pop(0) if self._forced else sampled
+
+    def _track_thinking(self, token_id: int) -> None:
+        p = self.params
+        if p.think_start_id is not None and token_id == p.think_start_id:
+            self.in_thinking = True
+            return
+        if p.think_end_ids and token_id == p.think_end_ids[-1]:
+            self.in_thinking = False
+            return
+        if self.in_thinking and not self._forced:
+            self.thinking_tokens += 1
+            if p.max_thinking_tokens is not None and self.thinking_tokens >= p.max_thinking_tokens:
+                self.thinking_budget_exhausted = True
+                self._forced = list(p.think_end_ids)
+
     def append_token(self, token_id: int, logprob: TokenLogprob | None, now: float) -> None:
         """Add a sampled token, update text, and decide whether the sequence is done."""
+        self._track_thinking(token_id)
         self.output_ids.append(token_id)
         self.metrics.completion_tokens = len(self.output_ids)
         if self.metrics.first_token_time is None:
@@ -95,11 +126,16 @@ class Sequence:
             self.finish(FinishReason.STOP, now)
             return
         old_len = len(self.text)
-        self.text += self._detok.step(self.output_ids)
+        last = len(self.output_ids) >= self.params.max_tokens
+        detok = self._detok.flush if last else self._detok.step  # the last token releases held-back bytes
+        self.text += detok(self.output_ids)
         if self._max_stop and len(self.text) > old_len and self._cut_at_stop(old_len):
-            self.finish(FinishReason.STOP, now)
-        elif len(self.output_ids) >= self.params.max_tokens:
-            self.finish(FinishReason.LENGTH, now)
+            self.finish(FinishReason.STOP, now, flush=False)
+        elif last:
+            self.finish(FinishReason.LENGTH, now, flush=False)
+
+    def _ended_on_stop_id(self) -> bool:
+        return bool(self.output_ids) and self.output_ids[-1] in self._stop_ids
 
     def _cut_at_stop(self, old_len: int) -> bool:
         window_start = max(0, old_len - self._max_stop + 1)
@@ -109,7 +145,10 @@ class Sequence:
         self.text = self.text[:min(hits)]
         return True
 
-    def finish(self, reason: FinishReason, now: float | None = None) -> None:
+    def finish(self, reason: FinishReason, now: float | None = None, flush: bool = True) -> None:
+        """Mark done; `flush` appends text still held back (a trailing partial character)."""
+        if flush:
+            self.text += self._detok.flush(self.output_ids[:-1] if self._ended_on_stop_id() else self.output_ids)
         self.status = SeqStatus.FINISHED
         self.finish_reason = reason
         self.metrics.finish_time = now or time.time()

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hybridserve.config import HybridserveConfig
-from hybridserve.errors import HybridserveError, openai_error_body
+from hybridserve.errors import HybridserveError, PayloadTooLargeError, openai_error_body
 from hybridserve.gateway.admission import admit
 from hybridserve.gateway.auth import KeyChecker
 from hybridserve.gateway.metrics import GatewayMetrics
@@ -61,11 +61,6 @@ class RequestContext:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
-
-
-class PayloadTooLargeError(HybridserveError):
-    status_code = 413
-    error_type = "invalid_request_error"
 
 
 async def read_body(request: Request) -> bytes:

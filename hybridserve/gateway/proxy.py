@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from hybridserve import protocol as P
-from hybridserve.errors import BackendUnavailableError, HybridserveError, UpstreamError
+from hybridserve.errors import BackendUnavailableError, GatewayTimeoutError, HybridserveError, UpstreamError
 from hybridserve.gateway.admission import Admitted
 from hybridserve.gateway.metrics import GatewayMetrics
 from hybridserve.gateway.registry import BackendState, Registry
@@ -31,13 +31,6 @@ from hybridserve.gateway.upstream import (BrokenResponse, ConnectFailed, Connect
 logger = logging.getLogger(__name__)
 
 CLIENT_CLOSED = 499
-
-
-class GatewayTimeoutError(HybridserveError):
-    """The backend did not answer within the gateway's request timeout (504)."""
-
-    status_code = 504
-    error_type = "timeout"
 
 
 class _Unreachable(Exception):

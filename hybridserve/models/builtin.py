@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
-from hybridserve.models.tokenizer import EOS_ID, PAD_ID, save_tokenizer
+from hybridserve.models.tokenizer import EOS_ID, PAD_ID, VOCAB_USED, save_tokenizer
 
-INIT_VERSION = 1  # bump when the initialiser changes: cached directories are keyed by it
-VOCAB_SIZE = 384  # 256 bytes + 4 specials, padded
+INIT_VERSION = 2  # bump when the initialiser changes: cached directories are keyed by it
+VOCAB_SIZE = VOCAB_USED  # 256 bytes + 4 specials + 2 think markers: every id decodes to text
 
 _GRANITE_COMMON: dict[str, Any] = {
     "architectures": ["GraniteMoeHybridForCausalLM"],

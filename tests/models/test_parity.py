@@ -45,7 +45,7 @@ def _hf_logits(hf, tokens):
 
 def test_prefill_logits_match_transformers(pair):
     name, hf, native = pair
-    tokens = torch.randint(0, 384, (45,), generator=torch.Generator().manual_seed(1)).tolist()
+    tokens = torch.randint(0, 262, (45,), generator=torch.Generator().manual_seed(1)).tolist()
     ref = _hf_logits(hf, tokens)
     cache = make_cache(native)
     ours = run_chunk(native, cache, tokens, 0, len(tokens), [], cache.allocate_slot())
@@ -56,7 +56,7 @@ def test_prefill_logits_match_transformers(pair):
 
 def test_chunked_prefill_then_decode_match_transformers(pair):
     name, hf, native = pair
-    tokens = torch.randint(0, 384, (40,), generator=torch.Generator().manual_seed(2)).tolist()
+    tokens = torch.randint(0, 262, (40,), generator=torch.Generator().manual_seed(2)).tolist()
     ref = _hf_logits(hf, tokens)
     cache = make_cache(native)
     blocks, slot = [], cache.allocate_slot()
