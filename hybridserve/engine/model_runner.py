@@ -55,7 +55,7 @@ class ModelRunner:
             context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev), block_tables=tables.to(dev),
             slot_mapping=slot_mapping.to(dev), state_indices=torch.tensor(slots, dtype=torch.int64, device=dev),
             has_initial_state=torch.tensor([s > 0 for s in starts], dtype=torch.bool, device=dev),
-            logits_indices=(cu[1:] - 1).to(dev),
+            logits_indices=(cu[1:] - 1).to(dev), max_context_len=max(ctx),
         )
 
     def run(self, sched: SchedulerOutput):

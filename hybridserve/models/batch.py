@@ -24,6 +24,7 @@ class ForwardBatch:
     state_indices: torch.Tensor      # [S] int64, Mamba state slot of each sequence
     has_initial_state: torch.Tensor  # [S] bool, sequence has cached tokens from earlier steps
     logits_indices: torch.Tensor     # [S] int64, index in T of each sequence's last token
+    max_context_len: int = 0         # host copy of max(context_lens): sizes kernel grids without a sync
 
     @property
     def num_tokens(self) -> int:

@@ -92,7 +92,8 @@ class Attention(nn.Module):
         parts = []
         if nd:
             parts.append(K.paged_attention_decode(q[:nd], k_cache, v_cache, batch.block_tables[:nd],
-                                                  batch.context_lens[:nd], self.scale))
+                                                  batch.context_lens[:nd], self.scale,
+                                                  max_context_len=batch.max_context_len or None))
         if t > nd:
             parts.append(K.paged_attention_prefill(q[nd:], k_cache, v_cache, batch.block_tables[nd:],
                                                    batch.prefill_cu_seqlens(), batch.context_lens[nd:],
