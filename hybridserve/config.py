@@ -41,14 +41,31 @@ class NativeOptions(_Strict):
 
 
 class VllmOptions(_Strict):
-    """How hybridserve launches vLLM's OpenAI server for an `engine: vllm` backend."""
+    """How hybridserve launches vLLM's OpenAI server for an `engine: vllm` backend.
 
-    python: str = Field(".venv-vllm/bin/python", description="interpreter of vLLM's own venv")
-    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
-    kv_cache_space_gb: float | None = Field(None, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU")
-    mamba_cache_dtype: str | None = None
-    enable_prefix_caching: bool | None = None
-    extra_args: list[str] = Field(default_factory=list)
+    Served model name, port, dtype and max model length come from the backend itself;
+    these are vLLM's own knobs (see hybridserve/worker/vllm_launcher.py).
+    """
+
+    python: str = Field(".venv-vllm/bin/python",
+                        description="interpreter of vLLM's own venv (`make vllm-cpu` creates it); "
+                                    "relative: from the working directory, then the checkout")
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1,
+                                          description="share of device memory (CPU memory on CPU)")
+    kv_cache_space_gb: float | None = Field(
+        None, gt=0, description="KV cache size (--kv-cache-memory-bytes); overrides the fraction")
+    mamba_cache_dtype: Literal["auto", "float32", "float16", "bfloat16"] | None = Field(
+        None, description="--mamba-cache-dtype for hybrids (SSM state precision)")
+    enable_prefix_caching: bool | None = Field(
+        None, description="None: vLLM's default, except off for hybrids on CPU (required there)")
+    max_num_seqs: int | None = Field(None, ge=1)
+    max_num_batched_tokens: int | None = Field(None, ge=16)
+    enforce_eager: bool = Field(False, description="skip torch.compile / CUDA graphs (faster start)")
+    openai_errors: bool = Field(True, description="reshape vLLM's error bodies as the native "
+                                                  "worker's (OpenAI types and codes)")
+    startup_timeout_s: float = Field(600.0, gt=0, description="wait this long for vLLM's /health")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment for vLLM")
+    extra_args: list[str] = Field(default_factory=list, description="appended to vLLM's command line")
 
 
 class BackendConfig(_Strict):

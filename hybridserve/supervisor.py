@@ -1,6 +1,8 @@
 """`hybridserve up`: start one worker per local backend plus the gateway, keep them alive.
 
-Children are plain processes (`python -m hybridserve.cli worker|gateway ...`) in
+Children are plain processes (`python -m hybridserve.cli worker|gateway ...`; for an
+`engine: vllm` backend the worker process runs vLLM's own OpenAI server from vLLM's
+venv, see hybridserve/worker/vllm_launcher.py, and prefixes its log lines) in
 their own session, so Ctrl-C reaches only the supervisor, which then stops them in
 order: the gateway first (it drains in-flight requests), then the workers. A child
 that dies on its own is reported and restarted after a back-off (1 s, doubling to
@@ -57,11 +59,13 @@ class Child:
 
 
 def check_startable(cfg: HybridserveConfig) -> None:
-    vllm = [b.name for b in cfg.backends if b.engine == "vllm"]
+    """Refuse, before starting anything, what cannot start (ConfigError naming the fix)."""
+    vllm = [b for b in cfg.backends if b.engine == "vllm"]
     if vllm:
-        raise ConfigError(f"backends {vllm} use `engine: vllm`, which `hybridserve up` does not "
-                          "support yet; use `engine: native`, or run vLLM yourself and declare "
-                          "it as `engine: remote` with its `url`")
+        from hybridserve.worker.vllm_launcher import check_vllm_backend
+
+        for b in vllm:  # vLLM's interpreter exists, flags are possible on this device
+            check_vllm_backend(b)
 
 
 def plan_children(cfg: HybridserveConfig, config_path: str, profile: str | None,
@@ -77,7 +81,10 @@ def plan_children(cfg: HybridserveConfig, config_path: str, profile: str | None,
             continue
         port = worker_port(cfg, b)
         argv = base + ["worker", *common, "--backend", b.name, "--port", str(port)]
-        if engine_factory:
+        if b.engine == "vllm":
+            # the worker runs vLLM's server once; this supervisor restarts it with back-off
+            argv += ["--no-restart"]
+        elif engine_factory:
             argv += ["--engine-factory", engine_factory]
         children.append(Child(b.name, argv, f"http://127.0.0.1:{port}/health"))
     gw = cfg.gateway

@@ -38,15 +38,15 @@ def test_help_lists_every_command():
         assert cmd in r.stdout
 
 
-def test_up_refuses_vllm_backends_clearly(tmp_path):
+def test_up_refuses_vllm_backends_without_vllm_venv(tmp_path):
     cfg = {"gateway": {"auth": "disabled"}, "backends": [
         {"name": "v", "arch": "hybrid", "engine": "vllm", "checkpoint": "org/model",
-         "price_per_hour": 1}]}
+         "price_per_hour": 1, "vllm": {"python": str(tmp_path / "no-venv/bin/python")}}]}
     path = tmp_path / "m.yaml"
     path.write_text(yaml.safe_dump(cfg))
     r = runner.invoke(app, ["up", "--config", str(path)])
     assert r.exit_code == 2
-    assert "not support" in r.output and "engine: remote" in r.output
+    assert "make vllm-cpu" in r.output and "no-venv/bin/python" in r.output
 
 
 def test_models_lists_backends(tmp_path):
