@@ -136,6 +136,24 @@ def check_checkpoint(ref: str, engine: str) -> None:
                         "; the native engine needs a local HF directory with config.json"))
 
 
+class BudgetConfig(_Strict):
+    """A spending cap per API key and period, kept in the gateway's ledger (SQLite)."""
+
+    name: str = Field("default", min_length=1)
+    key: str = Field("*", description="sha256 hex of one API key, or '*' for every key (each its own)")
+    usd: float | None = Field(None, gt=0)
+    tokens: int | None = Field(None, ge=1)
+    period: Literal["minute", "hour", "day", "week", "month"] = "day"
+
+    @model_validator(mode="after")
+    def _has_cap(self) -> "BudgetConfig":
+        if self.usd is None and self.tokens is None:
+            raise ValueError(f"budget '{self.name}' caps nothing: set `usd`, `tokens` or both")
+        if self.key != "*" and not re.match(r"^[0-9a-f]{64}$", self.key):
+            raise ValueError("budget `key` must be '*' or a sha256 hex digest (`hybridserve hash-key KEY`)")
+        return self
+
+
 class GatewayConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -143,7 +161,35 @@ class GatewayConfig(_Strict):
     api_key_hashes: list[str] = Field(default_factory=list, description="sha256 hex of each key")
     api_keys_env: str = "HYBRIDSERVE_API_KEYS"
     request_timeout_s: float = Field(600.0, gt=0)
-    policy: str = "least_loaded"
+    # routing (hybridserve/gateway/routing.py)
+    policy: str | None = Field(None, description="routing policy; None: economics when "
+                               "economics_profile is set, else least_loaded")
+    economics_profile: str | None = Field(None, description="profile from `hybridserve bench`")
+    slo_ttft_s: float | None = Field(None, gt=0)
+    slo_e2e_s: float | None = Field(None, gt=0)
+    cascade_threshold: float = Field(-1.0, description="escalate below this mean token logprob")
+    step_tiers: dict[str, str] = Field(default_factory=dict,
+                                       description="X-Step-Kind -> tier or backend name")
+    # budgets (hybridserve/gateway/ledger.py, governor.py)
+    budgets: list[BudgetConfig] = Field(default_factory=list)
+    ledger_path: str = "hybridserve-ledger.sqlite"
+    session_max_tokens: int | None = Field(None, ge=1)
+    session_max_usd: float | None = Field(None, gt=0)
+    thinking_budgets: dict[str, int] = Field(
+        default_factory=lambda: {"low": 256, "medium": 1024, "high": 4096},
+        description="reasoning_effort -> max thinking tokens")
+
+    @field_validator("policy")
+    @classmethod
+    def _policy_ok(cls, v: str | None) -> str | None:
+        from hybridserve.router.policies import POLICY_NAMES
+
+        if v is not None and v not in POLICY_NAMES:
+            raise ValueError(f"unknown routing policy '{v}': use one of {', '.join(POLICY_NAMES)}")
+        return v
+
+    def routing_policy(self) -> str:
+        return self.policy or ("economics" if self.economics_profile else "least_loaded")
 
     @field_validator("api_key_hashes")
     @classmethod

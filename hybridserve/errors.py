@@ -105,3 +105,10 @@ class UnsupportedModelError(HybridserveError):
 
     status_code = 500
     error_type = "server_error"
+
+
+class BudgetExceededError(RateLimitError):
+    """A per-key or per-session budget has run out (429); the message says which and when it resets."""
+
+    def __init__(self, message: str, *, code: str = "budget_exceeded"):
+        super().__init__(message, code=code)

@@ -6,7 +6,8 @@ kept (`extra="allow"`) so newer clients still work. Responses are plain dicts bu
 by small functions: they sit on the hot path and need no validation.
 
 The `usage` object may carry hybridserve's measurements next to OpenAI's three
-counts (`device_seconds`, `ttft_s`, `queue_s`, `e2e_s`); the `openai` client keeps
+counts (`device_seconds`, `ttft_s`, `queue_s`, `e2e_s`, `thinking_tokens`; the gateway
+adds its cost receipt: `cost_usd`, `route_policy`, …); the `openai` client keeps
 unknown usage fields as extras, so callers read them as `usage.device_seconds`.
 """
 from __future__ import annotations
@@ -47,6 +48,7 @@ class _SamplingFields(_Model):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    max_thinking_tokens: int | None = Field(None, ge=0)  # budget forcing (hybridserve extension)
 
     @field_validator("stop")
     @classmethod

@@ -15,12 +15,14 @@ the last word. `auto` and aliases prefer backends where even the upper bound fit
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from hybridserve import protocol as P
-from hybridserve.errors import ContextLengthExceededError, InvalidRequestError
+from hybridserve.errors import ContextLengthExceededError, InvalidRequestError, ModelNotFoundError
 from hybridserve.gateway.registry import BackendState, Registry
+from hybridserve.gateway.routing import BYTES_PER_TOKEN_GUESS, split_model
+from hybridserve.router.policies import POLICY_NAMES
 
 MAX_BYTES_PER_TOKEN = 32
 CHAT_OVERHEAD_TOKENS_PER_MESSAGE = 8
@@ -35,6 +37,22 @@ class Admitted:
     pinned: bool
     candidates: list[BackendState]
     preferred: frozenset[str] = frozenset()  # names where even the upper bound fits
+    data: dict = field(default_factory=dict)  # the parsed body
+    raw: bytes = b""
+    chat: bool = False
+    client_usage: bool = False    # the client asked for stream_options.include_usage
+    max_tokens: int | None = None
+    policy: str | None = None     # from `auto:<policy>`
+    prompt_bytes: int = 0
+    prompt_lower: int = 0
+    prompt_upper: int = 0
+
+
+def prompt_bytes(req: Any, chat: bool) -> int:
+    if chat:
+        return sum(len(m.text().encode()) for m in req.messages)
+    return max(len(p.encode()) if isinstance(p, str) else len(p) * BYTES_PER_TOKEN_GUESS
+               for p in req.prompts())
 
 
 def prompt_bounds(req: Any, chat: bool) -> tuple[int, int]:
@@ -72,9 +90,14 @@ def admit(raw: bytes, chat: bool, registry: Registry) -> Admitted:
     """Validate a request body; raise a typed 400/404 naming the problem, else say where it may go."""
     data = P.parse_body(raw)
     req = P.validate_request(P.ChatCompletionRequest if chat else P.CompletionRequest, data)
-    candidates, pinned = registry.resolve(req.model)
+    model, policy = split_model(req.model)
+    if policy is not None and policy not in POLICY_NAMES:
+        raise ModelNotFoundError(f"model '{req.model}': unknown routing policy '{policy}'; use "
+                                 + ", ".join(f"auto:{p}" for p in POLICY_NAMES))
+    candidates, pinned = registry.resolve(model)
     lower, upper = prompt_bounds(req, chat)
     max_tokens = req.requested_max_tokens()
     fits = _check_fit(candidates, lower, max_tokens)
     sure = frozenset(b.name for b in fits if upper + (max_tokens or 1) <= b.config.max_context)
-    return Admitted(req.model, bool(req.stream), pinned, fits, sure)
+    return Admitted(req.model, bool(req.stream), pinned, fits, sure, data, raw, chat,
+                    req.include_usage(), max_tokens, policy, prompt_bytes(req, chat), lower, upper)

@@ -22,6 +22,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from hybridserve.config import HybridserveConfig
 from hybridserve.errors import HybridserveError, PayloadTooLargeError, openai_error_body
 from hybridserve.gateway.admission import admit
+from hybridserve.gateway.call import Calls
+from hybridserve.gateway.ledger import Ledger
+from hybridserve.gateway.routing import Router
 from hybridserve.gateway.auth import KeyChecker
 from hybridserve.gateway.metrics import GatewayMetrics
 from hybridserve.gateway.proxy import Proxy
@@ -57,6 +60,8 @@ class RequestContext:
                 headers = list(message.get("headers", ()))
                 headers.append((b"x-hybridserve-request-id", rid.encode()))
                 headers.append((b"x-hybridserve-backend", state["backend"].encode()))
+                for k, v in (state.get("receipt") or {}).items():
+                    headers.append((k.encode(), v.encode("latin-1", "replace")))
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -88,7 +93,10 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
     """Build the gateway for a config; raises ConfigError at once if auth is misconfigured."""
     keys = KeyChecker(cfg.gateway)
     registry = Registry.from_config(cfg)
-    metrics = GatewayMetrics(registry)
+    router = Router(cfg, registry)
+    ledger = Ledger(cfg.gateway.ledger_path, cfg.gateway.budgets) if cfg.gateway.budgets else None
+    calls = Calls(cfg, router, ledger)
+    metrics = GatewayMetrics(registry, router, calls.sessions)
     holder: dict[str, Proxy] = {}
 
     @asynccontextmanager
@@ -107,6 +115,8 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
             await asyncio.gather(poller, return_exceptions=True)
             await client.aclose()
             holder["proxy"].close()
+            if ledger is not None:
+                ledger.close()
 
     app = FastAPI(title="hybridserve gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -136,10 +146,11 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
                                               "server_error"), status_code=500)
 
     async def handle(request: Request, path: str, chat: bool) -> Response:
-        keys.check(request.headers.get("authorization"))
+        key_id = keys.check(request.headers.get("authorization"))
         raw = await read_body(request)
         adm = admit(raw, chat, registry)
-        return await holder["proxy"].forward(request, adm, path, raw)
+        call = calls.open(adm, request.headers, key_id)
+        return await holder["proxy"].forward(request, call, path)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -153,6 +164,24 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
     async def models(request: Request) -> dict:
         keys.check(request.headers.get("authorization"))
         return {"object": "list", "data": registry.cards()}
+
+    @app.get("/v1/economics")
+    async def economics(request: Request) -> dict:
+        keys.check(request.headers.get("authorization"))
+        return router.economics()
+
+    @app.get("/v1/sessions/{session_id}")
+    async def session(request: Request, session_id: str) -> dict:
+        keys.check(request.headers.get("authorization"))
+        s = calls.sessions.get(session_id)
+        if s is None:
+            raise StarletteHTTPException(404, f"no session '{session_id}' has made a call here")
+        return s.as_json(calls.sessions.max_tokens, calls.sessions.max_usd)
+
+    @app.get("/v1/budgets")
+    async def budgets(request: Request) -> dict:
+        key_id = keys.check(request.headers.get("authorization"))
+        return {"object": "list", "data": ledger.status(key_id) if ledger is not None else []}
 
     @app.get("/health")
     async def health() -> Response:

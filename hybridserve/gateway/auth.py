@@ -50,13 +50,17 @@ class KeyChecker:
                 f"gateway.api_key_hashes or ${gateway.api_keys_env} (`hybridserve hash-key KEY`), "
                 "or set `gateway.auth: disabled` for local use")
 
-    def check(self, authorization: str | None) -> None:
+    def check(self, authorization: str | None) -> str | None:
+        """The key's sha256 (its identity for budgets), or None when auth is off and none was sent."""
         if not self.required:
-            return
+            scheme, _, key = (authorization or "").partition(" ")
+            return hash_key(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
         if not authorization:
             raise AuthenticationError("missing API key: send `Authorization: Bearer KEY`")
         scheme, _, key = authorization.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise AuthenticationError("malformed Authorization header: use `Bearer KEY`")
-        if hash_key(key.strip()) not in self.hashes:
+        digest = hash_key(key.strip())
+        if digest not in self.hashes:
             raise AuthenticationError("invalid API key")
+        return digest

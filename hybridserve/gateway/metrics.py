@@ -29,10 +29,48 @@ class _BackendCollector:
         yield from (up, load, inflight)
 
 
+class _EconomicsCollector:
+    """The live economics table and session totals, read at scrape time."""
+
+    def __init__(self, router, sessions):
+        self.router = router
+        self.sessions = sessions
+
+    def collect(self):
+        out = GaugeMetricFamily("hybridserve_economics_usd_per_1m_output", "Live $/1M output tokens "
+                                "per backend, context bucket and concurrency.",
+                                labels=["backend", "context", "concurrency"])
+        corr = GaugeMetricFamily("hybridserve_economics_correction", "Measured / predicted "
+                                 "device-seconds (decays to 1).", labels=["backend", "context"])
+        for r in self.router.table.rows():
+            labels = [r["backend"], str(r["context"]), str(r["concurrency"])]
+            if r["usd_per_1m_output"] is not None:
+                out.add_metric(labels, r["usd_per_1m_output"])
+            corr.add_metric(labels[:2], r["correction"])
+        yield from (out, corr)
+        if self.sessions is not None:
+            n = GaugeMetricFamily("hybridserve_sessions", "Agent sessions tracked (X-Session-Id).")
+            n.add_metric([], float(len(self.sessions._by_id)))
+            yield n
+
+
 class GatewayMetrics:
-    def __init__(self, registry: Registry):
+    def __init__(self, registry: Registry, router=None, sessions=None):
         self.prom = CollectorRegistry()
         self.prom.register(_BackendCollector(registry))
+        if router is not None:
+            self.prom.register(_EconomicsCollector(router, sessions))
+        self.cost = Counter("hybridserve_gateway_cost_usd", "Measured cost of answered requests "
+                            "(price_per_hour x device-seconds).", ["backend"], registry=self.prom)
+        self.device = Counter("hybridserve_gateway_device_seconds", "Device-seconds reported by "
+                              "backends for answered requests.", ["backend"], registry=self.prom)
+        self.routed = Counter("hybridserve_gateway_routed", "Answered requests by routing policy "
+                              "and backend.", ["policy", "backend"], registry=self.prom)
+        self.escalations = Counter("hybridserve_gateway_escalations", "Cascade escalations, "
+                                   "from tier to tier.", ["from_backend", "to_backend"],
+                                   registry=self.prom)
+        self.budget_exhausted = Counter("hybridserve_gateway_budget_exhausted", "Answers cut "
+                                        "short by a session budget.", registry=self.prom)
         self.requests = Counter("hybridserve_gateway_requests", "Requests answered, by backend, "
                                 "endpoint and HTTP status.", ["backend", "endpoint", "status"],
                                 registry=self.prom)
@@ -48,3 +86,11 @@ class GatewayMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.prom)
+
+    def account(self, backend: str, call) -> None:
+        """Count one answered call's cost and route."""
+        self.cost.labels(backend).inc(call.usd)
+        self.device.labels(backend).inc(call.device_s)
+        self.routed.labels(call.route.policy, backend).inc()
+        if call.exhausted:
+            self.budget_exhausted.inc()

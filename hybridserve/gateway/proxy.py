@@ -14,6 +14,7 @@ upstream connection, which makes the worker abort the sequence.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 
@@ -22,9 +23,10 @@ from starlette.responses import Response, StreamingResponse
 
 from hybridserve import protocol as P
 from hybridserve.errors import BackendUnavailableError, GatewayTimeoutError, HybridserveError, UpstreamError
-from hybridserve.gateway.admission import Admitted
+from hybridserve.gateway.call import Call, confidence
 from hybridserve.gateway.metrics import GatewayMetrics
 from hybridserve.gateway.registry import BackendState, Registry
+from hybridserve.router.policies import should_escalate
 from hybridserve.gateway.upstream import (BrokenResponse, ConnectFailed, ConnectionLost, Pool,
                                           UpstreamResponse)
 
@@ -55,6 +57,44 @@ class RelayResponse(StreamingResponse):
             await self._close()
 
 
+_USAGE = b'"usage":{'
+_NULL_USAGE = b',"usage":null'
+
+
+async def tap_usage(chunks, on_usage, keep_usage: bool):
+    """Relay SSE bytes as they come; the event that carries `usage` goes through `on_usage`
+    (which returns it amended with the receipt). With `keep_usage` false (the gateway asked
+    for usage, not the client) that event and the `"usage":null` of other chunks are dropped.
+    Whole events without usage pass as they are; only a usage event is parsed."""
+    buf = b""
+    async for chunk in chunks:
+        if not buf and chunk.endswith(b"\n\n") and _USAGE not in chunk:
+            yield chunk if keep_usage else chunk.replace(_NULL_USAGE, b"")
+            continue
+        buf += chunk
+        cut = buf.rfind(b"\n\n")
+        if cut < 0:
+            continue
+        done, buf = buf[:cut + 2], buf[cut + 2:]
+        out = []
+        for event in done.split(b"\n\n")[:-1]:
+            if _USAGE in event and event.startswith(b"data: {"):
+                obj = json.loads(event[6:])
+                if isinstance(obj.get("usage"), dict):
+                    obj["usage"] = on_usage(obj["usage"])
+                if keep_usage:
+                    out.append(P.sse(obj))
+                elif obj.get("choices"):
+                    obj.pop("usage", None)
+                    out.append(P.sse(obj))
+            else:
+                out.append(event + b"\n\n" if keep_usage else event.replace(_NULL_USAGE, b"") + b"\n\n")
+        if out:
+            yield b"".join(out)
+    if buf:
+        yield buf
+
+
 class Proxy:
     def __init__(self, registry: Registry, metrics: GatewayMetrics, timeout_s: float):
         self.registry = registry
@@ -66,15 +106,27 @@ class Proxy:
         for pool in self.pools.values():
             pool.close()
 
-    async def forward(self, request: Request, adm: Admitted, path: str, raw: bytes) -> Response:
+    async def forward(self, request: Request, call: Call, path: str) -> Response:
+        try:
+            return await self._forward(request, call, path)
+        except BaseException:
+            call.settle(None, ok=False)
+            raise
+
+    async def _forward(self, request: Request, call: Call, path: str) -> Response:
         state = request.state
+        adm = call.adm
+        state.receipt = call.receipt_headers(final=False)
         tried = []
-        for b in self.registry.order(adm.candidates, adm.pinned, adm.preferred):
+        order = call.route.order
+        for i, b in enumerate(order):
             state.backend = b.name
             try:
                 if adm.stream:
-                    return await self._stream(request, b, path, raw)
-                return await self._unary(request, b, path, raw)
+                    return await self._stream(request, b, path, call)
+                if call.route.cascade:
+                    return await self._cascade(request, order[i:], path, call)
+                return await self._unary(request, b, path, call)
             except _Unreachable as err:
                 b.mark_down(str(err))
                 tried.append(f"{b.name}: {err}")
@@ -113,21 +165,79 @@ class Proxy:
         except ConnectionLost as err:
             raise _Unreachable(f"connection lost before an answer ({err})") from None
 
-    async def _unary(self, request: Request, b: BackendState, path: str, raw: bytes) -> Response:
+    async def _call_once(self, request: Request, b: BackendState, path: str,
+                         call: Call) -> tuple[int, str | None, bytes, float, float] | None:
+        """One upstream exchange; None when the client left (the call is settled then)."""
         b.inflight += 1
         t_send = time.perf_counter()
         try:
-            status, ctype, body = await self._exchange_unless_client_leaves(request, b, path, raw)
+            status, ctype, body = await self._exchange_unless_client_leaves(request, b, path,
+                                                                            call.body_for(b))
         except _ClientGone:
             logger.info("%s client left; upstream %s request closed", request.state.request_id,
                         b.name)
-            return Response(status_code=CLIENT_CLOSED)
+            call.settle(b.name)
+            return None
         finally:
             b.inflight -= 1
-        t_recv = time.perf_counter()
+        return status, ctype, body, t_send, time.perf_counter()
+
+    async def _unary(self, request: Request, b: BackendState, path: str, call: Call) -> Response:
+        got = await self._call_once(request, b, path, call)
+        if got is None:
+            return Response(status_code=CLIENT_CLOSED)
+        status, ctype, body, t_send, t_recv = got
+        if status == 200:
+            answer = self._parse(b, body)
+            call.add_usage(b, answer.get("usage"))
+            body = self._finish(request, b, call, answer)
+        else:
+            call.settle(b.name, ok=False)
         out = Response(body, status_code=status, media_type=ctype)
         self._observe(request, b, path, status, t_send, t_recv)
         return out
+
+    async def _cascade(self, request: Request, order: list[BackendState], path: str,
+                       call: Call) -> Response:
+        """Cheapest tier first; the next tier while mean token logprob is below the threshold."""
+        for j, b in enumerate(order):
+            request.state.backend = b.name
+            got = await self._call_once(request, b, path, call)
+            if got is None:
+                return Response(status_code=CLIENT_CLOSED)
+            status, ctype, body, t_send, t_recv = got
+            self._observe(request, b, path, status, t_send, t_recv)
+            if status != 200:
+                call.settle(b.name, ok=False)
+                return Response(body, status_code=status, media_type=ctype)
+            answer = self._parse(b, body)
+            cost = call.add_usage(b, answer.get("usage"))
+            conf = confidence(answer, call.adm.chat)
+            up = should_escalate(conf, call.route.threshold) and j + 1 < len(order)
+            call.tried.append({"backend": b.name, "cost_usd": round(cost, 10),
+                               "mean_logprob": None if conf is None else round(conf, 4),
+                               "escalated": up})
+            if not up:
+                return Response(self._finish(request, b, call, answer), media_type=ctype)
+            self.metrics.escalations.labels(b.name, order[j + 1].name).inc()
+        raise AssertionError("unreachable: the last tier never escalates")
+
+    @staticmethod
+    def _parse(b: BackendState, body: bytes) -> dict:
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            raise UpstreamError(f"backend '{b.name}' answered with invalid JSON") from None
+        if not isinstance(answer, dict):
+            raise UpstreamError(f"backend '{b.name}' answered with a non-object")
+        return answer
+
+    def _finish(self, request: Request, b: BackendState, call: Call, answer: dict) -> bytes:
+        answer = call.finish_body(b, answer)
+        call.settle(b.name)
+        self.metrics.account(b.name, call)
+        request.state.receipt = call.receipt_headers(final=True)
+        return json.dumps(answer, separators=(",", ":")).encode()
 
     async def _exchange(self, b: BackendState, path: str, raw: bytes,
                         request_id: str) -> tuple[int, str | None, bytes]:
@@ -164,12 +274,12 @@ class Proxy:
         finally:
             watcher.cancel()
 
-    async def _stream(self, request: Request, b: BackendState, path: str, raw: bytes) -> Response:
+    async def _stream(self, request: Request, b: BackendState, path: str, call: Call) -> Response:
         b.inflight += 1
         t_send = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout_s):
-                resp = await self._send(b, path, raw, request.state.request_id)
+                resp = await self._send(b, path, call.body_for(b), request.state.request_id)
         except TimeoutError:
             b.inflight -= 1
             raise self._timeout() from None
@@ -185,6 +295,9 @@ class Proxy:
                 closed = True
                 b.inflight -= 1
                 resp.aclose_now()
+                if resp.status == 200:
+                    call.settle(b.name)
+                    self.metrics.account(b.name, call)
 
         if resp.status != 200:  # an error answer: relay it whole
             try:
@@ -194,14 +307,23 @@ class Proxy:
                 raise UpstreamError(f"backend '{b.name}' broke off its answer ({err})") from None
             finally:
                 await close()
+                call.settle(b.name, ok=False)
             self._observe(request, b, path, resp.status, t_send, t_recv)
             return Response(body, status_code=resp.status, media_type=resp.content_type)
         deadline = time.monotonic() + self.timeout_s
         rid = request.state.request_id
 
+        def on_usage(usage: dict) -> dict:
+            call.add_usage(b, usage)
+            call.check_exhausted([{"finish_reason": "length"}])
+            usage.update(call.usage_extension(b.name))
+            call.settle(b.name)
+            return usage
+
         async def relay():
             try:
-                async for chunk in resp.iter_raw(read_timeout_s=self.timeout_s):
+                upstream = resp.iter_raw(read_timeout_s=self.timeout_s)
+                async for chunk in tap_usage(upstream, on_usage, call.adm.client_usage):
                     yield chunk
                     if time.monotonic() > deadline:
                         yield P.sse(GatewayTimeoutError("stream exceeded the gateway's request "

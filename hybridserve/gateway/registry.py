@@ -60,6 +60,18 @@ def parse_load(text: str) -> float:
     return total
 
 
+def parse_cache_usage(text: str) -> float:
+    """The largest `vllm:kv_cache_usage_perc` (0..1) on a Prometheus text page."""
+    usage = 0.0
+    for line in text.splitlines():
+        if line.startswith("vllm:kv_cache_usage_perc"):
+            try:
+                usage = max(usage, float(line.rsplit(" ", 1)[1]))
+            except (IndexError, ValueError):
+                continue
+    return usage
+
+
 @dataclass
 class BackendState:
     config: BackendConfig
@@ -67,6 +79,7 @@ class BackendState:
     auth_header: str | None = None
     healthy: bool = False
     scraped_load: float = 0.0
+    cache_usage: float = 0.0
     inflight: int = 0
     health_path: str = "/metrics"
     last_error: str = "not checked yet"
@@ -162,6 +175,7 @@ class Registry:
                 return
             b.health_path = path
             b.scraped_load = parse_load(r.text) if path == "/metrics" else 0.0
+            b.cache_usage = parse_cache_usage(r.text) if path == "/metrics" else 0.0
             if not b.healthy:
                 logger.info("backend %s is up at %s", b.name, b.url)
             b.healthy = True

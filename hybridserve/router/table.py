@@ -95,8 +95,15 @@ class EconomicsTable:
                            chosen.cache_bytes_per_seq, chosen.ttft_s)
         return chosen
 
+    def _key(self, backend: str, context: int) -> tuple[str, int]:
+        """Corrections are kept per measured bucket: the one a prediction at `context` reads."""
+        ctxs = sorted({e.context for e in self.entries.get(backend, ())})
+        if not ctxs:
+            return backend, context_bucket(context)
+        return backend, next((c for c in ctxs if c >= context), ctxs[-1])
+
     def correction(self, backend: str, context: int) -> float:
-        c = self._corr.get((backend, context_bucket(context)))
+        c = self._corr.get(self._key(backend, context))
         if c is None:
             return 1.0
         age = time.monotonic() - c.updated
@@ -125,7 +132,7 @@ class EconomicsTable:
         e = self.entry(backend, prompt_tokens + completion_tokens, concurrency)
         predicted = prompt_tokens / e.prefill_tok_s + completion_tokens / e.decode_tok_s
         ratio = min(100.0, max(0.01, device_seconds / predicted))
-        key = (backend, context_bucket(prompt_tokens + completion_tokens))
+        key = self._key(backend, prompt_tokens + completion_tokens)
         with self._lock:
             current = self.correction(*key)
             c = self._corr.setdefault(key, _Correction())

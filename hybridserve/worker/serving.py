@@ -75,6 +75,44 @@ class Renderer:
         self.max_context = max_context
         self.token_str = lru_cache(maxsize=65536)(self._token_str)
         self.token_bytes = lru_cache(maxsize=65536)(self._token_bytes)
+        self.think_start_id = self._special_id("<think>")
+        self.think_end_id = self._special_id("</think>")
+
+    def _special_id(self, token: str) -> int | None:
+        """The id of an added token such as <think>, or None when the vocabulary lacks it."""
+        try:
+            tid = self.tokenizer.convert_tokens_to_ids(token)
+        except (KeyError, ValueError, TypeError, AttributeError):
+            return None
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        return tid if isinstance(tid, int) and tid >= 0 and tid != unk else None
+
+    def thinking_fields(self, prompt_ids: list[int], budget: int | None) -> dict[str, Any]:
+        """Budget-forcing fields of SamplingParams for a thinking budget (none when no budget)."""
+        if budget is None:
+            return {}
+        start, end = self.think_start_id, self.think_end_id
+        last_open = max((i for i, t in enumerate(prompt_ids) if t == start), default=-1)
+        last_close = max((i for i, t in enumerate(prompt_ids) if t == end), default=-1)
+        return {"max_thinking_tokens": budget, "think_start_id": start,
+                "think_end_ids": [end] if end is not None else [],
+                "starts_in_thinking": start is not None and last_open > last_close}
+
+    def count_thinking(self, prompt_ids: list[int], token_ids: list[int]) -> int:
+        """Generated tokens inside <think>…</think> (markers excluded)."""
+        start, end = self.think_start_id, self.think_end_id
+        if start is None or end is None:
+            return 0
+        inside = self.thinking_fields(prompt_ids, 0)["starts_in_thinking"]
+        n = 0
+        for t in token_ids:
+            if t == start:
+                inside = True
+            elif t == end:
+                inside = False
+            elif inside:
+                n += 1
+        return n
 
     def _token_str(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -127,7 +165,7 @@ def build_choices(request_id: str, prompts: list[list[int]], req: P._SamplingFie
                 top_p=1.0 if req.top_p is None else req.top_p,
                 top_k=max(req.top_k or 0, 0), seed=seed, stop=req.stop_list(),
                 stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
-                logprobs=num_logprobs)
+                logprobs=num_logprobs, **renderer.thinking_fields(ids, req.max_thinking_tokens))
             idx = p_idx * req.n + j
             choices.append(Choice(idx, f"{request_id}-{idx}", ids, params, p_idx))
     return choices
@@ -193,15 +231,17 @@ def _chat_logprobs(renderer: Renderer, entries: list[Any]) -> dict[str, Any]:
     return {"content": content}
 
 
-def usage_of(plan: RequestPlan) -> dict[str, Any]:
+def usage_of(plan: RequestPlan, renderer: Renderer | None = None) -> dict[str, Any]:
     prompt = {c.prompt_index: len(c.prompt_ids) for c in plan.choices}
-    completion = 0
+    completion = thinking = 0
     device = 0.0
     ttft = queue = e2e = None
     for c in plan.choices:
         if c.final is None:
             continue
         completion += len(c.final.token_ids)
+        if renderer is not None:
+            thinking += renderer.count_thinking(c.prompt_ids, c.final.token_ids)
         m = getattr(c.final, "metrics", None)
         if m is not None:
             device += m.device_seconds or 0.0
@@ -209,7 +249,7 @@ def usage_of(plan: RequestPlan) -> dict[str, Any]:
             queue = m.queue_s if queue is None else queue
             e2e = m.e2e_s if e2e is None or (m.e2e_s or 0) > e2e else e2e
     return P.usage_dict(sum(prompt.values()), completion, device_seconds=round(device, 6),
-                        ttft_s=ttft, queue_s=queue, e2e_s=e2e)
+                        ttft_s=ttft, queue_s=queue, e2e_s=e2e, thinking_tokens=thinking or None)
 
 
 def full_body(plan: RequestPlan, renderer: Renderer) -> dict[str, Any]:
@@ -229,7 +269,7 @@ def full_body(plan: RequestPlan, renderer: Renderer) -> dict[str, Any]:
                             "finish_reason": out.finish_reason})
     rid = P.new_id("chatcmpl" if plan.chat else "cmpl", plan.request_id)
     build = P.chat_response if plan.chat else P.completion_response
-    return build(rid, plan.model, choices, usage_of(plan))
+    return build(rid, plan.model, choices, usage_of(plan, renderer))
 
 
 class ChunkRenderer:
@@ -274,6 +314,6 @@ class ChunkRenderer:
     def closing(self) -> list[bytes]:
         tail = []
         if self.plan.include_usage:
-            tail.append(self._chunk([], usage_of(self.plan)))
+            tail.append(self._chunk([], usage_of(self.plan, self.renderer)))
         tail.append(P.SSE_DONE)
         return tail

@@ -23,13 +23,19 @@ class RoundRobin:
 
 
 class LeastLoaded:
+    """The backend with the fewest requests running + waiting; equals take turns."""
+
     name = "least_loaded"
+
+    def __init__(self):
+        self._counter = itertools.count()
 
     def choose(self, req: RouteRequest, snap: Snapshot) -> Decision:
         cands = snap.candidates(req)
         if not cands:
             return no_backend(self.name, req)
-        ranked = sorted(cands, key=lambda b: (b.load, b.cache_usage, b.name))
+        turn, n = next(self._counter), len(cands)
+        ranked = sorted(cands, key=lambda b: (b.load, b.cache_usage, (cands.index(b) - turn) % n))
         b = ranked[0]
         return Decision(b.name, self.name, f"lowest load ({b.load:g} running+waiting)",
                         tuple(c.name for c in ranked[1:]))

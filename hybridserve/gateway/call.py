@@ -1,0 +1,228 @@
+"""One request's life in the gateway after admission: route, reservations, upstream body, receipt.
+
+`Calls.open` routes the admitted request, applies the governor's controls and
+session cut, and reserves the predicted worst case in the ledger (a 429 here
+reserves nothing). The proxy then asks the `Call` for each attempt's upstream
+body (`body_for`), hands back every measured `usage` (`add_usage`: the cost is
+price_per_hour × device_seconds, and the economics table learns from it) and ends
+with `settle`, exactly once, which books the measured cost in the ledger and the
+session. Receipts: headers (`receipt_headers`) and the `usage` extension
+(`usage_extension`): cost_usd, device_seconds, route_policy, route_backend,
+route_reason, predicted_cost_usd, and for cascades every tier tried.
+
+Fast path: a request with no controls, no session cut, no cascade and (for
+streams) its own include_usage goes upstream byte for byte as the client sent it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from hybridserve.config import HybridserveConfig
+from hybridserve.gateway import governor as G
+from hybridserve.gateway.admission import Admitted
+from hybridserve.gateway.ledger import Ledger, Reservation
+from hybridserve.gateway.registry import BackendState
+from hybridserve.gateway.routing import Route, Router, estimate_prompt_tokens
+from hybridserve.router.policies.cascade import mean_logprob
+
+logger = logging.getLogger(__name__)
+
+BUDGET_EXHAUSTED = "budget_exhausted"
+
+
+@dataclass
+class Call:
+    adm: Admitted
+    route: Route
+    controls: G.Controls
+    router: Router
+    ledger: Ledger | None
+    sessions: G.Sessions
+    reservation: Reservation | None = None
+    hold: G.SessionHold | None = None
+    usd: float = 0.0
+    device_s: float = 0.0
+    usage: dict | None = None       # the last tier's usage (what the client is answered with)
+    tokens: int = 0                  # all tiers' prompt + completion tokens
+    tried: list[dict] = field(default_factory=list)
+    exhausted: bool = False
+    settled: bool = False
+    _bodies: dict[bool, bytes] = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- upstream body
+
+    @property
+    def cut_to(self) -> int | None:
+        return self.hold.cut_to if self.hold else None
+
+    @property
+    def wants_logprobs(self) -> bool:
+        d = self.adm.data
+        return bool(d.get("logprobs")) or (not self.adm.chat and d.get("logprobs") is not None)
+
+    def body_for(self, b: BackendState) -> bytes:
+        native = b.config.engine == "native"
+        if native not in self._bodies:
+            self._bodies[native] = self._build(native)
+        return self._bodies[native]
+
+    def _build(self, native: bool) -> bytes:
+        d = self.adm.data
+        rewrite = (self.controls.active or (self.hold is not None and self.hold.limit is not None)
+                   or self.route.cascade
+                   or (self.adm.stream and not self.adm.client_usage))
+        if not rewrite:
+            return self.adm.raw
+        limit = self.hold.limit if self.hold is not None else None
+        out = G.upstream_fields(d, self.controls, native, limit or self.adm.max_tokens)
+        if self.adm.stream and not self.adm.client_usage:
+            out["stream_options"] = {**(d.get("stream_options") or {}), "include_usage": True}
+        if self.route.cascade:
+            if self.adm.chat:
+                out["logprobs"] = True
+            elif out.get("logprobs") is None:
+                out["logprobs"] = 0
+        return json.dumps(out, separators=(",", ":")).encode()
+
+    # ---------------------------------------------------------------- accounting
+
+    def add_usage(self, b: BackendState, usage: dict | None) -> float:
+        """Book one tier's measured usage; returns its cost in USD."""
+        if not usage:
+            return 0.0
+        cost = self.router.observe(b, usage)
+        self.usd += cost
+        self.device_s += float(usage.get("device_seconds") or 0.0)
+        self.tokens += int(usage.get("total_tokens") or 0)
+        self.usage = usage
+        return cost
+
+    def check_exhausted(self, choices: list[dict]) -> bool:
+        """A choice cut by the session budget ran into the cut."""
+        if self.cut_to is None or not self.usage:
+            return False
+        per_choice = int(self.usage.get("completion_tokens") or 0) / max(1, len(choices) or 1)
+        hit = any(c.get("finish_reason") == "length" for c in choices) and per_choice >= self.cut_to
+        self.exhausted = self.exhausted or hit
+        return hit
+
+    def settle(self, backend: str | None, ok: bool = True) -> None:
+        """Book the measured cost in the ledger and the session (once). A 200 that never reported
+        usage (the client left mid-stream) is charged its reservation: never a silent overrun."""
+        if self.settled:
+            return
+        self.settled = True
+        usd, tokens, usage = self.usd, self.tokens, self.usage
+        if ok and usage is None:
+            usd = self.reservation.usd if self.reservation else 0.0
+            tokens = self.reservation.tokens if self.reservation else 0
+            usage = {"prompt_tokens": self.adm.prompt_upper, "completion_tokens": max(0, tokens - self.adm.prompt_upper)}
+        if self.ledger is not None and self.reservation is not None:
+            self.ledger.settle(self.reservation, usd, tokens)
+        if self.hold is not None:
+            self.sessions.settle(self.hold, backend, usage, usd, escalations=max(0, len(self.tried) - 1),
+                                 exhausted=self.exhausted)
+
+    # ---------------------------------------------------------------- receipts
+
+    def receipt_headers(self, final: bool) -> dict[str, str]:
+        h = self.route.headers()
+        if final:
+            h["x-hybridserve-cost-usd"] = f"{self.usd:.8f}"
+            h["x-hybridserve-device-seconds"] = f"{self.device_s:.6f}"
+            if self.exhausted:
+                h["x-hybridserve-budget"] = "exhausted"
+        elif self.cut_to is not None:
+            h["x-hybridserve-budget"] = f"capped; max_tokens cut to {self.cut_to}"
+        if len(self.tried) > 1:
+            h["x-hybridserve-tiers"] = ",".join(t["backend"] for t in self.tried)
+        return h
+
+    def usage_extension(self, backend: str) -> dict[str, Any]:
+        est = self.route.decision.estimate
+        ext: dict[str, Any] = {"cost_usd": round(self.usd, 10), "route_policy": self.route.policy,
+                               "route_backend": backend, "route_reason": self.route.decision.reason,
+                               "predicted_cost_usd": round(est.usd, 10) if est else None,
+                               "gateway_device_seconds": round(self.device_s, 6)}
+        if self.tried:
+            ext["tiers"] = self.tried
+        if self.controls.thinking is not None:
+            ext["max_thinking_tokens"] = self.controls.thinking
+        if self.cut_to is not None:
+            ext["budget"] = "exhausted" if self.exhausted else f"max_tokens cut to {self.cut_to}"
+        if self.hold is not None:
+            ext["session_id"] = self.hold.session.id
+        return ext
+
+    def finish_body(self, b: BackendState, body: dict) -> dict:
+        """A finished non-streaming answer: vote, budget marks, logprobs stripped, receipt."""
+        choices = body.get("choices") or []
+        if self.check_exhausted(choices):
+            for c in choices:
+                if c.get("finish_reason") == "length":
+                    c["stop_reason"] = BUDGET_EXHAUSTED
+        if self.route.cascade and not self.wants_logprobs:
+            for c in choices:
+                c["logprobs"] = None
+        if self.controls.vote and len(choices) > 1:
+            winner, tally = G.vote(choices, self.adm.chat)
+            body["choices"] = [winner]
+            body["hybridserve_vote"] = tally
+        usage = body.get("usage")
+        if isinstance(usage, dict):
+            usage.update(self.usage_extension(b.name))
+        return body
+
+
+def confidence(body: dict, chat: bool) -> float | None:
+    """Mean token logprob over every choice of an answer (None when there are none)."""
+    lps: list[float] = []
+    for c in body.get("choices") or []:
+        lp = c.get("logprobs") or {}
+        if chat:
+            lps += [e["logprob"] for e in lp.get("content") or [] if e.get("logprob") is not None]
+        else:
+            lps += [x for x in lp.get("token_logprobs") or [] if x is not None]
+    return mean_logprob(lps)
+
+
+class Calls:
+    """Opens a `Call` per admitted request (routing, governor, ledger and sessions together)."""
+
+    def __init__(self, cfg: HybridserveConfig, router: Router, ledger: Ledger | None):
+        gw = cfg.gateway
+        self.gw = gw
+        self.router = router
+        self.ledger = ledger
+        self.sessions = G.Sessions(gw.session_max_tokens, gw.session_max_usd)
+
+    def open(self, adm: Admitted, headers: Any, key_id: str | None) -> Call:
+        ctl = G.parse_controls(adm.data, self.gw, adm.stream)
+        prompt = estimate_prompt_tokens(adm.prompt_bytes, adm.prompt_lower, adm.prompt_upper)
+        cands = adm.candidates
+        if ctl.top_tier and not adm.pinned and self.router.tier_order:
+            top = self.router.tier_order[-1]
+            cands = [b for b in cands if b.config.tier == top] or cands
+        route = self.router.decide(adm.model, adm.pinned, cands, adm.preferred, prompt, adm.max_tokens,
+                                   adm.policy or ctl.policy, headers.get("x-step-kind"), key_id)
+        call = Call(adm, route, ctl, self.router, self.ledger, self.sessions)
+        n = int(adm.data.get("n") or 1)
+        est = route.decision.estimate
+        usd_max = (est.usd if est else 0.0) * n
+        sid = headers.get("x-session-id")
+        if sid:
+            call.hold = self.sessions.hold(sid[:128], adm.prompt_upper, route.max_tokens, usd_max)
+        if self.ledger is not None and self.ledger.budgets:
+            cap = call.cut_to or route.max_tokens
+            try:
+                call.reservation = self.ledger.reserve(key_id, usd_max, adm.prompt_upper + cap * n)
+            except BaseException:
+                if call.hold is not None:
+                    call.hold.session.budget_hits += 1
+                    self.sessions.settle(call.hold, None, None, 0.0)
+                    call.hold.session.calls -= 1
+                raise
+        return call

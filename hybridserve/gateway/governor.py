@@ -1,0 +1,213 @@
+"""The test-time-compute governor: request controls, per-session caps, self-consistency votes.
+
+Request controls (JSON body fields next to OpenAI's):
+
+* `mode`: `fast` (no thinking; `auto` routes by `cheapest`) or `deep` (effort `high`;
+  `auto` routes within the top tier, the priciest in models.yaml);
+* `reasoning_effort`: `low | medium | high` → a thinking budget from
+  `gateway.thinking_budgets`;
+* `max_thinking_tokens`: an explicit thinking budget (the smaller one wins). The
+  native worker enforces it by budget forcing (it emits `</think>` itself once the
+  budget is spent); other engines are capped through `max_tokens`;
+* `n` with `hybridserve_vote: true`: self-consistency. The backend samples n
+  answers; the gateway returns the majority answer (compared after `</think>`,
+  case- and whitespace-insensitive; ties go to the earliest sample) as choice 0 and
+  reports the tally in `hybridserve_vote`.
+
+Sessions (`X-Session-Id`): calls, tokens and $ across the session's calls, capped by
+`gateway.session_max_tokens` / `session_max_usd`. At admission a call's max_tokens
+is cut to what the session has left (its prompt counted at its upper bound, so the
+cap holds even under concurrency); a cut answer that runs into the cut ends with
+`finish_reason: "length"`, `stop_reason: "budget_exhausted"` and the header
+`x-hybridserve-budget: exhausted`. A session with nothing left gets a 429.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from hybridserve.config import GatewayConfig
+from hybridserve.errors import BudgetExceededError, InvalidRequestError
+
+GATEWAY_FIELDS = ("mode", "reasoning_effort", "hybridserve_vote", "max_thinking_tokens")
+ANSWER_BUDGET_TOKENS = 256   # non-native engines: thinking cap + this many answer tokens
+MAX_SESSIONS = 10_000
+THINK_END = "</think>"
+
+
+@dataclass(frozen=True)
+class Controls:
+    thinking: int | None = None    # max thinking tokens (None: no cap)
+    vote: bool = False
+    mode: str | None = None
+    policy: str | None = None      # routing override implied by the mode
+    top_tier: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.thinking is not None or self.vote or self.mode is not None
+
+
+def parse_controls(data: dict, gw: GatewayConfig, stream: bool) -> Controls:
+    """Validate the governor's request fields; 400 names the bad one."""
+    mode = data.get("mode")
+    if mode not in (None, "fast", "deep"):
+        raise InvalidRequestError("`mode` must be 'fast' or 'deep'", param="mode")
+    effort = data.get("reasoning_effort")
+    if effort is None and mode == "deep":
+        effort = "high"
+    if effort is not None and effort not in gw.thinking_budgets:
+        raise InvalidRequestError(f"`reasoning_effort` must be one of {', '.join(gw.thinking_budgets)}",
+                                  param="reasoning_effort")
+    explicit = data.get("max_thinking_tokens")
+    if explicit is not None and (not isinstance(explicit, int) or isinstance(explicit, bool) or explicit < 0):
+        raise InvalidRequestError("`max_thinking_tokens` must be an integer >= 0", param="max_thinking_tokens")
+    caps = [c for c in (explicit, gw.thinking_budgets.get(effort) if effort else None,
+                        0 if mode == "fast" else None) if c is not None]
+    vote = data.get("hybridserve_vote", False)
+    if not isinstance(vote, bool):
+        raise InvalidRequestError("`hybridserve_vote` must be true or false", param="hybridserve_vote")
+    if vote and stream:
+        raise InvalidRequestError("`hybridserve_vote` needs the whole answer: it cannot stream",
+                                  param="hybridserve_vote")
+    if vote and data.get("n", 1) < 2:
+        raise InvalidRequestError("`hybridserve_vote` needs `n` >= 2 samples", param="n")
+    return Controls(min(caps) if caps else None, vote, mode, "cheapest" if mode == "fast" else None,
+                    mode == "deep")
+
+
+def upstream_fields(data: dict, ctl: Controls, native: bool, max_tokens: int | None) -> dict:
+    """The body to send one backend: gateway-only fields removed, the thinking cap applied."""
+    out = {k: v for k, v in data.items() if k not in GATEWAY_FIELDS}
+    if ctl.thinking is not None:
+        if native:
+            out["max_thinking_tokens"] = ctl.thinking
+        else:
+            cap = ctl.thinking + ANSWER_BUDGET_TOKENS
+            max_tokens = cap if max_tokens is None else min(max_tokens, cap)
+    if max_tokens is not None:
+        key = "max_completion_tokens" if "max_completion_tokens" in out else "max_tokens"
+        out[key] = max_tokens
+    return out
+
+
+# ------------------------------------------------------------------ self-consistency
+
+def answer_key(text: str) -> str:
+    """What two samples must share to count as the same answer."""
+    tail = text.rsplit(THINK_END, 1)[-1]
+    return re.sub(r"\s+", " ", tail).strip().strip(".").lower()
+
+
+def vote(choices: list[dict], chat: bool) -> tuple[dict, dict]:
+    """The majority choice (re-indexed 0) and the tally."""
+    texts = [(c["message"]["content"] or "") if chat else c["text"] for c in choices]
+    keys = [answer_key(t) for t in texts]
+    tally = Counter(keys)
+    best = max(tally.values())
+    winner = next(i for i, k in enumerate(keys) if tally[k] == best)
+    return {**choices[winner], "index": 0}, {"samples": len(choices), "agreeing": best,
+                                              "distinct_answers": len(tally), "winner_sample": winner}
+
+
+# ------------------------------------------------------------------ sessions
+
+@dataclass
+class Session:
+    id: str
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    thinking_tokens: int = 0
+    usd: float = 0.0
+    escalations: int = 0
+    budget_hits: int = 0
+    reserved_tokens: int = 0
+    reserved_usd: float = 0.0
+    backends: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def as_json(self, max_tokens: int | None, max_usd: float | None) -> dict[str, Any]:
+        return {"id": self.id, "object": "session", "calls": self.calls, "tokens": self.tokens,
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "thinking_tokens": self.thinking_tokens, "usd": self.usd,
+                "escalations": self.escalations, "budget_hits": self.budget_hits,
+                "backends": self.backends, "in_flight_tokens": self.reserved_tokens,
+                "max_tokens": max_tokens, "max_usd": max_usd}
+
+
+@dataclass
+class SessionHold:
+    """One call's reservation against its session."""
+
+    session: Session
+    tokens: int
+    usd: float
+    cut_to: int | None = None      # max_tokens was cut to this to fit the session's budget
+    limit: int | None = None       # max_tokens sent upstream (set whenever the session is capped)
+    done: bool = False
+
+
+class Sessions:
+    def __init__(self, max_tokens: int | None, max_usd: float | None):
+        self.max_tokens = max_tokens
+        self.max_usd = max_usd
+        self._by_id: OrderedDict[str, Session] = OrderedDict()
+
+    def get(self, sid: str) -> Session | None:
+        return self._by_id.get(sid)
+
+    def session(self, sid: str) -> Session:
+        s = self._by_id.get(sid)
+        if s is None:
+            s = self._by_id[sid] = Session(sid)
+            while len(self._by_id) > MAX_SESSIONS:
+                self._by_id.popitem(last=False)
+        self._by_id.move_to_end(sid)
+        return s
+
+    def hold(self, sid: str, prompt_upper: int, max_tokens: int, usd_for_max: float) -> SessionHold:
+        """Reserve the call's worst case, cutting max_tokens to what the session has left."""
+        s = self.session(sid)
+        cut = max_tokens
+        if self.max_tokens is not None:
+            cut = min(cut, self.max_tokens - s.tokens - s.reserved_tokens - prompt_upper)
+        if self.max_usd is not None and usd_for_max > 0:
+            left = self.max_usd - s.usd - s.reserved_usd
+            cut = min(cut, int(max_tokens * left / usd_for_max))
+        if cut < 1:
+            s.budget_hits += 1
+            raise BudgetExceededError(
+                f"session '{sid}' has spent its budget ({s.tokens} tokens, ${s.usd:.6f}; caps: "
+                f"{self.max_tokens or '-'} tokens, ${self.max_usd or '-'}); start a new session",
+                code="session_budget_exceeded")
+        usd = usd_for_max * cut / max_tokens if max_tokens else 0.0
+        s.reserved_tokens += prompt_upper + cut
+        s.reserved_usd += usd
+        capped = self.max_tokens is not None or self.max_usd is not None
+        return SessionHold(s, prompt_upper + cut, usd, cut if cut < max_tokens else None,
+                           cut if capped else None)
+
+    def settle(self, hold: SessionHold, backend: str | None, usage: dict | None, usd: float,
+               escalations: int = 0, exhausted: bool = False) -> None:
+        if hold.done:
+            return
+        hold.done = True
+        s = hold.session
+        s.reserved_tokens -= hold.tokens
+        s.reserved_usd -= hold.usd
+        s.calls += 1
+        s.usd += usd
+        s.escalations += escalations
+        s.budget_hits += int(exhausted)
+        if usage:
+            s.prompt_tokens += int(usage.get("prompt_tokens") or 0)
+            s.completion_tokens += int(usage.get("completion_tokens") or 0)
+            s.thinking_tokens += int(usage.get("thinking_tokens") or 0)
+        if backend:
+            s.backends[backend] = s.backends.get(backend, 0) + 1

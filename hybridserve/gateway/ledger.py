@@ -1,0 +1,137 @@
+"""Per-API-key budgets ($ and tokens per period), kept in SQLite so they survive restarts.
+
+Contract: `reserve` at admission books the request's predicted worst case (the
+predicted cost of its max_tokens, and prompt upper bound + max_tokens tokens)
+against every budget that applies to the key; `settle` at completion replaces the
+reservation with the measured cost, which is what the database records.
+
+A request is admitted while spent + reserved is below the cap, so concurrent
+requests can overspend a cap by at most one reservation (the last one admitted).
+Reservations live in memory only: a request in flight when the gateway stops
+never completes, so it has nothing to record. All calls happen on the event-loop
+thread; the lock only guards against use from other threads.
+
+Budgets come from `gateway.budgets`: `key: '*'` gives every key its own cap,
+`key: <sha256 hex>` caps one key. Periods are aligned windows (a `day` budget
+resets at 00:00 UTC; `month` is 30 days from the epoch).
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hybridserve.config import BudgetConfig
+from hybridserve.errors import BudgetExceededError
+
+PERIOD_S = {"minute": 60, "hour": 3600, "day": 86400, "week": 7 * 86400, "month": 30 * 86400}
+ANONYMOUS = "anonymous"
+
+_SCHEMA = """CREATE TABLE IF NOT EXISTS spend (
+    budget TEXT NOT NULL, key TEXT NOT NULL, period_start INTEGER NOT NULL,
+    usd REAL NOT NULL DEFAULT 0, tokens INTEGER NOT NULL DEFAULT 0, requests INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (budget, key, period_start))"""
+
+
+@dataclass
+class Reservation:
+    key: str
+    usd: float
+    tokens: int
+    slots: list[tuple[str, int]] = field(default_factory=list)  # (budget name, period start)
+    settled: bool = False
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+class Ledger:
+    def __init__(self, path: str | Path, budgets: list[BudgetConfig], clock=time.time):
+        self.budgets = list(budgets)
+        self.clock = clock
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute(_SCHEMA)
+        self._reserved: dict[tuple[str, str, int], list[float]] = {}  # (budget, key, start) -> [usd, tokens]
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def applicable(self, key: str) -> list[BudgetConfig]:
+        return [b for b in self.budgets if b.key in ("*", key)]
+
+    def window(self, b: BudgetConfig) -> tuple[int, int]:
+        length = PERIOD_S[b.period]
+        start = int(self.clock()) // length * length
+        return start, start + length
+
+    def spent(self, budget: str, key: str, start: int) -> tuple[float, int]:
+        row = self.db.execute("SELECT usd, tokens FROM spend WHERE budget=? AND key=? AND period_start=?",
+                              (budget, key, start)).fetchone()
+        return (row[0], row[1]) if row else (0.0, 0)
+
+    def can_reserve(self, key: str) -> None:
+        """Raise BudgetExceededError naming the first exhausted budget for this key."""
+        for b in self.applicable(key):
+            start, end = self.window(b)
+            usd, tokens = self.spent(b.name, key, start)
+            r_usd, r_tok = self._reserved.get((b.name, key, start), (0.0, 0))
+            over = ((b.usd is not None and usd + r_usd >= b.usd) and f"${b.usd:g}")
+            over = over or ((b.tokens is not None and tokens + r_tok >= b.tokens) and f"{b.tokens} tokens")
+            if over:
+                raise BudgetExceededError(
+                    f"budget '{b.name}' ({over} per {b.period}) is exhausted for this API key "
+                    f"(spent ${usd:.6f} and {tokens} tokens, {int(r_tok)} tokens reserved in flight); "
+                    f"it resets at {_iso(end)}")
+
+    def reserve(self, key: str | None, usd: float, tokens: int) -> Reservation:
+        key = key or ANONYMOUS
+        with self._lock:
+            self.can_reserve(key)
+            res = Reservation(key, usd, tokens)
+            for b in self.applicable(key):
+                start, _ = self.window(b)
+                slot = self._reserved.setdefault((b.name, key, start), [0.0, 0])
+                slot[0] += usd
+                slot[1] += tokens
+                res.slots.append((b.name, start))
+            return res
+
+    def settle(self, res: Reservation, usd: float, tokens: int) -> None:
+        """Replace the reservation with the measured cost (once; later calls do nothing)."""
+        with self._lock:
+            if res.settled:
+                return
+            res.settled = True
+            for name, start in res.slots:
+                slot = self._reserved.get((name, res.key, start))
+                if slot is not None:
+                    slot[0] -= res.usd
+                    slot[1] -= res.tokens
+                    if slot[1] <= 0 and slot[0] <= 1e-15:
+                        del self._reserved[(name, res.key, start)]
+                if usd > 0 or tokens > 0:
+                    self.db.execute(
+                        "INSERT INTO spend (budget, key, period_start, usd, tokens, requests) "
+                        "VALUES (?, ?, ?, ?, ?, 1) ON CONFLICT (budget, key, period_start) DO UPDATE SET "
+                        "usd = usd + excluded.usd, tokens = tokens + excluded.tokens, "
+                        "requests = requests + 1", (name, res.key, start, usd, tokens))
+
+    def status(self, key: str | None) -> list[dict]:
+        """Every budget that applies to the key: cap, spent, reserved, reset time."""
+        key = key or ANONYMOUS
+        out = []
+        for b in self.applicable(key):
+            start, end = self.window(b)
+            usd, tokens = self.spent(b.name, key, start)
+            r_usd, r_tok = self._reserved.get((b.name, key, start), (0.0, 0))
+            out.append({"budget": b.name, "period": b.period, "cap_usd": b.usd, "cap_tokens": b.tokens,
+                        "spent_usd": usd, "spent_tokens": tokens, "reserved_usd": r_usd,
+                        "reserved_tokens": int(r_tok), "resets_at": _iso(end)})
+        return out
