@@ -1,4 +1,8 @@
-"""The gateway app: auth → validation → route → proxy, plus /v1/models, /health, /metrics.
+"""The gateway app: auth → validation → route + budgets → proxy, plus the read-only endpoints.
+
+Read-only: /v1/models, /v1/economics (the live economics table and each backend's
+load), /v1/sessions/{id} (an agent session's calls, tokens, $, escalations, budget
+hits), /v1/budgets (the caller's key budgets), /health, /metrics.
 
 Every response (errors included) carries `x-hybridserve-request-id` and
 `x-hybridserve-backend` (the backend that served it, or `gateway` when none did);

@@ -72,7 +72,7 @@ class Call:
     def _build(self, native: bool) -> bytes:
         d = self.adm.data
         rewrite = (self.controls.active or (self.hold is not None and self.hold.limit is not None)
-                   or self.route.cascade
+                   or (self.route.cascade and not self.adm.stream)
                    or (self.adm.stream and not self.adm.client_usage))
         if not rewrite:
             return self.adm.raw
@@ -80,7 +80,7 @@ class Call:
         out = G.upstream_fields(d, self.controls, native, limit or self.adm.max_tokens)
         if self.adm.stream and not self.adm.client_usage:
             out["stream_options"] = {**(d.get("stream_options") or {}), "include_usage": True}
-        if self.route.cascade:
+        if self.route.cascade and not self.adm.stream:
             if self.adm.chat:
                 out["logprobs"] = True
             elif out.get("logprobs") is None:

@@ -1,9 +1,15 @@
-"""Forward a validated request to a backend and relay its answer, streams byte for byte.
+"""Forward a routed request to a backend and relay its answer, with its cost receipt.
 
-The request body goes upstream exactly as the client sent it (it was parsed only to
-validate it) and a stream comes back as raw bytes, chunk by chunk as they arrive: no
-re-serialisation on the hot path. Each backend has one keep-alive pool
-(`upstream.Pool`) shared by all requests.
+The request body goes upstream as the client sent it unless the `Call` must change
+it (governor controls, a session cut, a cascade's logprobs, or the usage a stream
+needs for its receipt). A stream comes back as raw bytes, chunk by chunk as they
+arrive; only the event that carries `usage` is parsed and amended (`tap_usage`). A
+non-streaming answer is parsed once to read its usage and add the receipt. Each
+backend has one keep-alive pool (`upstream.Pool`) shared by all requests.
+
+Cascade (policy `cascade`, non-streaming): the cheapest tier answers first with
+logprobs; while its mean token logprob is below `gateway.cascade_threshold` the next
+tier answers; `usage.tiers` lists every tier tried with its cost.
 
 Failure map: cannot connect (or the connection died before any answer) → the backend
 is marked down and `auto`/aliases try the next one, a pinned request gets 503; a
