@@ -49,9 +49,24 @@ class _EconomicsCollector:
             corr.add_metric(labels[:2], r["correction"])
         yield from (out, corr)
         if self.sessions is not None:
-            n = GaugeMetricFamily("hybridserve_sessions", "Agent sessions tracked (X-Session-Id).")
-            n.add_metric([], float(len(self.sessions._by_id)))
-            yield n
+            yield from self._sessions()
+
+    def _sessions(self):
+        live = list(self.sessions._by_id.values())
+        n = GaugeMetricFamily("hybridserve_sessions", "Agent sessions tracked (X-Session-Id).")
+        n.add_metric([], float(len(live)))
+        tokens = GaugeMetricFamily("hybridserve_sessions_tokens", "Tokens used by the tracked "
+                                   "sessions, by kind.", labels=["kind"])
+        for kind in ("prompt_tokens", "completion_tokens", "thinking_tokens"):
+            tokens.add_metric([kind.removesuffix("_tokens")], float(sum(getattr(s, kind) for s in live)))
+        totals = {name: GaugeMetricFamily(f"hybridserve_sessions_{name}", help_)
+                  for name, help_ in (("calls", "Calls made by the tracked sessions."),
+                                      ("usd", "Measured $ spent by the tracked sessions."),
+                                      ("escalations", "Cascade escalations in the tracked sessions."),
+                                      ("budget_hits", "Session budget hits (cut answers and 429s)."))}
+        for name, fam in totals.items():
+            fam.add_metric([], float(sum(getattr(s, name) for s in live)))
+        yield from (n, tokens, *totals.values())
 
 
 class GatewayMetrics:

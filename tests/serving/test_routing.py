@@ -184,3 +184,5 @@ def test_session_cap_gives_a_partial_answer_then_429(routed):
     assert s["budget_hits"] == 2 and s["usd"] > 0 and s["backends"] == {"tiny-transformer": 2}
     assert httpx.get(routed.base_url + "/sessions/nope", headers=routed.headers(),
                      trust_env=False).status_code == 404
+    metrics = httpx.get(routed.url + "/metrics", trust_env=False).text
+    assert "hybridserve_sessions_budget_hits 2.0" in metrics
