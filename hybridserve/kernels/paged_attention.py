@@ -296,14 +296,13 @@ def paged_attention_prefill_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q,
             continue
         pos = torch.arange(ctx, device=q.device)
         blocks = block_tables[s, pos // block_size].long()
-        k = k_cache[blocks, pos % block_size].to(dtype).transpose(0, 1)  # [Hkv, ctx, Dh]
-        v = v_cache[blocks, pos % block_size].to(dtype).transpose(0, 1)
-        qs = q[start:end].to(dtype).transpose(0, 1)  # [Hq, q_len, Dh]
-        if q_len == ctx:
-            o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale, enable_gqa=True)
-        else:
-            mask = causal_lower_right(q_len, ctx)
-            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        # [1, H, len, Dh], contiguous: the layout SDPA's fused CPU kernel takes (3-D or strided
+        # inputs fall back to the math path, which materialises [Hq, q_len, ctx] scores)
+        k = k_cache[blocks, pos % block_size].to(dtype).transpose(0, 1).contiguous()[None]
+        v = v_cache[blocks, pos % block_size].to(dtype).transpose(0, 1).contiguous()[None]
+        qs = q[start:end].to(dtype).transpose(0, 1).contiguous()[None]
+        mask = causal_lower_right(q_len, ctx)  # queries are the last q_len positions
+        o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale, enable_gqa=True)[0]
         out[start:end] = o.transpose(0, 1).to(q.dtype)
     return out
 
