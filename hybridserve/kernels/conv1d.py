@@ -98,12 +98,15 @@ def causal_conv1d_ref(
 
 
 def causal_conv1d_update_ref(x, conv_states, weight, bias=None, *, state_indices, activation="silu"):
-    """Torch reference of `causal_conv1d_update`, batched over rows."""
-    window = torch.cat([conv_states[state_indices].float(), x.float()[:, :, None]], dim=2)  # [Bt, Dc, K]
-    y = (window * weight.float()).sum(-1)  # [Bt, Dc]
+    """Torch reference of `causal_conv1d_update`, batched over rows (index_select / index_copy_,
+    which are much cheaper than advanced-index get/put on the CPU decode path)."""
+    hist = conv_states.index_select(0, state_indices)  # [Bt, Dc, K-1]
+    w = weight.float()
+    y = torch.einsum("bdk,dk->bd", hist.float(), w[:, :-1]) + x.float() * w[:, -1]  # [Bt, Dc]
     if bias is not None:
         y = y + bias.float()
-    conv_states[state_indices] = window[:, :, 1:].to(conv_states.dtype)
+    shifted = torch.cat([hist[:, :, 1:], x[:, :, None].to(conv_states.dtype)], dim=2)
+    conv_states.index_copy_(0, state_indices, shifted)
     return _activate(y, activation).to(x.dtype)
 
 
