@@ -61,8 +61,8 @@ class VllmOptions(_Strict):
     max_num_seqs: int | None = Field(None, ge=1)
     max_num_batched_tokens: int | None = Field(None, ge=16)
     enforce_eager: bool = Field(False, description="skip torch.compile / CUDA graphs (faster start)")
-    openai_errors: bool = Field(True, description="reshape vLLM's error bodies as the native "
-                                                  "worker's (OpenAI types and codes)")
+    shim: bool = Field(True, description="hybridserve's middleware in vLLM: serve any `model` the "
+                                         "gateway routed here, errors in the native worker's shape")
     startup_timeout_s: float = Field(600.0, gt=0, description="wait this long for vLLM's /health")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for vLLM")
     extra_args: list[str] = Field(default_factory=list, description="appended to vLLM's command line")

@@ -13,10 +13,12 @@ constrain hybridserve's. It
   the legacy `VLLM_CPU_KVCACHE_SPACE`, whole GiB only), and for hybrids the
   Mamba cache dtype and the prefix-caching mode (off on CPU, where it crashes);
 * adds a small ASGI middleware to vLLM (`--middleware`, from a stdlib-only module
-  written next to the built-in checkpoints) that rewrites vLLM's error bodies into
-  the shape the native worker answers with (`type` as OpenAI names it, `code` a
-  string such as `context_length_exceeded` or null), so a client sees the same
-  errors whichever engine serves (`vllm.openai_errors: false` turns it off);
+  written next to the built-in checkpoints) so that a vLLM worker answers as a native
+  one: it serves any `model` the gateway routed to it (`auto`, a tier, an alias: the
+  gateway forwards bodies unchanged, and vLLM would 404 on any name but its own), and
+  it rewrites vLLM's error bodies into the native worker's shape (`type` as OpenAI
+  names it, `code` a string such as `context_length_exceeded`, or null), so a client
+  sees the same errors whichever engine serves (`vllm.shim: false` turns it off);
 * forwards vLLM's output line by line, prefixed with `[backend]`;
 * waits for `/health` with a clear message when it does not come in time;
 * stops cleanly: SIGTERM to vLLM (it drains), SIGKILL to its whole process group
@@ -54,15 +56,27 @@ STOP_GRACE_S = 25.0
 _REPO = Path(__file__).resolve().parents[2]
 
 
-# ------------------------------------------------------------------ error shape shim
+# ------------------------------------------------------------------ the shim inside vLLM
 
-SHIM_MODULE = "hybridserve_vllm_errors"
+SHIM_MODULE = "hybridserve_vllm_shim"
+SHIM_ENV = "HYBRIDSERVE_SERVED_MODEL"
 # Runs inside vLLM's interpreter: stdlib only, no hybridserve import.
-SHIM_SOURCE = '''"""Rewrite vLLM's JSON error bodies into OpenAI's error shape, as hybridserve's
-native worker answers (written by hybridserve.worker.vllm_launcher; do not edit)."""
+SHIM_SOURCE = '''"""hybridserve's middleware inside vLLM's OpenAI server (written by
+hybridserve.worker.vllm_launcher; do not edit). It makes a vLLM worker answer as a
+native worker does:
+
+* requests: the gateway forwards bodies unchanged, so `model` may be the name a client
+  used (`auto`, a tier, an alias); it is replaced by the served name ($HYBRIDSERVE_SERVED_MODEL),
+  as a native worker serves its one model whatever it is called;
+* errors: vLLM's JSON error bodies are rewritten into OpenAI's shape as the native worker
+  answers it (`type` as OpenAI names it, `code` a string such as
+  `context_length_exceeded`, or null).
+"""
 import json
+import os
 import re
 
+SERVED = os.environ.get("HYBRIDSERVE_SERVED_MODEL", "")
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "invalid_request_error", 413: "invalid_request_error",
           422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
@@ -93,13 +107,29 @@ def reshape(status, body):
     return json.dumps(out).encode()
 
 
-class OpenAIErrorShape:
+def rename_model(body, served):
+    """The body with `model` set to the served name (unchanged bytes when it already is)."""
+    if not served or b"model" not in body:
+        return body
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(doc, dict) or not isinstance(doc.get("model"), str) or doc["model"] == served:
+        return body
+    doc["model"] = served
+    return json.dumps(doc).encode()
+
+
+class HybridserveShim:
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
         if scope.get("type") != "http":
             return await self.app(scope, receive, send)
+        if SERVED and scope.get("method") == "POST" and scope.get("path", "").startswith("/v1/"):
+            scope, receive = await self._rename(scope, receive)
         held = {}
 
         async def wrapped(message):
@@ -123,11 +153,37 @@ class OpenAIErrorShape:
             await send(message)
 
         await self.app(scope, receive, wrapped)
+
+    async def _rename(self, scope, receive):
+        parts = []
+        while True:
+            message = await receive()
+            if message.get("type") != "http.request":  # client gone: let the app see it
+                first = [message]
+                break
+            parts.append(message.get("body", b""))
+            if not message.get("more_body"):
+                first = []
+                break
+        body = b"".join(parts)
+        new = rename_model(body, SERVED)
+        if new is not body:
+            headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
+            headers.append((b"content-length", str(len(new)).encode()))
+            scope = dict(scope, headers=headers)
+        pending = first or [{"type": "http.request", "body": new, "more_body": False}]
+
+        async def replay():
+            if pending:
+                return pending.pop(0)
+            return await receive()
+
+        return scope, replay
 '''
 
 
 def shim_dir() -> Path:
-    """Folder (on vLLM's PYTHONPATH) holding the error-shape middleware; written atomically."""
+    """Folder (on vLLM's PYTHONPATH) holding the shim middleware; written atomically."""
     from hybridserve.models.builtin import cache_root
 
     folder = cache_root() / "vllm-shim"
@@ -217,8 +273,8 @@ def vllm_argv(backend: BackendConfig, python: str | os.PathLike, model: str, por
         argv.append("--enable-prefix-caching" if pc else "--no-enable-prefix-caching")
     if o.enforce_eager:
         argv.append("--enforce-eager")
-    if o.openai_errors:
-        argv += ["--middleware", f"{SHIM_MODULE}.OpenAIErrorShape"]
+    if o.shim:
+        argv += ["--middleware", f"{SHIM_MODULE}.HybridserveShim"]
     return argv + list(o.extra_args)
 
 
@@ -229,8 +285,9 @@ def vllm_env(backend: BackendConfig, base: dict[str, str] | None = None) -> dict
         env.pop(k, None)
     env["PYTHONUNBUFFERED"] = "1"
     o = backend.vllm
-    if o.openai_errors:
+    if o.shim:
         env["PYTHONPATH"] = str(shim_dir())
+        env[SHIM_ENV] = backend.name
     if backend.device.startswith("cuda:"):
         env["CUDA_VISIBLE_DEVICES"] = backend.device.split(":", 1)[1]
     env.update(o.env)

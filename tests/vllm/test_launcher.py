@@ -60,10 +60,11 @@ def test_env_isolates_vllm_from_hybridserve_venv(tmp_path, monkeypatch):
     base = {"PYTHONPATH": "/hybridserve/site-packages", "VIRTUAL_ENV": "/x", "HOME": "/root"}
     env = L.vllm_env(backend(device="cuda:1", vllm={"python": "p", "env": {"A": "1"}}), base)
     assert env["CUDA_VISIBLE_DEVICES"] == "1" and env["A"] == "1" and "VIRTUAL_ENV" not in env
-    shim = Path(env["PYTHONPATH"])  # only the error-shape shim, never hybridserve's packages
+    shim = Path(env["PYTHONPATH"])  # only the shim, never hybridserve's packages
     assert (shim / f"{L.SHIM_MODULE}.py").read_text() == L.SHIM_SOURCE
-    env = L.vllm_env(backend(vllm={"python": "p", "openai_errors": False}), base)
-    assert "PYTHONPATH" not in env
+    assert env[L.SHIM_ENV] == "h"
+    env = L.vllm_env(backend(vllm={"python": "p", "shim": False}), base)
+    assert "PYTHONPATH" not in env and L.SHIM_ENV not in env
 
 
 def test_error_shim_reshapes_vllm_errors():
@@ -81,6 +82,15 @@ def test_error_shim_reshapes_vllm_errors():
     assert out["error"] == {"message": "bad", "type": "invalid_request_error", "param": "n", "code": None}
     assert json.loads(ns["reshape"](500, '{"error": {"message": "x"}}'))["error"]["type"] == "server_error"
     assert ns["reshape"](400, b"not json") == b"not json"
+
+
+def test_shim_serves_any_routed_model_name():
+    ns: dict = {}
+    exec(compile(L.SHIM_SOURCE, L.SHIM_MODULE, "exec"), ns)
+    body = b'{"model": "h", "prompt": "x"}'
+    assert ns["rename_model"](body, "h") is body  # already right: bytes untouched
+    assert json.loads(ns["rename_model"](b'{"model": "auto", "n": 2}', "h")) == {"model": "h", "n": 2}
+    assert ns["rename_model"](b"[1, 2]", "h") == b"[1, 2]"
 
 
 def test_missing_interpreter_says_make_vllm_cpu(tmp_path):
