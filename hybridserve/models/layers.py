@@ -153,10 +153,10 @@ class MambaMixer(nn.Module):
         xbc = K.causal_conv1d(xbc, w, self.conv1d.bias, conv_states=conv_states, cu_seqlens=cu,
                               state_indices=slots, has_initial_state=has_init, activation="silu")
         x, b, c = self._split_xbc(xbc)
-        init = ssm_states[slots].float() * has_init[:, None, None, None]  # [P, H, hd, N]
+        init = ssm_states.index_select(0, slots).float() * has_init[:, None, None, None]  # [P, H, hd, N]
         y, final = K.ssd_scan(x, dt, A, b, c, self.D, chunk_size=m.chunk_size, dt_bias=self.dt_bias,
                               dt_softplus=True, dt_limit=m.dt_limit, initial_states=init, cu_seqlens=cu)
-        ssm_states[slots] = final.to(ssm_states.dtype)
+        ssm_states.index_copy_(0, slots, final.to(ssm_states.dtype))
         return y
 
 
