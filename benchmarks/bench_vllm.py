@@ -1,0 +1,201 @@
+"""Native engine vs vLLM's CPU build, same checkpoints, same machine, same run.
+
+For each model of the small pair it starts one worker at a time (never two: they
+would share the cores) — the native worker, then vLLM's OpenAI server through
+hybridserve's launcher — and streams the same greedy completions (`ignore_eos`,
+byte-token prompts of exactly `context` tokens) from each with
+`hybridserve.bench.measure.run_http`, at every context × concurrency. It prints
+decode tok/s and TTFT p50 per engine with the ratio native/vLLM (decode: > 1 means
+the native engine is faster; TTFT: < 1 means it answers sooner). The last stdout
+line is one JSON object.
+
+Both engines run eager on CPU (vLLM with --enforce-eager: the native engine has no
+compiler either; `--vllm-compile` lets vLLM use torch.compile, which takes minutes
+to warm up on 2 cores), fp32, with the same context limit, batch limit and prefill
+chunk (`max_num_batched_tokens`).
+
+    python benchmarks/bench_vllm.py                                  # small pair, 512/2048/8192 x 1/8
+    python benchmarks/bench_vllm.py --contexts 512,2048 --concurrency 1,8 --new-tokens 16
+    python benchmarks/bench_vllm.py --quick                          # small-hybrid, 128 x 1/2 (smoke)
+
+Needs vLLM's venv (`make vllm-cpu`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from hybridserve.bench.measure import run_http, summarize  # noqa: E402
+
+ARCH = {"small-transformer": "transformer", "small-hybrid": "hybrid",
+        "tiny-transformer": "transformer", "tiny-hybrid": "hybrid"}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(folder: Path, models: list[str], max_context: int, max_seqs: int, chunk: int,
+                 vllm_python: str, compile_vllm: bool) -> Path:
+    backends = []
+    for m in models:
+        common = {"arch": ARCH[m], "checkpoint": f"builtin:{m}", "dtype": "float32",
+                  "device": "cpu", "max_context": max_context, "price_per_hour": 0.5}
+        backends.append({"name": f"native-{m}", "engine": "native", **common,
+                         "native": {"max_num_seqs": max_seqs, "max_num_batched_tokens": chunk,
+                                    "cache_memory_gb": 2.0}})
+        backends.append({"name": f"vllm-{m}", "engine": "vllm", **common,
+                         "vllm": {"python": vllm_python, "kv_cache_space_gb": 2.0,
+                                  "max_num_seqs": max_seqs, "max_num_batched_tokens": chunk,
+                                  "enforce_eager": not compile_vllm, "startup_timeout_s": 900,
+                                  "env": {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}}})
+    path = folder / "bench-vllm.yaml"
+    path.write_text(yaml.safe_dump({"gateway": {"auth": "disabled"}, "backends": backends}))
+    return path
+
+
+class Worker:
+    """`hybridserve worker` for one backend (native, or vLLM through the launcher)."""
+
+    def __init__(self, config: Path, backend: str, log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        argv = [sys.executable, "-m", "hybridserve.cli", "worker", "--config", str(config),
+                "--backend", backend, "--port", str(self.port), "--no-restart",
+                "--log-level", "warning"]
+        self.proc = subprocess.Popen(argv, cwd=REPO, stdout=open(log, "ab"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self, timeout_s: float) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}; see {self.log}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2, trust_env=False).status_code == 200:
+                    return time.monotonic() - t0
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"worker not healthy in {timeout_s}s; see {self.log}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def measure(worker: Worker, name: str, contexts: list[int], concurrency: list[int],
+            new_tokens: int) -> list[dict]:
+    out = []
+    run_http(worker.url, name, min(contexts), min(concurrency), 4, timeout_s=1800)  # warm-up, not kept
+    for ctx in contexts:
+        for conc in concurrency:
+            t0 = time.monotonic()
+            traces = run_http(worker.url, name, ctx, conc, new_tokens, timeout_s=1800)
+            fig = summarize(traces, price_per_hour=0.5, cache_bytes_per_seq=0, budget_bytes=0,
+                            peak_rss_mb=None)
+            point = {"context": ctx, "concurrency": conc, "decode_tok_s": fig["decode_tok_s"],
+                     "ttft_p50_s": fig["ttft_p50_s"], "prefill_tok_s": fig["prefill_tok_s"],
+                     "tpot_p50_s": fig["tpot_p50_s"], "wall_s": round(time.monotonic() - t0, 2)}
+            print(f"  {name:<24} ctx={ctx:<6} conc={conc:<3} decode {_f(point['decode_tok_s'])} tok/s  "
+                  f"TTFT p50 {_f(point['ttft_p50_s'], 3)} s  ({point['wall_s']} s)", flush=True)
+            out.append(point)
+    return out
+
+
+def _f(x, nd: int = 1) -> str:
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def _ratio(a, b):
+    return a / b if a and b else None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="small-transformer,small-hybrid")
+    ap.add_argument("--contexts", default="512,2048,8192")
+    ap.add_argument("--concurrency", default="1,8")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--chunk", type=int, default=2048, help="max_num_batched_tokens of both engines")
+    ap.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"))
+    ap.add_argument("--vllm-compile", action="store_true", help="let vLLM use torch.compile")
+    ap.add_argument("--quick", action="store_true", help="small-hybrid, context 128, concurrency 1,2, 8 tokens")
+    ap.add_argument("--logs", default=None, help="folder for worker logs (default: a temp folder)")
+    a = ap.parse_args()
+    if a.quick:
+        a.models, a.contexts, a.concurrency, a.new_tokens = "small-hybrid", "128", "1,2", 8
+    if not Path(a.vllm_python).is_file():
+        print(f"error: {a.vllm_python} not found: run `make vllm-cpu` first", file=sys.stderr)
+        return 2
+    models = a.models.split(",")
+    contexts = [int(x) for x in a.contexts.split(",")]
+    concurrency = [int(x) for x in a.concurrency.split(",")]
+    max_seqs = max(concurrency)
+    folder = Path(a.logs or tempfile.mkdtemp(prefix="bench-vllm-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = write_config(folder, models, max(contexts) + a.new_tokens + 16, max_seqs, a.chunk,
+                       a.vllm_python, a.vllm_compile)
+    print(f"native engine vs vLLM CPU ({'compiled' if a.vllm_compile else 'eager'}), fp32, "
+          f"{a.new_tokens} new tokens, logs in {folder}", flush=True)
+
+    results: dict[str, dict[str, list[dict]]] = {}
+    startup: dict[str, float] = {}
+    t_all = time.monotonic()
+    for m in models:
+        results[m] = {}
+        for engine in ("native", "vllm"):
+            name = f"{engine}-{m}"
+            w = Worker(cfg, name, folder / f"{name}.log")
+            try:
+                startup[name] = round(w.wait(900), 1)
+                print(f"{name}: ready in {startup[name]} s", flush=True)
+                results[m][engine] = measure(w, name, contexts, concurrency, a.new_tokens)
+            finally:
+                w.stop()
+
+    rows = []
+    print(f"\n{'model':<18} {'ctx':>6} {'conc':>4} | {'decode tok/s native':>19} {'vLLM':>8} {'ratio':>6} | "
+          f"{'TTFT p50 s native':>17} {'vLLM':>8} {'ratio':>6}")
+    for m in models:
+        for pn, pv in zip(results[m]["native"], results[m]["vllm"]):
+            row = {"model": m, "context": pn["context"], "concurrency": pn["concurrency"],
+                   "native": pn, "vllm": pv,
+                   "decode_ratio_native_over_vllm": _ratio(pn["decode_tok_s"], pv["decode_tok_s"]),
+                   "ttft_ratio_native_over_vllm": _ratio(pn["ttft_p50_s"], pv["ttft_p50_s"])}
+            rows.append(row)
+            print(f"{m:<18} {pn['context']:>6} {pn['concurrency']:>4} | {_f(pn['decode_tok_s']):>19} "
+                  f"{_f(pv['decode_tok_s']):>8} {_f(row['decode_ratio_native_over_vllm'], 2):>6} | "
+                  f"{_f(pn['ttft_p50_s'], 3):>17} {_f(pv['ttft_p50_s'], 3):>8} "
+                  f"{_f(row['ttft_ratio_native_over_vllm'], 2):>6}")
+    print(json.dumps({"bench": "native_vs_vllm_cpu", "new_tokens": a.new_tokens,
+                      "vllm_mode": "compiled" if a.vllm_compile else "eager", "startup_s": startup,
+                      "wall_s": round(time.monotonic() - t_all, 1), "points": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
