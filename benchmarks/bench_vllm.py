@@ -107,23 +107,31 @@ class Worker:
                 self.proc.wait()
 
 
-def measure(worker: Worker, name: str, contexts: list[int], concurrency: list[int],
-            new_tokens: int) -> list[dict]:
+def grid(contexts: list[int], concurrency: list[int], max_prompt_tokens: int | None) -> list[tuple[int, int]]:
+    return [(c, n) for c in contexts for n in concurrency
+            if max_prompt_tokens is None or c * n <= max_prompt_tokens]
+
+
+def measure(worker: Worker, name: str, points: list[tuple[int, int]], new_tokens: int) -> list[dict]:
     out = []
+    contexts, concurrency = [c for c, _ in points], [n for _, n in points]
     run_http(worker.url, name, min(contexts), min(concurrency), 4, timeout_s=1800)  # warm-up, not kept
-    for ctx in contexts:
-        for conc in concurrency:
-            t0 = time.monotonic()
-            traces = run_http(worker.url, name, ctx, conc, new_tokens, timeout_s=1800)
-            fig = summarize(traces, price_per_hour=0.5, cache_bytes_per_seq=0, budget_bytes=0,
-                            peak_rss_mb=None)
-            point = {"context": ctx, "concurrency": conc, "decode_tok_s": fig["decode_tok_s"],
-                     "ttft_p50_s": fig["ttft_p50_s"], "prefill_tok_s": fig["prefill_tok_s"],
-                     "tpot_p50_s": fig["tpot_p50_s"], "wall_s": round(time.monotonic() - t0, 2)}
-            print(f"  {name:<24} ctx={ctx:<6} conc={conc:<3} decode {_f(point['decode_tok_s'])} tok/s  "
-                  f"TTFT p50 {_f(point['ttft_p50_s'], 3)} s  ({point['wall_s']} s)", flush=True)
-            out.append(point)
+    for ctx, conc in points:
+        t0 = time.monotonic()
+        traces = run_http(worker.url, name, ctx, conc, new_tokens, timeout_s=1800)
+        fig = summarize(traces, price_per_hour=0.5, cache_bytes_per_seq=0, budget_bytes=0,
+                        peak_rss_mb=None)
+        point = {"context": ctx, "concurrency": conc, "decode_tok_s": fig["decode_tok_s"],
+                 "ttft_p50_s": fig["ttft_p50_s"], "prefill_tok_s": fig["prefill_tok_s"],
+                 "tpot_p50_s": fig["tpot_p50_s"], "wall_s": round(time.monotonic() - t0, 2)}
+        print(f"  {name:<24} ctx={ctx:<6} conc={conc:<3} decode {_f(point['decode_tok_s'])} tok/s  "
+              f"TTFT p50 {_f(point['ttft_p50_s'], 3)} s  ({point['wall_s']} s)", flush=True)
+        out.append(point)
     return out
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _f(x, nd: int = 1) -> str:
@@ -140,6 +148,8 @@ def main() -> int:
     ap.add_argument("--contexts", default="512,2048,8192")
     ap.add_argument("--concurrency", default="1,8")
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--max-prompt-tokens", type=int, default=None,
+                    help="skip points whose context x concurrency exceeds this (a reduced grid)")
     ap.add_argument("--chunk", type=int, default=2048, help="max_num_batched_tokens of both engines")
     ap.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"))
     ap.add_argument("--vllm-compile", action="store_true", help="let vLLM use torch.compile")
@@ -154,13 +164,17 @@ def main() -> int:
     models = a.models.split(",")
     contexts = [int(x) for x in a.contexts.split(",")]
     concurrency = [int(x) for x in a.concurrency.split(",")]
+    points = grid(contexts, concurrency, a.max_prompt_tokens)
+    skipped = [(c, n) for c in contexts for n in concurrency if (c, n) not in points]
     max_seqs = max(concurrency)
     folder = Path(a.logs or tempfile.mkdtemp(prefix="bench-vllm-"))
     folder.mkdir(parents=True, exist_ok=True)
     cfg = write_config(folder, models, max(contexts) + a.new_tokens + 16, max_seqs, a.chunk,
                        a.vllm_python, a.vllm_compile)
     print(f"native engine vs vLLM CPU ({'compiled' if a.vllm_compile else 'eager'}), fp32, "
-          f"{a.new_tokens} new tokens, logs in {folder}", flush=True)
+          f"{a.new_tokens} new tokens, logs in {folder}"
+          + (f"; skipped (context, concurrency): {skipped}" if skipped else ""), flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # stop the worker in `finally`, then exit
 
     results: dict[str, dict[str, list[dict]]] = {}
     startup: dict[str, float] = {}
@@ -173,7 +187,7 @@ def main() -> int:
             try:
                 startup[name] = round(w.wait(900), 1)
                 print(f"{name}: ready in {startup[name]} s", flush=True)
-                results[m][engine] = measure(w, name, contexts, concurrency, a.new_tokens)
+                results[m][engine] = measure(w, name, points, a.new_tokens)
             finally:
                 w.stop()
 
@@ -192,7 +206,7 @@ def main() -> int:
                   f"{_f(pn['ttft_p50_s'], 3):>17} {_f(pv['ttft_p50_s'], 3):>8} "
                   f"{_f(row['ttft_ratio_native_over_vllm'], 2):>6}")
     print(json.dumps({"bench": "native_vs_vllm_cpu", "new_tokens": a.new_tokens,
-                      "vllm_mode": "compiled" if a.vllm_compile else "eager", "startup_s": startup,
+                      "vllm_mode": "compiled" if a.vllm_compile else "eager", "startup_s": startup, "skipped": skipped,
                       "wall_s": round(time.monotonic() - t_all, 1), "points": rows}))
     return 0
 
