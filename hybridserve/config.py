@@ -167,7 +167,9 @@ class GatewayConfig(_Strict):
     economics_profile: str | None = Field(None, description="profile from `hybridserve bench`")
     slo_ttft_s: float | None = Field(None, gt=0)
     slo_e2e_s: float | None = Field(None, gt=0)
-    cascade_threshold: float = Field(-1.0, description="escalate below this mean token logprob")
+    cascade_threshold: float = Field(-1.0, description="escalate below this mean token logprob "
+                                     "(cascade) or log P(yes) of the verifier (parallel_verify)")
+    verifier: str | None = Field(None, description="backend that judges drafts (parallel_verify)")
     step_tiers: dict[str, str] = Field(default_factory=dict,
                                        description="X-Step-Kind -> tier or backend name")
     # budgets (hybridserve/gateway/ledger.py, governor.py)
@@ -212,6 +214,11 @@ class HybridserveConfig(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"backend names must be unique; repeated: {', '.join(dupes)}")
+        if self.gateway.verifier is not None and self.gateway.verifier not in names:
+            raise ValueError(f"gateway.verifier '{self.gateway.verifier}' is not a backend; "
+                             f"use one of: {', '.join(names)}")
+        if self.gateway.policy == "parallel_verify" and self.gateway.verifier is None:
+            raise ValueError("gateway.policy 'parallel_verify' needs gateway.verifier (a backend name)")
         for alias, targets in self.aliases.items():
             if alias in names:
                 raise ValueError(f"alias '{alias}' shadows a backend of the same name; rename one")

@@ -63,6 +63,11 @@ class Call:
         d = self.adm.data
         return bool(d.get("logprobs")) or (not self.adm.chat and d.get("logprobs") is not None)
 
+    @property
+    def wants_confidence(self) -> bool:
+        """The cascade reads the answer's own logprobs (parallel_verify asks a verifier instead)."""
+        return self.route.cascade and self.route.verifier is None and not self.adm.stream
+
     def body_for(self, b: BackendState) -> bytes:
         native = b.config.engine == "native"
         if native not in self._bodies:
@@ -72,7 +77,7 @@ class Call:
     def _build(self, native: bool) -> bytes:
         d = self.adm.data
         rewrite = (self.controls.active or (self.hold is not None and self.hold.limit is not None)
-                   or (self.route.cascade and not self.adm.stream)
+                   or self.wants_confidence
                    or (self.adm.stream and not self.adm.client_usage))
         if not rewrite:
             return self.adm.raw
@@ -80,7 +85,7 @@ class Call:
         out = G.upstream_fields(d, self.controls, native, limit or self.adm.max_tokens)
         if self.adm.stream and not self.adm.client_usage:
             out["stream_options"] = {**(d.get("stream_options") or {}), "include_usage": True}
-        if self.route.cascade and not self.adm.stream:
+        if self.wants_confidence:
             if self.adm.chat:
                 out["logprobs"] = True
             elif out.get("logprobs") is None:
@@ -89,15 +94,16 @@ class Call:
 
     # ---------------------------------------------------------------- accounting
 
-    def add_usage(self, b: BackendState, usage: dict | None) -> float:
-        """Book one tier's measured usage; returns its cost in USD."""
+    def add_usage(self, b: BackendState, usage: dict | None, answer: bool = True) -> float:
+        """Book one call's measured usage (a tier's answer, or a verifier's verdict); returns its $."""
         if not usage:
             return 0.0
         cost = self.router.observe(b, usage)
         self.usd += cost
         self.device_s += float(usage.get("device_seconds") or 0.0)
         self.tokens += int(usage.get("total_tokens") or 0)
-        self.usage = usage
+        if answer:
+            self.usage = usage
         return cost
 
     def check_exhausted(self, choices: list[dict]) -> bool:
@@ -117,9 +123,10 @@ class Call:
         self.settled = True
         usd, tokens, usage = self.usd, self.tokens, self.usage
         if ok and usage is None:
-            usd = self.reservation.usd if self.reservation else 0.0
-            tokens = self.reservation.tokens if self.reservation else 0
-            usage = {"prompt_tokens": self.adm.prompt_upper, "completion_tokens": max(0, tokens - self.adm.prompt_upper)}
+            held = self.reservation or self.hold
+            usd, tokens = (held.usd, held.tokens) if held else (0.0, 0)
+            usage = {"prompt_tokens": min(tokens, self.adm.prompt_upper),
+                     "completion_tokens": max(0, tokens - self.adm.prompt_upper)}
         if self.ledger is not None and self.reservation is not None:
             self.ledger.settle(self.reservation, usd, tokens)
         if self.hold is not None:
@@ -131,7 +138,7 @@ class Call:
     def receipt_headers(self, final: bool) -> dict[str, str]:
         h = self.route.headers()
         if final:
-            h["x-hybridserve-cost-usd"] = f"{self.usd:.8f}"
+            h["x-hybridserve-cost-usd"] = f"{self.usd:.10g}"
             h["x-hybridserve-device-seconds"] = f"{self.device_s:.6f}"
             if self.exhausted:
                 h["x-hybridserve-budget"] = "exhausted"
@@ -164,7 +171,7 @@ class Call:
             for c in choices:
                 if c.get("finish_reason") == "length":
                     c["stop_reason"] = BUDGET_EXHAUSTED
-        if self.route.cascade and not self.wants_logprobs:
+        if self.wants_confidence and not self.wants_logprobs:
             for c in choices:
                 c["logprobs"] = None
         if self.controls.vote and len(choices) > 1:
@@ -226,3 +233,17 @@ class Calls:
                     call.hold.session.calls -= 1
                 raise
         return call
+
+
+def question_and_answer(data: dict, body: dict, chat: bool) -> tuple[str, str] | None:
+    """The question (last user message, or the text prompt) and the first answer, for a verifier."""
+    if chat:
+        users = [m for m in data.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
+        q = users[-1].get("content") if users else None
+    else:
+        q = data.get("prompt")
+    choices = body.get("choices") or []
+    if not isinstance(q, str) or not choices:
+        return None
+    a = (choices[0].get("message") or {}).get("content") if chat else choices[0].get("text")
+    return q, a or ""

@@ -9,7 +9,9 @@ backend has one keep-alive pool (`upstream.Pool`) shared by all requests.
 
 Cascade (policy `cascade`, non-streaming): the cheapest tier answers first with
 logprobs; while its mean token logprob is below `gateway.cascade_threshold` the next
-tier answers; `usage.tiers` lists every tier tried with its cost.
+tier answers; `usage.tiers` lists every tier tried with its cost. `parallel_verify`
+runs the same loop but scores each draft by asking `gateway.verifier` whether it is
+right (log P("yes"), see router/policies/verify.py); the verdict's cost is booked too.
 
 Failure map: cannot connect (or the connection died before any answer) → the backend
 is marked down and `auto`/aliases try the next one, a pinned request gets 503; a
@@ -29,10 +31,11 @@ from starlette.responses import Response, StreamingResponse
 
 from hybridserve import protocol as P
 from hybridserve.errors import BackendUnavailableError, GatewayTimeoutError, HybridserveError, UpstreamError
-from hybridserve.gateway.call import Call, confidence
+from hybridserve.gateway.call import Call, confidence, question_and_answer
 from hybridserve.gateway.metrics import GatewayMetrics
 from hybridserve.gateway.registry import BackendState, Registry
 from hybridserve.router.policies import should_escalate
+from hybridserve.router.policies.verify import judge_prompt, verdict_score
 from hybridserve.gateway.upstream import (BrokenResponse, ConnectFailed, ConnectionLost, Pool,
                                           UpstreamResponse)
 
@@ -217,16 +220,42 @@ class Proxy:
                 call.settle(b.name, ok=False)
                 return Response(body, status_code=status, media_type=ctype)
             answer = self._parse(b, body)
-            cost = call.add_usage(b, answer.get("usage"))
-            conf = confidence(answer, call.adm.chat)
-            up = should_escalate(conf, call.route.threshold) and j + 1 < len(order)
-            call.tried.append({"backend": b.name, "cost_usd": round(cost, 10),
-                               "mean_logprob": None if conf is None else round(conf, 4),
-                               "escalated": up})
+            tier = {"backend": b.name, "cost_usd": round(call.add_usage(b, answer.get("usage")), 10)}
+            last = j + 1 == len(order)
+            if call.route.verifier is None:
+                conf = confidence(answer, call.adm.chat)
+                tier["mean_logprob"] = None if conf is None else round(conf, 4)
+            elif not last:
+                conf, cost = await self._verify(request, call, answer)
+                tier.update(verified_by=call.route.verifier.name, verifier_cost_usd=round(cost, 10),
+                            verifier_score=None if conf is None else round(conf, 4))
+            up = not last and should_escalate(conf, call.route.threshold)
+            tier["escalated"] = up
+            call.tried.append(tier)
             if not up:
                 return Response(self._finish(request, b, call, answer), media_type=ctype)
             self.metrics.escalations.labels(b.name, order[j + 1].name).inc()
         raise AssertionError("unreachable: the last tier never escalates")
+
+    async def _verify(self, request: Request, call: Call, answer: dict) -> tuple[float | None, float]:
+        """Ask the verifier to judge a draft: (log P(yes) or None, the verdict's cost)."""
+        v = call.route.verifier
+        qa = question_and_answer(call.adm.data, answer, call.adm.chat)
+        if qa is None or v is None or not v.healthy:
+            return None, 0.0
+        body = json.dumps({"model": v.name, "prompt": judge_prompt(*qa), "max_tokens": 1,
+                           "temperature": 0.0, "logprobs": 20}).encode()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                status, _, raw = await self._exchange(v, "/v1/completions", body, request.state.request_id)
+            verdict = self._parse(v, raw) if status == 200 else {}
+        except (_Unreachable, UpstreamError, TimeoutError) as err:
+            logger.warning("%s verifier %s failed: %s", request.state.request_id, v.name, err)
+            return None, 0.0
+        cost = call.add_usage(v, verdict.get("usage"), answer=False)
+        choices = verdict.get("choices") or [{}]
+        tops = (choices[0].get("logprobs") or {}).get("top_logprobs") or [None]
+        return verdict_score(tops[0]), cost
 
     @staticmethod
     def _parse(b: BackendState, body: bytes) -> dict:

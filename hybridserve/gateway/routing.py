@@ -18,7 +18,7 @@ import logging
 from dataclasses import dataclass, field
 
 from hybridserve.config import HybridserveConfig
-from hybridserve.errors import BackendUnavailableError
+from hybridserve.errors import BackendUnavailableError, InvalidRequestError
 from hybridserve.gateway.registry import BackendState, Registry
 from hybridserve.router.economics import context_bucket, load_profile
 from hybridserve.router.policies import (POLICY_NAMES, BackendView, Decision, Rule, Rules, RouteRequest,
@@ -39,7 +39,8 @@ class Route:
     order: list[BackendState]
     prompt_tokens: int            # the estimate the request was priced with
     max_tokens: int
-    threshold: float | None = None  # cascade: escalate below this mean logprob
+    threshold: float | None = None  # cascade: escalate below this mean logprob (or verifier score)
+    verifier: BackendState | None = None  # parallel_verify: who judges the drafts
     tried: list[dict] = field(default_factory=list)  # cascade: every tier tried, with its cost
 
     @property
@@ -81,8 +82,10 @@ class Router:
         self.default_policy = gw.routing_policy()
         self.threshold = gw.cascade_threshold
         self.slo = (gw.slo_ttft_s, gw.slo_e2e_s)
-        self.policies = {name: make_policy(name, threshold=gw.cascade_threshold)
-                         for name in POLICY_NAMES if name != "rules"}
+        self.verifier = gw.verifier
+        self.policies = {name: make_policy(name, threshold=gw.cascade_threshold, verifier=gw.verifier)
+                         for name in POLICY_NAMES
+                         if name != "rules" and (name != "parallel_verify" or gw.verifier)}
         self.step_rules = [Rule(target, step_kind=kind) for kind, target in gw.step_tiers.items()]
         self.policies["rules"] = Rules(self.step_rules, self.policies["economics"])
         by_price: dict[str, float] = {}
@@ -105,7 +108,10 @@ class Router:
             d = Decision(b.name, "pinned", f"model '{model}' names this backend")
             return Route(d, candidates, prompt_tokens, cap)
         name = policy or self.default_policy
-        pol = self.policies[name]
+        pol = self.policies.get(name)
+        if pol is None:
+            raise InvalidRequestError(f"policy '{name}' is not available here: it needs "
+                                      "gateway.verifier in models.yaml", param="model")
         if step_kind and any(r.step_kind == step_kind for r in self.step_rules):
             pol = Rules(self.step_rules, pol)
         pool = [b for b in candidates if b.name in preferred] or candidates
@@ -123,8 +129,9 @@ class Router:
         names = [d.backend, *d.fallbacks]
         rest = [b for b in candidates if b.healthy and b.name not in names]
         order = [self.registry.backends[n] for n in names] + rest
-        threshold = self.threshold if d.policy == "cascade" else None
-        return Route(d, order, prompt_tokens, cap, threshold)
+        threshold = self.threshold if d.policy in ("cascade", "parallel_verify") else None
+        verifier = self.registry.backends[self.verifier] if d.policy == "parallel_verify" else None
+        return Route(d, order, prompt_tokens, cap, threshold, verifier)
 
     def predict_usd(self, backend: str, prompt_tokens: int, max_tokens: int) -> float:
         b = self.registry.backends[backend]

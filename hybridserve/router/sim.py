@@ -54,8 +54,9 @@ def load_trace(path: str | Path) -> list[SimRequest]:
 
 def simulate(policy_name: str, requests: list[SimRequest], backends: list[BackendView], table: EconomicsTable,
              slo_ttft_s: float | None, slo_e2e_s: float | None, escalation_p: float = 0.2, seed: int = 0,
-             tier_order: tuple[str, ...] = (), window: int = 4) -> dict:
-    policy = make_policy(policy_name)
+             tier_order: tuple[str, ...] = (), window: int = 4, verifier: str | None = None) -> dict:
+    verifier = verifier or (backends[0].name if backends else None)
+    policy = make_policy(policy_name, verifier=verifier)
     rng = random.Random(seed)
     usd = tokens = met = escalations = unroutable = 0
     share: dict[str, int] = {}
@@ -69,10 +70,12 @@ def simulate(policy_name: str, requests: list[SimRequest], backends: list[Backen
             unroutable += 1
             continue
         chain = [d.backend]
-        if policy_name == "cascade" and d.fallbacks and rng.random() < escalation_p:
+        if policy_name in ("cascade", "parallel_verify") and d.fallbacks and rng.random() < escalation_p:
             chain.append(d.fallbacks[0])
             escalations += 1
         ests = [table.predict(b, r.prompt_tokens, r.output_tokens, load[b] + 1) for b in chain]
+        if policy_name == "parallel_verify" and d.fallbacks:  # the verifier reads prompt + draft, says 1 token
+            ests.insert(1, table.predict(verifier, r.prompt_tokens + r.output_tokens, 1, load[verifier] + 1))
         recent = (recent + [chain[-1]])[-window:]
         usd += sum(e.usd for e in ests)
         tokens += r.prompt_tokens + r.output_tokens

@@ -93,3 +93,26 @@ def test_cascade_orders_by_tier_then_cost_and_escalates_on_low_confidence():
 def test_unknown_policy_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown routing policy"):
         make_policy("random")
+
+
+def test_parallel_verify_drafts_cheap_and_scores_yes():
+    from hybridserve.router.policies.verify import judge_prompt, verdict_score
+
+    with pytest.raises(ValueError, match="verifier"):
+        make_policy("parallel_verify")
+    d = make_policy("parallel_verify", threshold=-0.5, verifier="T").choose(RouteRequest(200, 50), _snap())
+    assert d.policy == "parallel_verify" and d.backend == "T" and d.fallbacks[-1] == "BIG"  # standard tier first
+    assert "judged by T" in d.reason
+    assert verdict_score({" Yes": -0.2, "no": -1.0, "yes": -0.7}) == -0.2
+    assert verdict_score({"no": -0.1}) is None and verdict_score(None) is None
+    assert "2+2" in judge_prompt(" 2+2? ", "4") and judge_prompt("q", "a").endswith("Reply:")
+
+
+def test_sim_charges_the_verifier():
+    from hybridserve.router.sim import SimRequest, simulate
+
+    views = [BackendView("T", "transformer", "standard", 1.0, 16384), BackendView("H", "hybrid", "standard", 1.0, 16384)]
+    reqs = [SimRequest(300, 50)] * 50
+    casc = simulate("cascade", reqs, views, _table(), None, None, escalation_p=0.0)
+    pv = simulate("parallel_verify", reqs, views, _table(), None, None, escalation_p=0.0, verifier="H")
+    assert pv["usd"] > casc["usd"] and pv["share"] == casc["share"]

@@ -5,7 +5,8 @@ The gateway is seeded with a hand-made economics profile in which the transforme
 cheap at short context and the hybrid is cheap at long context (a 100x gap, so the
 live corrections of a few requests cannot flip it); sessions are capped at
 SESSION_TOKENS tokens; agent step `plan` maps to the hybrid's tier, `polish` to the
-transformer; the cascade threshold is above any possible mean logprob (always escalates).
+transformer; the cascade threshold is above any possible mean logprob or verifier score
+(always escalates); the hybrid judges drafts for `parallel_verify`.
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def routed(tmp_path_factory):
     (tmp / "profile.json").write_text(json.dumps(PROFILE))
     backends, extra = engine_backends(tmp, max_context=1024)
     gateway = {"economics_profile": str(tmp / "profile.json"), "session_max_tokens": SESSION_TOKENS,
-               "cascade_threshold": 0.5, "step_tiers": {"plan": "economy", "polish": "tiny-transformer"}}
+               "cascade_threshold": 0.5, "verifier": "tiny-hybrid",
+               "step_tiers": {"plan": "economy", "polish": "tiny-transformer"}}
     stack = start_stack(tmp, backends, gateway=gateway, up_args=extra)
     yield stack
     stop_process(stack.proc)
@@ -135,6 +137,20 @@ def test_cascade_escalates_and_reports_every_tier(routed):
     assert r.headers["x-hybridserve-backend"] == "tiny-hybrid"
     assert r.headers["x-hybridserve-tiers"] == "tiny-transformer,tiny-hybrid"
     assert body["choices"][0]["logprobs"] is None  # asked for the cascade, not by the client
+
+
+def test_parallel_verify_books_the_verdict_and_escalates_on_a_weak_one(routed):
+    r = post(routed, {"model": "auto:parallel_verify", "prompt": SHORT, "max_tokens": 5})
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    draft, final = usage["tiers"]
+    assert draft["backend"] == "tiny-transformer" and draft["verified_by"] == "tiny-hybrid"
+    assert draft["verifier_cost_usd"] > 0 and draft["escalated"]  # log P(yes) <= 0 < threshold 0.5
+    assert draft["verifier_score"] is None or draft["verifier_score"] < 0.5
+    assert final == {"backend": "tiny-hybrid", "cost_usd": final["cost_usd"], "escalated": False}
+    total = draft["cost_usd"] + draft["verifier_cost_usd"] + final["cost_usd"]
+    assert usage["cost_usd"] == pytest.approx(total, abs=1e-9)
+    assert r.headers["x-hybridserve-policy"] == "parallel_verify"
 
 
 # ------------------------------------------------------------------ governor
