@@ -96,10 +96,10 @@ def compare(policies: list[str], requests, backends, table, slo_ttft_s, slo_e2e_
 
 def format_table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["policy"] == "round_robin"), rows[0])
-    lines = [f"{'policy':<14}{'$/1M tokens':>13}{'vs round_robin':>16}{'SLO met':>9}{'escalated':>11}  share"]
+    lines = [f"{'policy':<16}{'$/1M tokens':>13}{'vs round_robin':>16}{'SLO met':>9}{'escalated':>11}  share"]
     for r in rows:
         delta = (r["usd_per_1m_tokens"] / base["usd_per_1m_tokens"] - 1) if base["usd_per_1m_tokens"] else 0
         share = ", ".join(f"{k} {v / max(1, r['requests'] - r['unroutable']):.0%}" for k, v in sorted(r["share"].items()))
-        lines.append(f"{r['policy']:<14}{r['usd_per_1m_tokens']:>13.4f}{delta:>+15.1%} {r['slo_attainment']:>8.1%}"
+        lines.append(f"{r['policy']:<16}{r['usd_per_1m_tokens']:>13.4f}{delta:>+15.1%} {r['slo_attainment']:>8.1%}"
                      f"{r['escalation_rate']:>10.1%}  {share}")
     return "\n".join(lines)

@@ -116,3 +116,9 @@ def test_sim_charges_the_verifier():
     casc = simulate("cascade", reqs, views, _table(), None, None, escalation_p=0.0)
     pv = simulate("parallel_verify", reqs, views, _table(), None, None, escalation_p=0.0, verifier="H")
     assert pv["usd"] > casc["usd"] and pv["share"] == casc["share"]
+
+
+def test_economics_avoids_a_full_cache_unless_all_are_full():
+    req = RouteRequest(200, 100, tier="standard")
+    assert Economics().choose(req, _snap(T={"cache_usage": 0.99})).backend == "H"
+    assert Economics().choose(req, _snap(T={"cache_usage": 0.99}, H={"cache_usage": 0.99})).backend == "T"

@@ -1,13 +1,16 @@
 """Economics policy: the cheapest backend predicted to meet the latency SLO and the tier.
 
 For each healthy candidate it prices the request from the live table (prompt
-tokens, expected output tokens, current load), drops those predicted to miss
-the SLO, and takes the cheapest; if none meets the SLO it takes the fastest and
-says so. The decision carries every estimate so the choice can be audited.
+tokens, expected output tokens, current load), sets aside backends whose cache is
+nearly full (`CACHE_FULL`, unless all are), drops those predicted to miss the SLO,
+and takes the cheapest; if none meets the SLO it takes the fastest and says so.
+The decision carries every estimate so the choice can be audited.
 """
 from __future__ import annotations
 
 from hybridserve.router.policies.base import Decision, RouteRequest, Snapshot, no_backend
+
+CACHE_FULL = 0.95  # a backend past this cache usage would queue or preempt the request
 
 
 def meets_slo(est, req: RouteRequest) -> bool:
@@ -27,6 +30,7 @@ class Economics:
         cands = snap.candidates(req)
         if not cands:
             return no_backend(self.name, req)
+        cands = [b for b in cands if b.cache_usage < CACHE_FULL] or cands  # memory headroom
         ests = [snap.estimate(b, req) for b in cands]
         ok = [e for e in ests if meets_slo(e, req)]
         if self.objective == "fastest":
