@@ -219,6 +219,11 @@ class HybridserveConfig(_Strict):
                              f"use one of: {', '.join(names)}")
         if self.gateway.policy == "parallel_verify" and self.gateway.verifier is None:
             raise ValueError("gateway.policy 'parallel_verify' needs gateway.verifier (a backend name)")
+        targets = set(names) | {b.tier for b in self.backends}
+        for kind, target in self.gateway.step_tiers.items():
+            if target not in targets:
+                raise ValueError(f"gateway.step_tiers.{kind}: '{target}' is neither a backend nor a "
+                                 f"tier; use one of: {', '.join(sorted(targets))}")
         for alias, targets in self.aliases.items():
             if alias in names:
                 raise ValueError(f"alias '{alias}' shadows a backend of the same name; rename one")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from hybridserve.config import HybridserveConfig
+from hybridserve.config import ConfigError, HybridserveConfig
 from hybridserve.errors import BackendUnavailableError, InvalidRequestError
 from hybridserve.gateway.registry import BackendState, Registry
 from hybridserve.router.economics import context_bucket, load_profile
@@ -72,7 +72,11 @@ class Router:
         gw = cfg.gateway
         self.registry = registry
         prices = {b.name: b.price_per_hour for b in cfg.backends}
-        profile = load_profile(gw.economics_profile) if gw.economics_profile else {}
+        try:
+            profile = load_profile(gw.economics_profile) if gw.economics_profile else {}
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"gateway.economics_profile: {err}; write one with `hybridserve bench` "
+                              "or remove the field") from None
         self.table = EconomicsTable.from_profile(profile, prices)
         for b in cfg.backends:  # unmeasured backends: one conservative default row each
             if not self.table.entries.get(b.name):
