@@ -70,11 +70,17 @@ native worker does:
   as a native worker serves its one model whatever it is called;
 * errors: vLLM's JSON error bodies are rewritten into OpenAI's shape as the native worker
   answers it (`type` as OpenAI names it, `code` a string such as
-  `context_length_exceeded`, or null).
+  `context_length_exceeded`, or null);
+* usage: completions and chat answers get `usage.device_seconds`, as native workers
+  report it (the gateway charges price_per_hour x device_seconds and learns its
+  economics from it). vLLM does not measure it per request, so it is estimated here:
+  the time this server has requests in flight, shared equally among the requests in
+  flight at each moment (the native engine shares each step by tokens instead).
 """
 import json
 import os
 import re
+import time
 
 SERVED = os.environ.get("HYBRIDSERVE_SERVED_MODEL", "")
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -107,6 +113,71 @@ def reshape(status, body):
     return json.dumps(out).encode()
 
 
+class DeviceClock:
+    """Per-request share of the time the server is busy: equal shares among requests in flight."""
+
+    def __init__(self, now=time.monotonic):
+        self.now = now
+        self.accrued = {}
+        self.t = now()
+
+    def _advance(self):
+        t = self.now()
+        if self.accrued:
+            share = (t - self.t) / len(self.accrued)
+            for k in self.accrued:
+                self.accrued[k] += share
+        self.t = t
+
+    def begin(self, key):
+        self._advance()
+        self.accrued[key] = 0.0
+
+    def read(self, key):
+        self._advance()
+        return self.accrued.get(key, 0.0)
+
+    def end(self, key):
+        self._advance()
+        return self.accrued.pop(key, 0.0)
+
+
+CLOCK = DeviceClock()
+
+
+def add_device_seconds(doc, seconds):
+    usage = doc.get("usage") if isinstance(doc, dict) else None
+    if isinstance(usage, dict) and "device_seconds" not in usage:
+        usage["device_seconds"] = round(seconds, 6)
+        return True
+    return False
+
+
+def stamp_json(body, seconds):
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return body
+    return json.dumps(doc, separators=(",", ":")).encode() if add_device_seconds(doc, seconds) else body
+
+
+def stamp_events(body, seconds):
+    """SSE bytes with `device_seconds` added to the chunk that carries `usage`."""
+    if b'"usage":{' not in body:
+        return body
+    out = []
+    for line in body.split(b"\\n"):
+        if line.startswith(b"data: {") and b'"usage":{' in line:
+            try:
+                doc = json.loads(line[6:])
+            except ValueError:
+                doc = None
+            if doc is not None and add_device_seconds(doc, seconds):
+                line = b"data: " + json.dumps(doc, separators=(",", ":")).encode()
+        out.append(line)
+    return b"\\n".join(out)
+
+
 def rename_model(body, served):
     """The body with `model` set to the served name (unchanged bytes when it already is)."""
     if not served or b"model" not in body:
@@ -128,31 +199,56 @@ class HybridserveShim:
     async def __call__(self, scope, receive, send):
         if scope.get("type") != "http":
             return await self.app(scope, receive, send)
-        if SERVED and scope.get("method") == "POST" and scope.get("path", "").startswith("/v1/"):
+        path = scope.get("path", "")
+        if SERVED and scope.get("method") == "POST" and path.startswith("/v1/"):
             scope, receive = await self._rename(scope, receive)
+        timed = scope.get("method") == "POST" and path.endswith("/completions")
+        key = object()
         held = {}
+        mode = {}
 
         async def wrapped(message):
             kind = message.get("type")
             if kind == "http.response.start":
-                headers = dict((k.lower(), v) for k, v in message.get("headers", []))
-                if message.get("status", 200) >= 400 and b"json" in headers.get(b"content-type", b""):
-                    held["start"], held["body"] = message, b""
+                status = message.get("status", 200)
+                ctype = dict((k.lower(), v) for k, v in message.get("headers", [])).get(b"content-type", b"")
+                if status >= 400 and b"json" in ctype:
+                    held["start"], held["body"], mode["m"] = message, b"", "error"
                     return
+                if timed and status == 200 and b"json" in ctype:
+                    held["start"], held["body"], mode["m"] = message, b"", "json"
+                    return
+                if timed and status == 200 and b"event-stream" in ctype:
+                    mode["m"] = "events"
             elif kind == "http.response.body" and "start" in held:
                 held["body"] += message.get("body", b"")
                 if message.get("more_body"):
                     return
                 start = held.pop("start")
-                body = reshape(start["status"], held.pop("body"))
+                body = held.pop("body")
+                if mode["m"] == "error":
+                    body = reshape(start["status"], body)
+                else:
+                    body = stamp_json(body, CLOCK.read(key))
                 headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
                 headers.append((b"content-length", str(len(body)).encode()))
                 await send(dict(start, headers=headers))
                 await send({"type": "http.response.body", "body": body})
                 return
+            elif kind == "http.response.body" and mode.get("m") == "events":
+                body = message.get("body", b"")
+                new = stamp_events(body, CLOCK.read(key))
+                if new is not body:
+                    message = dict(message, body=new)
             await send(message)
 
-        await self.app(scope, receive, wrapped)
+        if not timed:
+            return await self.app(scope, receive, wrapped)
+        CLOCK.begin(key)
+        try:
+            await self.app(scope, receive, wrapped)
+        finally:
+            CLOCK.end(key)
 
     async def _rename(self, scope, receive):
         parts = []

@@ -4,7 +4,9 @@ These run everywhere (no `vllm` marker): they only build what would be started.
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -147,3 +149,96 @@ def test_gpu_profile_validates_without_network(monkeypatch):
     assert "--mamba-cache-dtype" in L.vllm_argv(by_arch["hybrid"], "python", "m", 8001)
     # the default (cpu) profile is unchanged: the native small pair
     assert {b.engine for b in load_config(REPO / "models.yaml").backends} == {"native"}
+
+
+def _shim_ns(served: str = "h") -> dict:
+    ns: dict = {}
+    old = os.environ.get(L.SHIM_ENV)
+    os.environ[L.SHIM_ENV] = served
+    try:
+        exec(compile(L.SHIM_SOURCE, L.SHIM_MODULE, "exec"), ns)
+    finally:
+        if old is None:
+            os.environ.pop(L.SHIM_ENV, None)
+        else:
+            os.environ[L.SHIM_ENV] = old
+    return ns
+
+
+async def _fake_vllm(scope, receive, send):
+    """Answers like vLLM: JSON with usage, an SSE stream whose last chunk has usage, a 400."""
+    body = json.loads((await receive())["body"])
+    assert body["model"] == "h"  # the shim renamed whatever the gateway forwarded
+    if body.get("stream"):
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]})
+        for chunk in (b'data: {"choices":[{"text":"a"}],"usage":null}\n\n',
+                      b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}\n\n',
+                      b"data: [DONE]\n\n"):
+            await asyncio.sleep(0.02)
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return
+    status, doc = (400, {"error": {"message": "too long for max_model_len", "type": "BadRequestError",
+                                   "param": None, "code": 400}}) if body.get("n") == 9 else \
+        (200, {"choices": [{"text": "a"}], "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+    raw = json.dumps(doc).encode()
+    await asyncio.sleep(0.02)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(raw)).encode())]})
+    await send({"type": "http.response.body", "body": raw})
+
+
+def _call(shim, body: dict) -> tuple[int, dict, bytes]:
+    raw = json.dumps(body).encode()
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions",
+             "headers": [(b"content-type", b"application/json"),
+                         (b"content-length", str(len(raw)).encode())]}
+    inbox = [{"type": "http.request", "body": raw, "more_body": False}]
+    sent: list[dict] = []
+
+    async def receive():
+        return inbox.pop(0) if inbox else {"type": "http.disconnect"}
+
+    async def send(m):
+        sent.append(m)
+
+    asyncio.run(shim(scope, receive, send))
+    start = sent[0]
+    body_bytes = b"".join(m.get("body", b"") for m in sent[1:])
+    headers = dict(start["headers"])
+    if b"content-length" in headers:
+        assert int(headers[b"content-length"]) == len(body_bytes)
+    return start["status"], headers, body_bytes
+
+
+def test_shim_as_middleware_renames_reshapes_and_reports_device_seconds():
+    ns = _shim_ns("h")
+    shim = ns["HybridserveShim"](_fake_vllm)
+    status, _, body = _call(shim, {"model": "auto", "prompt": "x"})
+    usage = json.loads(body)["usage"]
+    assert status == 200 and 0.01 < usage["device_seconds"] < 5 and usage["prompt_tokens"] == 1
+    status, _, body = _call(shim, {"model": "standard", "prompt": "x", "stream": True})
+    events = [e for e in body.decode().split("\n\n") if e]
+    assert events[-1] == "data: [DONE]" and json.loads(events[0][6:])["usage"] is None
+    assert json.loads(events[1][6:])["usage"]["device_seconds"] > 0.02
+    status, _, body = _call(shim, {"model": "auto", "prompt": "x", "n": 9})
+    assert status == 400 and json.loads(body)["error"]["code"] == "context_length_exceeded"
+
+
+def test_device_clock_shares_busy_time_among_requests_in_flight():
+    ns = _shim_ns()
+    t = [0.0]
+    clock = ns["DeviceClock"](now=lambda: t[0])
+    clock.begin("a")
+    t[0] = 1.0
+    clock.begin("b")
+    t[0] = 3.0
+    assert clock.end("a") == pytest.approx(2.0)  # 1 s alone + 2 s shared with b
+    t[0] = 4.0
+    assert clock.end("b") == pytest.approx(2.0)  # 1 s shared + 1 s alone
+    t[0] = 9.0  # idle time is nobody's
+    clock.begin("c")
+    t[0] = 10.0
+    assert clock.read("c") == pytest.approx(1.0)

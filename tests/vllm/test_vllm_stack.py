@@ -121,11 +121,13 @@ def test_completion_and_stream_through_gateway(client, arch):
     assert full.model == model and choice.finish_reason in ("stop", "length")
     assert full.usage.prompt_tokens > 1 and full.usage.completion_tokens >= 1
     assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+    assert full.usage.model_extra["device_seconds"] > 0  # estimated by the shim, as natives report it
     chunks = list(client.completions.create(**kw, stream=True,
                                             stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert chunks[-1].usage.model_extra["device_seconds"] > 0
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
