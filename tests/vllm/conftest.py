@@ -51,13 +51,17 @@ def vllm_servers(root_pid: int | None = None) -> dict[str, psutil.Process]:
 
 
 def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    """Whether any live (non-zombie) process is in process group pgid.
+
+    A zombie still counts for kill(0); an orphan's zombie waits for PID 1 to reap it,
+    which in a container may take a while, so zombies are not counted."""
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return False
 
 
 def kill_group(pgid: int) -> None:

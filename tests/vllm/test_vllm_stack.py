@@ -79,6 +79,11 @@ def stack(tmp_path_factory):
     yield s
     servers = vllm_servers(s.proc.pid)
     stop_process(s.proc, grace_s=60)
+    try:
+        wait_until(lambda: not any(group_alive(p.pid) for p in servers.values()), 15,
+                   "vLLM process groups gone")
+    except TimeoutError:
+        pass
     left = [p.pid for p in servers.values() if group_alive(p.pid)]
     for pgid in left:
         kill_group(pgid)
