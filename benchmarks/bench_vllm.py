@@ -53,7 +53,7 @@ def free_port() -> int:
 
 
 def write_config(folder: Path, models: list[str], max_context: int, max_seqs: int, chunk: int,
-                 vllm_python: str, compile_vllm: bool) -> Path:
+                 vllm_python: str, compile_vllm: bool, omp_bind: str) -> Path:
     backends = []
     for m in models:
         common = {"arch": ARCH[m], "checkpoint": f"builtin:{m}", "dtype": "float32",
@@ -65,7 +65,7 @@ def write_config(folder: Path, models: list[str], max_context: int, max_seqs: in
                          "vllm": {"python": vllm_python, "kv_cache_space_gb": 2.0,
                                   "max_num_seqs": max_seqs, "max_num_batched_tokens": chunk,
                                   "enforce_eager": not compile_vllm, "startup_timeout_s": 900,
-                                  "env": {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}}})
+                                  "env": {"VLLM_CPU_OMP_THREADS_BIND": omp_bind}}})
     path = folder / "bench-vllm.yaml"
     path.write_text(yaml.safe_dump({"gateway": {"auth": "disabled"}, "backends": backends}))
     return path
@@ -153,6 +153,8 @@ def main() -> int:
     ap.add_argument("--chunk", type=int, default=2048, help="max_num_batched_tokens of both engines")
     ap.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"))
     ap.add_argument("--vllm-compile", action="store_true", help="let vLLM use torch.compile")
+    ap.add_argument("--vllm-omp-bind", default="auto",
+                    help="VLLM_CPU_OMP_THREADS_BIND for vLLM (auto: vLLM's default core binding; nobind)")
     ap.add_argument("--quick", action="store_true", help="small-hybrid, context 128, concurrency 1,2, 8 tokens")
     ap.add_argument("--logs", default=None, help="folder for worker logs (default: a temp folder)")
     a = ap.parse_args()
@@ -170,8 +172,9 @@ def main() -> int:
     folder = Path(a.logs or tempfile.mkdtemp(prefix="bench-vllm-"))
     folder.mkdir(parents=True, exist_ok=True)
     cfg = write_config(folder, models, max(contexts) + a.new_tokens + 16, max_seqs, a.chunk,
-                       a.vllm_python, a.vllm_compile)
-    print(f"native engine vs vLLM CPU ({'compiled' if a.vllm_compile else 'eager'}), fp32, "
+                       a.vllm_python, a.vllm_compile, a.vllm_omp_bind)
+    print(f"native engine vs vLLM CPU ({'compiled' if a.vllm_compile else 'eager'}, "
+          f"OMP bind {a.vllm_omp_bind}), fp32, "
           f"{a.new_tokens} new tokens, logs in {folder}"
           + (f"; skipped (context, concurrency): {skipped}" if skipped else ""), flush=True)
     signal.signal(signal.SIGTERM, _interrupt)  # stop the worker in `finally`, then exit
@@ -206,7 +209,8 @@ def main() -> int:
                   f"{_f(pn['ttft_p50_s'], 3):>17} {_f(pv['ttft_p50_s'], 3):>8} "
                   f"{_f(row['ttft_ratio_native_over_vllm'], 2):>6}")
     print(json.dumps({"bench": "native_vs_vllm_cpu", "new_tokens": a.new_tokens,
-                      "vllm_mode": "compiled" if a.vllm_compile else "eager", "startup_s": startup, "skipped": skipped,
+                      "vllm_mode": "compiled" if a.vllm_compile else "eager",
+                      "vllm_omp_bind": a.vllm_omp_bind, "startup_s": startup, "skipped": skipped,
                       "wall_s": round(time.monotonic() - t_all, 1), "points": rows}))
     return 0
 
