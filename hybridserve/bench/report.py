@@ -64,6 +64,10 @@ def _plot(records, out: Path, name: str, metric: str, ylabel: str, title: str, c
     series = sorted({(r["backend"], r["concurrency"]) for r in records})
     per_seq_metric = metric in ("cache_bytes_per_seq", "max_concurrency")
     seen = set()
+    backends = sorted({b for b, _ in series})
+    concs = sorted({c for _, c in series})
+    colour = {b: f"C{i}" for i, b in enumerate(backends)}  # one colour per backend,
+    style = {c: ("-", "--", ":", "-.")[i % 4] for i, c in enumerate(concs)}  # one line style per concurrency
     for backend, conc in series:
         if per_seq_metric and backend in seen:
             continue  # does not depend on concurrency
@@ -76,7 +80,8 @@ def _plot(records, out: Path, name: str, metric: str, ylabel: str, title: str, c
         if metric == "cache_bytes_per_seq":
             ys = [y / 2**20 for y in ys]
         label = backend if per_seq_metric else f"{backend} (c={conc})"
-        ax.plot(xs, ys, marker="o", label=label)
+        ax.plot(xs, ys, marker="o", label=label, color=colour[backend],
+                linestyle="-" if per_seq_metric else style[conc])
     if metric == "usd_per_1m_output" and cross:
         for conc, ctx in cross.get("by_concurrency", {}).items():
             if ctx:
