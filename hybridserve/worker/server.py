@@ -31,9 +31,9 @@ def serve_worker(cfg: HybridserveConfig, backend_name: str, host: str, port: int
 
     backend = cfg.backend(backend_name)
     if backend.engine != "native":
-        raise SystemExit(f"backend '{backend_name}' has engine '{backend.engine}'; "
-                         "`hybridserve worker` serves only engine 'native'"
-                         + (" (engine 'vllm' is not yet supported)" if backend.engine == "vllm"
+        raise SystemExit(f"backend '{backend_name}' has engine '{backend.engine}'; this server runs "
+                         "only engine 'native'"
+                         + (" (`hybridserve worker` launches vLLM for engine 'vllm')" if backend.engine == "vllm"
                             else " (a remote backend is already running elsewhere)"))
     factory = load_factory(engine_factory) if engine_factory else native_engine
     logger.info("loading %s (%s)", backend.name, backend.checkpoint)
