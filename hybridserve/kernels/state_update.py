@@ -128,6 +128,20 @@ def selective_state_update_triton(
     return y
 
 
+def _consecutive_run(state_indices, n: int, state: torch.Tensor) -> int | None:
+    """First slot when the rows are slots k..k+n-1 in order of an fp32 CPU state, else None."""
+    if state.dtype != torch.float32 or state.is_cuda or not state.is_contiguous():
+        return None
+    if state_indices is None:
+        return 0
+    if state_indices.is_cuda or n == 0:
+        return None
+    first = int(state_indices[0])
+    if n > 1 and not bool((state_indices[1:] - state_indices[:-1] == 1).all()):
+        return None
+    return first
+
+
 def selective_state_update_ref(
     state, x, dt, A, B, C, D=None, *, z=None, dt_bias=None, dt_softplus=True, state_indices=None
 ):
@@ -136,19 +150,26 @@ def selective_state_update_ref(
     G = B.shape[1]
     if H % G:
         raise ValueError(f"heads ({H}) must be a multiple of B/C groups ({G})")
-    if state_indices is None:
-        state_indices = torch.arange(Bt, device=state.device)
     N = B.shape[2]
+    run = _consecutive_run(state_indices, Bt, state)
     Bh = B.float().repeat_interleave(H // G, dim=1).reshape(Bt * H, 1, N)  # [Bt*H, 1, N]
     Ch = C.float().repeat_interleave(H // G, dim=1).reshape(Bt * H, N, 1)  # [Bt*H, N, 1]
     dt = process_dt(dt, dt_bias, dt_softplus)  # [Bt, H]
     decay = torch.exp(dt * A.float())  # [Bt, H]
-    # In place on one gathered copy (no [Bt, H, P, N] temporaries): this ref is the CPU decode path.
-    new = state.index_select(0, state_indices).float()  # [Bt, H, P, N]
+    # This ref is the CPU decode path, so it is written for memory traffic: no [Bt, H, P, N]
+    # temporaries, and when the rows are one consecutive run of fp32 slots (the usual case: a
+    # stable batch holds slots 0..Bt-1 in order) it updates them in place, with no gather/scatter.
+    if run is not None:
+        new = state.narrow(0, run, Bt)  # [Bt, H, P, N], a view
+    else:
+        if state_indices is None:
+            state_indices = torch.arange(Bt, device=state.device)
+        new = state.index_select(0, state_indices).float()  # [Bt, H, P, N]
     new.mul_(decay[..., None, None])
     dtx = (dt[..., None] * x.float()).reshape(Bt * H, -1, 1)  # [Bt*H, P, 1]
     new.view(Bt * H, -1, N).baddbmm_(dtx, Bh)
-    state.index_copy_(0, state_indices, new.to(state.dtype))
+    if run is None:
+        state.index_copy_(0, state_indices, new.to(state.dtype))
     y = torch.bmm(new.view(Bt * H, -1, N), Ch).view(Bt, H, -1)  # [Bt, H, P]
     if D is not None:
         y = y + D.float()[:, None] * x.float()

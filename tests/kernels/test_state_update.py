@@ -44,3 +44,22 @@ def test_state_update_without_optional_inputs(device):
     y = selective_state_update_triton(state, *args, dt_softplus=False)
     assert_close("y", y, y_want, torch.float32)
     assert_close("state", state, want_state, torch.float32)
+
+
+def test_ref_in_place_run_equals_gather_path():
+    """The ref's in-place fast path (slots k..k+n-1 in order) must equal its gather/scatter path."""
+    from hybridserve.kernels.state_update import selective_state_update_ref
+
+    g = torch.Generator().manual_seed(0)
+    H, P, N, n = 4, 8, 16, 3
+    state = torch.randn(6, H, P, N, generator=g)
+    x, dt = torch.randn(n, H, P, generator=g), torch.randn(n, H, generator=g)
+    B, C = torch.randn(n, 1, N, generator=g), torch.randn(n, 1, N, generator=g)
+    A, D, bias = -torch.rand(H, generator=g) * 4, torch.rand(H, generator=g), torch.randn(H, generator=g)
+    run, gathered = state.clone(), state.clone()
+    y_run = selective_state_update_ref(run, x, dt, A, B, C, D, dt_bias=bias, state_indices=torch.tensor([2, 3, 4]))
+    rev = torch.tensor([2, 1, 0])  # same rows, reversed order: not a run, so the gather path
+    y_gat = selective_state_update_ref(gathered, x[rev], dt[rev], A, B[rev], C[rev], D, dt_bias=bias,
+                                       state_indices=torch.tensor([4, 3, 2]))
+    assert torch.allclose(y_run, y_gat[rev], atol=1e-6) and torch.allclose(run, gathered, atol=1e-6)
+    assert not torch.allclose(run, state)  # the slots were really updated
