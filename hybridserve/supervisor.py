@@ -178,6 +178,27 @@ Metrics: {url}/metrics   Health: {url}/health   Stop: Ctrl-C
 """
 
 
+def _wait_gateway_sees_backends(cfg: HybridserveConfig, timeout_s: float) -> bool:
+    """Wait until the gateway's own health poll reports every backend healthy.
+
+    Workers answering /health is not enough: the gateway learns of them on its next
+    poll, and a request sent in between would get a 503. Bounded; a remote backend
+    that is down does not hold `up` for longer than `timeout_s`.
+    """
+    host = "127.0.0.1" if cfg.gateway.host in ("0.0.0.0", "::") else cfg.gateway.host
+    url = f"http://{host}:{cfg.gateway.port}/health"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            backends = httpx.get(url, timeout=1.0, trust_env=False).json().get("backends", {})
+            if backends and all(b.get("healthy") for b in backends.values()):
+                return True
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.2)
+    return False
+
+
 def run_up(cfg: HybridserveConfig, config_path: str, profile: str | None, *,
            log_level: str = "info", engine_factory: str | None = None,
            ready_timeout_s: float = 600.0, say: Callable[[str], None] = print) -> int:
@@ -197,6 +218,7 @@ def run_up(cfg: HybridserveConfig, config_path: str, profile: str | None, *,
                 say(f"not every process became healthy within {ready_timeout_s:g}s; stopping")
                 return 1
             return 0
+        _wait_gateway_sees_backends(cfg, timeout_s=15.0)
         say(banner(cfg))
         while not sup.stopping:
             sup.tick()
