@@ -172,7 +172,6 @@ class LLMEngine:
         for rid, prompt, p in zip(ids, prompts, plist):
             self.add_request(rid, prompt, p)
         final: dict[str, RequestOutput] = {}
-        text: dict[str, str] = {}
         while any(r not in final for r in ids):
             for out in self.step():
                 if out.finished:

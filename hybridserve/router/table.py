@@ -44,10 +44,6 @@ class Estimate:
     device_s: float
     correction: float
 
-    @property
-    def usd_per_1m(self) -> float:
-        return self.usd
-
 
 @dataclass
 class _Correction:
