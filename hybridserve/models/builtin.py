@@ -23,11 +23,12 @@ import shutil
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from hybridserve.models.tokenizer import EOS_ID, PAD_ID, VOCAB_USED, save_tokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 INIT_VERSION = 2  # bump when the initialiser changes: cached directories are keyed by it
 VOCAB_SIZE = VOCAB_USED  # 256 bytes + 4 specials + 2 think markers: every id decodes to text
@@ -96,6 +97,7 @@ def builtin_config(name: str) -> dict[str, Any]:
 
 def _param_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Parameter names and shapes exactly as the transformers class of `config` names them."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     hf_config = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "architectures"})
@@ -106,6 +108,8 @@ def _param_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 
 def init_tensor(name: str, shape: tuple[int, ...], seed: int, lm_head_gain: float = 8.0) -> torch.Tensor:
     """Deterministic initial value of one parameter, keyed by (seed, name) only."""
+    import torch
+
     g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 62))
 
     def normal(std: float) -> torch.Tensor:
