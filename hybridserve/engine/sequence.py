@@ -85,10 +85,13 @@ class Sequence:
         return self.num_tokens - self.num_computed
 
     def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, without joining the two lists (a per-step path)."""
         p = len(self.prompt_ids)
+        if start >= p:
+            return self.output_ids[start - p:end - p]
         if end <= p:
             return self.prompt_ids[start:end]
-        return (self.prompt_ids + self.output_ids)[start:end]
+        return self.prompt_ids[start:] + self.output_ids[:end - p]
 
     @property
     def finished(self) -> bool:
