@@ -25,6 +25,7 @@ class ForwardBatch:
     has_initial_state: torch.Tensor  # [S] bool, sequence has cached tokens from earlier steps
     logits_indices: torch.Tensor     # [S] int64, index in T of each sequence's last token
     max_context_len: int = 0         # host copy of max(context_lens): sizes kernel grids without a sync
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [T, 1, Dh]; set by the model per step
 
     @property
     def num_tokens(self) -> int:

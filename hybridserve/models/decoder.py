@@ -14,7 +14,7 @@ from torch import nn
 
 from hybridserve.models.args import ModelArgs
 from hybridserve.models.batch import ForwardBatch
-from hybridserve.models.layers import MLP, Attention, MambaMixer, RMSNorm
+from hybridserve.models.layers import MLP, Attention, MambaMixer, RMSNorm, RotaryEmbedding
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,7 @@ class CausalLM(nn.Module):
         self.args = args
         self.model = _Body(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(args.rope, args.head_dim) if args.rope is not None else None
 
     def cache_specs(self) -> list[AttentionCacheSpec | MambaCacheSpec]:
         specs: list[AttentionCacheSpec | MambaCacheSpec] = []
@@ -100,6 +101,8 @@ class CausalLM(nn.Module):
     def forward(self, batch: ForwardBatch, caches: list) -> torch.Tensor:
         """Logits [S, vocab] (fp32) of each sequence's last token in `batch`."""
         h = self.model.embed_tokens(batch.input_ids) * self.args.embedding_multiplier  # [T, D]
+        if self.rotary is not None:
+            batch.rope = self.rotary(batch.positions, h.dtype)
         for layer, cache in zip(self.model.layers, caches):
             h = layer(h, batch, cache)
         h = self.model.norm(h[batch.logits_indices])

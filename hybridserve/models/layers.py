@@ -46,18 +46,22 @@ def rope_inv_freq(rope: RopeArgs, head_dim: int) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotates q and k by position (HF's rotate_half convention)."""
+    """cos/sin tables of a step's positions, computed once per step and shared by every attention layer."""
 
     def __init__(self, rope: RopeArgs, head_dim: int):
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(rope, head_dim), persistent=False)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
-        # q [T, Hq, Dh], k [T, Hkv, Dh], positions [T]
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions [T] -> cos, sin [T, 1, Dh]
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, Dh/2]
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(q.dtype)[:, None, :], emb.sin().to(q.dtype)[:, None, :]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotate q [T, Hq, Dh] and k [T, Hkv, Dh] by position (HF's rotate_half convention)."""
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -77,15 +81,14 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, hkv * dh, bias=args.attention_bias)
         self.v_proj = nn.Linear(d, hkv * dh, bias=args.attention_bias)
         self.o_proj = nn.Linear(hq * dh, d, bias=args.attention_bias)
-        self.rotary = RotaryEmbedding(args.rope, dh) if args.rope is not None else None
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: tuple[torch.Tensor, torch.Tensor]):
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        if self.rotary is not None:
-            q, k = self.rotary(q, k, batch.positions)
+        if batch.rope is not None:
+            q, k = apply_rotary(q, k, *batch.rope)
         k_cache, v_cache = cache  # [num_blocks, block_size, Hkv, Dh] each
         K.write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
         nd = batch.num_decodes

@@ -12,6 +12,7 @@ import torch
 
 from hybridserve.errors import UnsupportedModelError
 from hybridserve.models.decoder import CausalLM
+from hybridserve.models.layers import rope_inv_freq
 from hybridserve.models.registry import model_args, read_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,10 +47,6 @@ def load_model(directory: str | Path, dtype: str | torch.dtype = "float32", devi
                                     f"(missing {missing[:5]}, unexpected {extra[:5]})")
     state = {k: weights[k].to(device=device, dtype=torch_dtype) for k in expected}
     model.load_state_dict(state, assign=True, strict=True)
-    for layer in model.model.layers:  # non-persistent buffers are not in the state dict
-        attn = getattr(layer, "self_attn", None)
-        if attn is not None and attn.rotary is not None:
-            from hybridserve.models.layers import rope_inv_freq
-
-            attn.rotary.inv_freq = rope_inv_freq(args.rope, args.head_dim).to(device)
+    if model.rotary is not None:  # a non-persistent buffer: not in the state dict, still on meta
+        model.rotary.inv_freq = rope_inv_freq(args.rope, args.head_dim).to(device)
     return model.eval()
