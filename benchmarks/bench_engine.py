@@ -65,16 +65,10 @@ def point_native(model_name: str, ctx: int, batch: int, new: int, chunk: int) ->
 
 
 def _cache_bytes(model, batch: int, tokens: int) -> int:
-    from hybridserve.models.decoder import AttentionCacheSpec, MambaCacheSpec
+    """Cache for `batch` sequences of `tokens`, plus one block of slack each (fp32 model)."""
+    from hybridserve.models.memory import cache_bytes_per_seq
 
-    dtype = next(model.parameters()).dtype
-    total = 0
-    for s in model.cache_specs():
-        if isinstance(s, AttentionCacheSpec):
-            total += s.bytes_per_token(dtype) * (tokens + 16) * batch
-        else:
-            total += s.bytes_per_seq(dtype, dtype) * batch
-    return total
+    return cache_bytes_per_seq(model.args, tokens + 16) * batch
 
 
 def point_hf(model_name: str, ctx: int, batch: int, new: int) -> dict:
