@@ -31,6 +31,17 @@ def openai_error_body(message: str, error_type: str, param: str | None = None,
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
+def http_error_body(status_code: int, detail: str) -> dict[str, Any]:
+    """A framework-level HTTP error (unknown route, wrong method) in OpenAI's shape."""
+    kind = "not_found_error" if status_code == 404 else "invalid_request_error"
+    return openai_error_body(detail, kind)
+
+
+def internal_error_body(err: BaseException) -> dict[str, Any]:
+    """An unexpected exception, named but not detailed (the log has the traceback)."""
+    return openai_error_body(f"internal error: {type(err).__name__}", "server_error")
+
+
 class InvalidRequestError(HybridserveError):
     """The request itself is wrong (400)."""
 

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hybridserve.config import HybridserveConfig
-from hybridserve.errors import HybridserveError, PayloadTooLargeError, openai_error_body
+from hybridserve.errors import HybridserveError, PayloadTooLargeError, http_error_body, internal_error_body
 from hybridserve.gateway.admission import admit
 from hybridserve.gateway.call import Calls
 from hybridserve.gateway.ledger import Ledger
@@ -140,14 +140,12 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-        return JSONResponse(openai_error_body(str(err.detail), kind), status_code=err.status_code)
+        return JSONResponse(http_error_body(err.status_code, str(err.detail)), status_code=err.status_code)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, err: Exception) -> JSONResponse:
         logger.exception("%s unexpected error", getattr(request.state, "request_id", "-"))
-        return JSONResponse(openai_error_body(f"internal error: {type(err).__name__}",
-                                              "server_error"), status_code=500)
+        return JSONResponse(internal_error_body(err), status_code=500)
 
     async def handle(request: Request, path: str, chat: bool) -> Response:
         key_id = keys.check(request.headers.get("authorization"))

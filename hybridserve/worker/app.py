@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hybridserve import protocol as P
-from hybridserve.errors import HybridserveError, InvalidRequestError, openai_error_body
+from hybridserve.errors import HybridserveError, InvalidRequestError, http_error_body, internal_error_body
 from hybridserve.worker import serving as S
 from hybridserve.worker.metrics import WorkerMetrics
 
@@ -44,14 +44,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-        return JSONResponse(openai_error_body(str(err.detail), kind), status_code=err.status_code)
+        return JSONResponse(http_error_body(err.status_code, str(err.detail)), status_code=err.status_code)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, err: Exception) -> JSONResponse:
         logger.exception("%s unexpected error", request.headers.get("x-request-id", "-"))
-        return JSONResponse(openai_error_body(f"internal error: {type(err).__name__}",
-                                              "server_error"), status_code=500)
+        return JSONResponse(internal_error_body(err), status_code=500)
 
 
 async def wait_for_disconnect(request: Request) -> None:
