@@ -98,15 +98,24 @@ def causal_conv1d_ref(
 
 
 def causal_conv1d_update_ref(x, conv_states, weight, bias=None, *, state_indices, activation="silu"):
-    """Torch reference of `causal_conv1d_update`, batched over rows (index_select / index_copy_,
-    which are much cheaper than advanced-index get/put on the CPU decode path)."""
-    hist = conv_states.index_select(0, state_indices)  # [Bt, Dc, K-1]
+    """Torch reference of `causal_conv1d_update`, batched over rows.
+
+    Written for the CPU decode path: index_select / index_copy_ (much cheaper than
+    advanced-index get/put), and one multiply-add per tap instead of a reduction over
+    the short last axis, which CPU torch does slowly.
+    """
+    hist = conv_states.index_select(0, state_indices)  # [Bt, Dc, K-1], a copy
     w = weight.float()
-    y = torch.einsum("bdk,dk->bd", hist.float(), w[:, :-1]) + x.float() * w[:, -1]  # [Bt, Dc]
+    y = x.float() * w[:, -1]  # [Bt, Dc]
+    for k in range(hist.shape[2]):
+        y.addcmul_(hist[:, :, k], w[:, k])
     if bias is not None:
-        y = y + bias.float()
-    shifted = torch.cat([hist[:, :, 1:], x[:, :, None].to(conv_states.dtype)], dim=2)
-    conv_states.index_copy_(0, state_indices, shifted)
+        y += bias.float()
+    if hist.shape[2]:  # width-1 convs keep no history
+        shifted = torch.empty_like(hist)
+        shifted[:, :, :-1] = hist[:, :, 1:]
+        shifted[:, :, -1] = x
+        conv_states.index_copy_(0, state_indices, shifted)
     return _activate(y, activation).to(x.dtype)
 
 

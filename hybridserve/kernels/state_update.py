@@ -152,25 +152,28 @@ def selective_state_update_ref(
         raise ValueError(f"heads ({H}) must be a multiple of B/C groups ({G})")
     N = B.shape[2]
     run = _consecutive_run(state_indices, Bt, state)
-    Bh = B.float().repeat_interleave(H // G, dim=1).reshape(Bt * H, 1, N)  # [Bt*H, 1, N]
-    Ch = C.float().repeat_interleave(H // G, dim=1).reshape(Bt * H, N, 1)  # [Bt*H, N, 1]
+    HG = H // G
     dt = process_dt(dt, dt_bias, dt_softplus)  # [Bt, H]
     decay = torch.exp(dt * A.float())  # [Bt, H]
-    # This ref is the CPU decode path, so it is written for memory traffic: no [Bt, H, P, N]
-    # temporaries, and when the rows are one consecutive run of fp32 slots (the usual case: a
-    # stable batch holds slots 0..Bt-1 in order) it updates them in place, with no gather/scatter.
+    # This ref is the CPU decode path, so it is written for memory traffic and for the shapes
+    # CPU BLAS is fast at: no [Bt, H, P, N] temporaries; when the rows are one consecutive run
+    # of fp32 slots (the usual case: a stable batch holds slots 0..Bt-1 in order) the state is
+    # updated in place, with no gather/scatter; the heads of a B/C group share one
+    # [1, N] x [N, HG*P] product (a bmm with a one-column output is ~8x slower on CPU).
     if run is not None:
         new = state.narrow(0, run, Bt)  # [Bt, H, P, N], a view
     else:
         if state_indices is None:
             state_indices = torch.arange(Bt, device=state.device)
         new = state.index_select(0, state_indices).float()  # [Bt, H, P, N]
+    grouped = new.view(Bt, G, HG * P, N)
+    dtx = (dt[..., None] * x.float()).view(Bt, G, HG * P, 1)
     new.mul_(decay[..., None, None])
-    dtx = (dt[..., None] * x.float()).reshape(Bt * H, -1, 1)  # [Bt*H, P, 1]
-    new.view(Bt * H, -1, N).baddbmm_(dtx, Bh)
+    grouped.addcmul_(dtx, B.float().view(Bt, G, 1, N))
     if run is None:
         state.index_copy_(0, state_indices, new.to(state.dtype))
-    y = torch.bmm(new.view(Bt * H, -1, N), Ch).view(Bt, H, -1)  # [Bt, H, P]
+    y = torch.bmm(C.float().reshape(Bt * G, 1, N), grouped.view(Bt * G, HG * P, N).transpose(1, 2))
+    y = y.view(Bt, H, P)
     if D is not None:
         y = y + D.float()[:, None] * x.float()
     if z is not None:
