@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
-from torch.nn.attention.bias import causal_lower_right
 
 from hybridserve.kernels._backend import interpreting, lazy_jit, next_pow2, tl, triton, use_triton
+from hybridserve.kernels._scratch import scratch
 
 
 def paged_attention_decode(
@@ -241,23 +241,28 @@ def paged_attention_decode_triton(
 def paged_attention_decode_ref(q, k_cache, v_cache, block_tables, context_lens, scale):
     """Torch reference of `paged_attention_decode`, batched over sequences.
 
-    Gathers whole blocks (one index per block, not per token) and lets SDPA do the
-    masked softmax; this is the CPU decode path, so it avoids per-token temporaries.
+    This is the CPU decode path, so it is written for memory traffic: it gathers whole
+    blocks (one index per block, not per token) into reused scratch buffers (fresh
+    ones page-fault in every step), and hands SDPA the Hq // Hkv query heads that
+    share a kv head as the query rows of that kv head, so K/V are read once per kv
+    head (SDPA's `enable_gqa` path with one query row is several times slower).
     """
     Bt, Hq, Dh = q.shape
     block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
     if Bt == 0:
         return q.new_empty(Bt, Hq, Dh)
     num_blocks = -(-int(context_lens.max()) // block_size)
-    table = block_tables[:, :num_blocks].long().clamp_min(0)  # [Bt, nb]
+    flat = block_tables[:, :num_blocks].long().clamp_min(0).reshape(-1)  # [Bt * nb]
     L = num_blocks * block_size
-    flat = table.reshape(-1)  # index_select: ~15x cheaper than advanced indexing on CPU
-    k = k_cache.index_select(0, flat).view(Bt, L, Hkv, Dh).transpose(1, 2).float()  # [Bt, Hkv, L, Dh]
-    v = v_cache.index_select(0, flat).view(Bt, L, Hkv, Dh).transpose(1, 2).float()
+    gathered = (flat.numel(), block_size, Hkv, Dh)
+    k = torch.index_select(k_cache, 0, flat, out=scratch("decode_k", gathered, k_cache.dtype, k_cache.device))
+    v = torch.index_select(v_cache, 0, flat, out=scratch("decode_v", gathered, v_cache.dtype, v_cache.device))
+    k = k.view(Bt, L, Hkv, Dh).transpose(1, 2).float()  # [Bt, Hkv, L, Dh]
+    v = v.view(Bt, L, Hkv, Dh).transpose(1, 2).float()
     valid = torch.arange(L, device=q.device)[None, :] < context_lens[:, None].long()  # [Bt, L]
-    out = F.scaled_dot_product_attention(q.float()[:, :, None, :], k, v, attn_mask=valid[:, None, None, :],
-                                         scale=scale, enable_gqa=True)  # [Bt, Hq, 1, Dh]
-    return out[:, :, 0, :].to(q.dtype)
+    qg = q.float().view(Bt, Hkv, Hq // Hkv, Dh)  # query head h reads kv head h // (Hq // Hkv)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=valid[:, None, None, :], scale=scale)
+    return out.reshape(Bt, Hq, Dh).to(q.dtype)
 
 
 def paged_attention_prefill(

@@ -79,6 +79,29 @@ def test_paged_decode_ref_gqa_matches_contiguous_attention():
         assert_close(f"seq {s}", out[s : s + 1], want, torch.float32)
 
 
+def test_paged_decode_ref_reuses_scratch_across_sizes_and_keeps_threads_apart():
+    """The decode ref gathers into per-thread scratch: a long call, then a short one, then a long one
+    again must each equal plain attention, and two threads must never share a buffer."""
+    import threading
+
+    from hybridserve.kernels._scratch import scratch
+
+    for lens, seed in (([40, 33], 3), ([2, 5], 4), ([40, 33], 5)):
+        k_cache, v_cache, tables, ks, vs = paged_setup(lens, seed=seed)
+        q = torch.randn(2, 6, 8)
+        out = paged_attention_decode_ref(q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32), 0.3)
+        for s, n in enumerate(lens):
+            assert_close(f"lens {lens} seq {s}", out[s : s + 1],
+                         attention_naive(q[s : s + 1], ks[s], vs[s], 0.3, [n - 1]), torch.float32)
+    here = scratch("t", (4, 4), torch.float32, torch.device("cpu"))
+    assert scratch("t", (2, 3), torch.float32, torch.device("cpu")).data_ptr() == here.data_ptr()
+    other = []
+    worker = threading.Thread(target=lambda: other.append(scratch("t", (4, 4), torch.float32, torch.device("cpu"))))
+    worker.start()
+    worker.join()
+    assert other[0].data_ptr() != here.data_ptr()
+
+
 def test_paged_prefill_ref_queries_are_the_last_positions():
     lens, q_lens = [5, 9], [5, 3]
     k_cache, v_cache, tables, ks, vs = paged_setup(lens, seed=2)
