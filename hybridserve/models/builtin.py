@@ -1,8 +1,9 @@
 """Built-in checkpoints: seeded Granite-4.0-shaped transformer/hybrid pairs, written in HF format.
 
 No machine here can download weights, so hybridserve makes its own: `tiny-*` (for
-tests, loads in well under a second) and `small-*` (tens of millions of parameters,
-for the demo and CPU benchmarks). Each pair shares width, depth and vocabulary;
+tests, loads in well under a second; attention head size 32, the least vLLM's CPU
+attention kernels take, so vLLM can serve it too) and `small-*` (tens of millions of
+parameters, for the demo and CPU benchmarks). Each pair shares width, depth and vocabulary;
 only `layer_types` differs — all attention for the transformer, one attention
 layer in four for the hybrid (the rest Mamba-2), as in IBM Granite 4.0.
 
@@ -30,7 +31,7 @@ from hybridserve.models.tokenizer import EOS_ID, PAD_ID, VOCAB_USED, save_tokeni
 if TYPE_CHECKING:
     import torch
 
-INIT_VERSION = 2  # bump when the initialiser changes: cached directories are keyed by it
+INIT_VERSION = 3  # bump when the initialiser changes: cached directories are keyed by it
 VOCAB_SIZE = VOCAB_USED  # 256 bytes + 4 specials + 2 think markers: every id decodes to text
 
 _GRANITE_COMMON: dict[str, Any] = {
@@ -64,7 +65,7 @@ _GRANITE_COMMON: dict[str, Any] = {
 
 _SHAPES: dict[str, dict[str, Any]] = {
     "tiny": {
-        "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2, "num_key_value_heads": 1,
         "shared_intermediate_size": 128, "intermediate_size": 128, "max_position_embeddings": 4096,
         "mamba_n_heads": 4, "mamba_d_head": 32, "mamba_d_state": 16, "mamba_chunk_size": 16,
     },

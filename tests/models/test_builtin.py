@@ -18,6 +18,16 @@ def test_pairs_differ_only_in_layer_types():
         assert t == h
 
 
+def test_every_builtin_fits_vllm_cpu_and_keeps_gqa():
+    """vLLM's CPU attention needs head size >= 32 (tests/vllm serves the tiny pair on it)."""
+    for name in BUILTIN_NAMES:
+        cfg = builtin_config(name)
+        heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        assert cfg["hidden_size"] % heads == 0 and cfg["hidden_size"] // heads >= 32, name
+        assert heads % kv_heads == 0 and kv_heads < heads, name  # grouped-query attention
+        assert cfg["mamba_n_heads"] * cfg["mamba_d_head"] == cfg["mamba_expand"] * cfg["hidden_size"], name
+
+
 def test_weights_are_deterministic(tmp_path):
     a = write_checkpoint(tmp_path / "a", builtin_config("tiny-hybrid"))
     b = write_checkpoint(tmp_path / "b", builtin_config("tiny-hybrid"))
