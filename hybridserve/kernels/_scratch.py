@@ -32,7 +32,8 @@ def scratch(tag: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.
     if buf is None or buf.numel() < numel:
         grown = max(numel, buf.numel() * 3 // 2 if buf is not None else 0)
         buffers.pop(key, None)  # free the old one before allocating the new one
-        buf = buffers[key] = torch.empty(grown, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
+            buf = buffers[key] = torch.empty(grown, dtype=dtype, device=device)
     return buf[:numel].view(shape)
 
 

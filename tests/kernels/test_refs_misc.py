@@ -102,6 +102,18 @@ def test_paged_decode_ref_reuses_scratch_across_sizes_and_keeps_threads_apart():
     assert other[0].data_ptr() != here.data_ptr()
 
 
+def test_scratch_made_in_inference_mode_is_writable_outside_it():
+    """The engine runs under inference mode; kernels called later outside it reuse the same buffers."""
+    from hybridserve.kernels._scratch import clear, scratch
+
+    clear()
+    with torch.inference_mode():
+        scratch("inf", (8,), torch.float32, torch.device("cpu")).fill_(1.0)
+    buf = scratch("inf", (8,), torch.float32, torch.device("cpu"))
+    buf.add_(1.0)  # raises on an inference tensor
+    assert torch.equal(buf, torch.full((8,), 2.0))
+
+
 def test_paged_prefill_ref_queries_are_the_last_positions():
     lens, q_lens = [5, 9], [5, 3]
     k_cache, v_cache, tables, ks, vs = paged_setup(lens, seed=2)
