@@ -12,7 +12,8 @@ line is one JSON object.
 Both engines run eager on CPU (vLLM with --enforce-eager: the native engine has no
 compiler either; `--vllm-compile` lets vLLM use torch.compile, which takes minutes
 to warm up on 2 cores), fp32, with the same context limit, batch limit and prefill
-chunk (`max_num_batched_tokens`).
+chunk (`max_num_batched_tokens`), and without prefix caching (the native engine has
+none, and a repeated prompt would be a cache hit for vLLM's transformer).
 
     python benchmarks/bench_vllm.py                                  # small pair, 512/2048/8192 x 1/8
     python benchmarks/bench_vllm.py --contexts 512,2048 --concurrency 1,8 --new-tokens 16
@@ -65,6 +66,7 @@ def write_config(folder: Path, models: list[str], max_context: int, max_seqs: in
                          "vllm": {"python": vllm_python, "kv_cache_space_gb": 2.0,
                                   "max_num_seqs": max_seqs, "max_num_batched_tokens": chunk,
                                   "enforce_eager": not compile_vllm, "startup_timeout_s": 900,
+                                  "enable_prefix_caching": False,
                                   "env": {"VLLM_CPU_OMP_THREADS_BIND": omp_bind}}})
     path = folder / "bench-vllm.yaml"
     path.write_text(yaml.safe_dump({"gateway": {"auth": "disabled"}, "backends": backends}))
@@ -115,7 +117,8 @@ def grid(contexts: list[int], concurrency: list[int], max_prompt_tokens: int | N
 def measure(worker: Worker, name: str, points: list[tuple[int, int]], new_tokens: int) -> list[dict]:
     out = []
     contexts, concurrency = [c for c, _ in points], [n for _, n in points]
-    run_http(worker.url, name, min(contexts), min(concurrency), 4, timeout_s=1800)  # warm-up, not kept
+    # warm-up, not kept; its own prompts, so that no measured prompt was seen before
+    run_http(worker.url, name, min(contexts), min(concurrency), 4, timeout_s=1800, seed=1)
     for ctx, conc in points:
         t0 = time.monotonic()
         traces = run_http(worker.url, name, ctx, conc, new_tokens, timeout_s=1800)

@@ -157,8 +157,9 @@ async def _stream_one(client, url: str, model: str, prompt: list[int], new_token
 
 
 def run_http(url: str, model: str, context: int, concurrency: int, new_tokens: int,
-             api_key: str | None = None, timeout_s: float = 600.0) -> list[RequestTrace]:
-    """Send `concurrency` streaming completions at once to an OpenAI-compatible server."""
+             api_key: str | None = None, timeout_s: float = 600.0, seed: int = 0) -> list[RequestTrace]:
+    """Send `concurrency` streaming completions at once to an OpenAI-compatible server
+    (prompts from `prompts(context, concurrency, seed)`)."""
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -168,6 +169,6 @@ def run_http(url: str, model: str, context: int, concurrency: int, new_tokens: i
         async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
             await _stream_one(client, url, model, [65] * 8, 2, headers)  # warm-up
             return await asyncio.gather(*[_stream_one(client, url, model, p, new_tokens, headers)
-                                          for p in prompts(context, concurrency)])
+                                          for p in prompts(context, concurrency, seed)])
 
     return asyncio.run(main())
