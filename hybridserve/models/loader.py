@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from hybridserve.errors import UnsupportedModelError
+from hybridserve.models.cpu_linear import prepack_available, prepack_linears
 from hybridserve.models.decoder import CausalLM
 from hybridserve.models.layers import rope_inv_freq
 from hybridserve.models.registry import model_args, read_config
@@ -30,8 +31,13 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def load_model(directory: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> CausalLM:
-    """The native model for an HF directory, weights in `dtype` on `device`, in eval mode."""
+def load_model(directory: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu",
+               prepack: bool | None = None) -> CausalLM:
+    """The native model for an HF directory, weights in `dtype` on `device`, in eval mode.
+
+    On CPU in fp32 the linears get oneDNN-packed weights (`models.cpu_linear`) unless
+    `prepack=False` or `HYBRIDSERVE_CPU_PREPACK=0`; `prepack=True` insists on it.
+    """
     directory = Path(directory)
     args = model_args(read_config(directory))
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -49,4 +55,11 @@ def load_model(directory: str | Path, dtype: str | torch.dtype = "float32", devi
     model.load_state_dict(state, assign=True, strict=True)
     if model.rotary is not None:  # a non-persistent buffer: not in the state dict, still on meta
         model.rotary.inv_freq = rope_inv_freq(args.rope, args.head_dim).to(device)
+    if prepack is None:
+        prepack = prepack_available(device, torch_dtype)
+    elif prepack and not prepack_available(device, torch_dtype):
+        raise ValueError(f"prepack=True needs fp32 on CPU with oneDNN (got {torch_dtype} on {device}, "
+                         "or HYBRIDSERVE_CPU_PREPACK=0)")
+    if prepack:
+        prepack_linears(model)
     return model.eval()
