@@ -56,8 +56,10 @@ class PackedLinear(nn.Module):
 
 def prepack_linears(model: nn.Module) -> int:
     """Replace every `nn.Linear` under `model` with a `PackedLinear`; returns how many."""
-    swaps = [(parent, name, child) for parent in model.modules()
+    # Names only, so that each plain weight can be freed as soon as its module is swapped
+    # (peak memory: the weights plus one packed copy, not two copies of everything).
+    sites = [(parent, name) for parent in model.modules()
              for name, child in parent.named_children() if type(child) is nn.Linear]
-    for parent, name, child in swaps:
-        setattr(parent, name, PackedLinear(child))
-    return len(swaps)
+    for parent, name in sites:
+        setattr(parent, name, PackedLinear(getattr(parent, name)))
+    return len(sites)

@@ -41,6 +41,11 @@ def load_model(directory: str | Path, dtype: str | torch.dtype = "float32", devi
     directory = Path(directory)
     args = model_args(read_config(directory))
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if prepack is None:
+        prepack = prepack_available(device, torch_dtype)
+    elif prepack and not prepack_available(device, torch_dtype):
+        raise ValueError(f"prepack=True needs fp32 on CPU with oneDNN (got {torch_dtype} on {device}, "
+                         "or HYBRIDSERVE_CPU_PREPACK=0)")
     with torch.device("meta"):
         model = CausalLM(args)
     weights = _read_weights(directory)
@@ -53,13 +58,15 @@ def load_model(directory: str | Path, dtype: str | torch.dtype = "float32", devi
                                     f"(missing {missing[:5]}, unexpected {extra[:5]})")
     state = {k: weights[k].to(device=device, dtype=torch_dtype) for k in expected}
     model.load_state_dict(state, assign=True, strict=True)
+    del state, weights  # the model holds the tensors now; packing below can free them one by one
     if model.rotary is not None:  # a non-persistent buffer: not in the state dict, still on meta
         model.rotary.inv_freq = rope_inv_freq(args.rope, args.head_dim).to(device)
-    if prepack is None:
-        prepack = prepack_available(device, torch_dtype)
-    elif prepack and not prepack_available(device, torch_dtype):
-        raise ValueError(f"prepack=True needs fp32 on CPU with oneDNN (got {torch_dtype} on {device}, "
-                         "or HYBRIDSERVE_CPU_PREPACK=0)")
     if prepack:
         prepack_linears(model)
+        # What is left (embedding, norms, conv, A/D) still points into the safetensors file's
+        # mapping, whose pages the packing read in; own copies let that mapping go.
+        with torch.no_grad():
+            for t in [*model.parameters(), *model.buffers()]:
+                if t.device.type == "cpu" and not t.is_mkldnn:
+                    t.data = t.data.clone()
     return model.eval()
