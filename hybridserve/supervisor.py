@@ -11,7 +11,6 @@ supervisor itself dies (Linux parent-death signal), so nothing is left orphaned.
 """
 from __future__ import annotations
 
-import ctypes
 import signal
 import subprocess
 import sys
@@ -21,18 +20,12 @@ from typing import Callable
 
 import httpx
 
-from hybridserve.config import ConfigError, HybridserveConfig
+from hybridserve.config import HybridserveConfig
 from hybridserve.gateway.registry import worker_port
+from hybridserve.worker.vllm_launcher import die_with_parent
 
 BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0
-
-
-def _die_with_parent() -> None:
-    try:  # PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 @dataclass
@@ -47,7 +40,7 @@ class Child:
     history: list[int] = field(default_factory=list)
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, start_new_session=True, preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(self.argv, start_new_session=True, preexec_fn=die_with_parent)
         self.started_at = time.monotonic()
         self.restart_at = None
 

@@ -396,8 +396,9 @@ def vllm_env(backend: BackendConfig, base: dict[str, str] | None = None) -> dict
 # ------------------------------------------------------------------ one vLLM process
 
 
-def _die_with_parent() -> None:
-    try:  # PR_SET_PDEATHSIG = 1: vLLM gets SIGTERM if this launcher dies
+def die_with_parent() -> None:
+    """`preexec_fn` for supervised children: the child gets SIGTERM if its parent dies."""
+    try:  # PR_SET_PDEATHSIG = 1
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
     except OSError:
         pass
@@ -423,7 +424,7 @@ class VllmServer:
     def start(self) -> None:
         self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
+                                     start_new_session=True, preexec_fn=die_with_parent)
         self._pump = threading.Thread(target=self._forward, args=(self.proc.stdout,),
                                       name=f"vllm-log-{self.name}", daemon=True)
         self._pump.start()
