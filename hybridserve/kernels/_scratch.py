@@ -12,6 +12,7 @@ next `scratch` call with the same tag on the same thread.
 """
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -24,9 +25,7 @@ def scratch(tag: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.
     buffers = getattr(_local, "buffers", None)
     if buffers is None:
         buffers = _local.buffers = {}
-    numel = 1
-    for n in shape:
-        numel *= n
+    numel = math.prod(shape)
     key = (tag, torch.device(device), dtype)
     buf = buffers.get(key)
     if buf is None or buf.numel() < numel:

@@ -42,8 +42,7 @@ class PackedLinear(nn.Module):
         with torch.no_grad():
             packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().contiguous(), _BATCH_HINT)
         self.register_buffer("packed_weight", packed, persistent=False)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone(),
-                             persistent=False)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
