@@ -82,6 +82,9 @@ class BackendConfig(_Strict):
     tier: str = "standard"
     price_per_hour: float = Field(ge=0)
     port: int | None = Field(None, ge=1, le=65535)
+    cpu_cores: str = Field("auto", description="cores `up` pins this worker to: 'auto' (an equal "
+                                               "share per CPU backend), 'all' (no pinning) or a "
+                                               "list like '0-3,8'; see hybridserve/cpu_binding.py")
     native: NativeOptions = Field(default_factory=NativeOptions)
     vllm: VllmOptions = Field(default_factory=VllmOptions)
 
@@ -93,6 +96,16 @@ class BackendConfig(_Strict):
                              "or '-', and do not start with 'auto' (reserved for routing aliases)")
         return v
 
+    @field_validator("cpu_cores")
+    @classmethod
+    def _cores_ok(cls, v: str) -> str:
+        v = v.strip()
+        if v in ("auto", "all"):
+            return v
+        from hybridserve.cpu_binding import format_cores, parse_cores
+
+        return format_cores(parse_cores(v))
+
     @field_validator("device")
     @classmethod
     def _device_ok(cls, v: str) -> str:
@@ -103,6 +116,9 @@ class BackendConfig(_Strict):
     @model_validator(mode="after")
     def _engine_fields(self) -> "BackendConfig":
         if self.engine == "remote":
+            if self.cpu_cores not in ("auto", "all"):
+                raise ValueError("`cpu_cores` pins workers hybridserve starts; a remote backend "
+                                 "runs elsewhere (remove `cpu_cores`)")
             if not self.url or not re.match(r"^https?://", self.url):
                 raise ValueError("engine 'remote' needs `url: http://host:port` of a running "
                                  "OpenAI-compatible server")

@@ -8,9 +8,12 @@ order: the gateway first (it drains in-flight requests), then the workers. A chi
 that dies on its own is reported and restarted after a back-off (1 s, doubling to
 30 s; reset once it has stayed up a minute). Children also get SIGTERM if the
 supervisor itself dies (Linux parent-death signal), so nothing is left orphaned.
+Each worker computing on the CPU is pinned to its own share of the cores, with a
+thread pool of that size (`cpu_cores`, see hybridserve/cpu_binding.py).
 """
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -20,7 +23,9 @@ from typing import Callable
 
 import httpx
 
-from hybridserve.config import HybridserveConfig
+from hybridserve.config import ConfigError, HybridserveConfig
+from hybridserve.cpu_binding import (available_cores, binding_env, check_cores, format_cores,
+                                     plan_cores)
 from hybridserve.gateway.registry import worker_port
 from hybridserve.worker.vllm_launcher import die_with_parent
 
@@ -38,9 +43,20 @@ class Child:
     failures: int = 0
     restart_at: float | None = None
     history: list[int] = field(default_factory=list)
+    cores: list[int] | None = None  # pinned to these, with as many compute threads
+    engine: str = "native"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, start_new_session=True, preexec_fn=die_with_parent)
+        env, cores = None, self.cores
+
+        def preexec() -> None:
+            die_with_parent()
+            if cores:
+                os.sched_setaffinity(0, cores)
+
+        if cores:
+            env = {**os.environ, **binding_env(cores, self.engine, os.environ)}
+        self.proc = subprocess.Popen(self.argv, start_new_session=True, env=env, preexec_fn=preexec)
         self.started_at = time.monotonic()
         self.restart_at = None
 
@@ -53,6 +69,10 @@ class Child:
 
 def check_startable(cfg: HybridserveConfig) -> None:
     """Refuse, before starting anything, what cannot start (ConfigError naming the fix)."""
+    try:
+        check_cores(cfg.backends, available_cores())
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     vllm = [b for b in cfg.backends if b.engine == "vllm"]
     if vllm:
         from hybridserve.worker.vllm_launcher import check_vllm_backend
@@ -69,6 +89,7 @@ def plan_children(cfg: HybridserveConfig, config_path: str, profile: str | None,
     if profile:
         common += ["--profile", profile]
     children = []
+    cores = plan_cores(cfg.backends, available_cores())
     for b in cfg.backends:
         if b.engine == "remote":
             continue
@@ -79,7 +100,8 @@ def plan_children(cfg: HybridserveConfig, config_path: str, profile: str | None,
             argv += ["--no-restart"]
         elif engine_factory:
             argv += ["--engine-factory", engine_factory]
-        children.append(Child(b.name, argv, f"http://127.0.0.1:{port}/health"))
+        children.append(Child(b.name, argv, f"http://127.0.0.1:{port}/health",
+                              cores=cores.get(b.name), engine=b.engine))
     gw = cfg.gateway
     host = "127.0.0.1" if gw.host in ("0.0.0.0", "::") else gw.host
     children.append(Child("gateway", base + ["gateway", *common],
@@ -96,7 +118,8 @@ class Supervisor:
     def start_all(self) -> None:
         for c in self.children:
             c.start()
-            self.say(f"started {c.name} (pid {c.proc.pid})")
+            where = f", cores {format_cores(c.cores)}" if c.cores else ""
+            self.say(f"started {c.name} (pid {c.proc.pid}{where})")
 
     def wait_healthy(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s

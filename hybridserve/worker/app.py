@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import logging
 import os
+import sys
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hybridserve import protocol as P
+from hybridserve.cpu_binding import available_cores, format_cores
 from hybridserve.errors import HybridserveError, InvalidRequestError, http_error_body, internal_error_body
 from hybridserve.worker import serving as S
 from hybridserve.worker.metrics import WorkerMetrics
@@ -183,6 +185,15 @@ class Worker:
                                  headers={**headers, "cache-control": "no-cache"})
 
 
+def cpu_report() -> dict:
+    """The cores this worker may run on and its torch compute threads (see cpu_binding)."""
+    report: dict = {"cpu_cores": format_cores(available_cores())}
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        report["cpu_threads"] = torch.get_num_threads()
+    return report
+
+
 def create_app(engine: Any, params_cls: Any = None) -> FastAPI:
     """The worker app; the engine is started and shut down with the app's lifespan."""
     if params_cls is None:
@@ -193,7 +204,8 @@ def create_app(engine: Any, params_cls: Any = None) -> FastAPI:
     async def lifespan(_: FastAPI):
         await engine.start()
         worker.ready = True
-        logger.info("worker for %s ready (pid %d)", worker.model, os.getpid())
+        logger.info("worker for %s ready (pid %d, cores %s, %s compute threads)", worker.model,
+                    os.getpid(), cpu["cpu_cores"], cpu.get("cpu_threads", "?"))
         try:
             yield
         finally:
@@ -205,6 +217,7 @@ def create_app(engine: Any, params_cls: Any = None) -> FastAPI:
     app.state.worker = worker
     install_error_handlers(app)
     started = time.time()
+    cpu = cpu_report()
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -222,7 +235,7 @@ def create_app(engine: Any, params_cls: Any = None) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         body = {"status": "ok" if worker.ready else "starting", "model": worker.model,
-                "pid": os.getpid(), "uptime_s": round(time.time() - started, 3)}
+                "pid": os.getpid(), "uptime_s": round(time.time() - started, 3), **cpu}
         return JSONResponse(body, status_code=200 if worker.ready else 503)
 
     @app.get("/metrics")

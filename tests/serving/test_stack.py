@@ -6,6 +6,7 @@ module. Sampling is seeded, so a streamed answer must equal the non-streamed one
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 
 import httpx
@@ -285,3 +286,26 @@ def test_streamed_chat_logprobs_cover_every_token(openai_client):
 def test_oversized_body_is_413(engine_stack):
     r = _post(engine_stack, "/completions", None, raw=b'{"prompt": "' + b"x" * (33 << 20) + b'"}')
     assert r.status_code == 413 and "error" in r.json()
+
+
+def test_workers_are_pinned_to_their_own_cores(engine_stack):
+    """`cpu_cores: auto`: the two CPU workers split the cores instead of both using all of them."""
+    from hybridserve.cpu_binding import format_cores, parse_cores
+
+    health = {n: httpx.get(u + "/health", timeout=5, trust_env=False).json()
+              for n, u in engine_stack.workers.items()}
+    cores = {n: parse_cores(h["cpu_cores"]) for n, h in health.items()}
+    have = sorted(os.sched_getaffinity(0))
+    a, b = cores.values()
+    if len(have) >= 2:
+        assert not set(a) & set(b) and sorted(a + b) == have, cores
+        assert abs(len(a) - len(b)) <= 1
+    else:
+        assert a == b == have
+    for n, h in health.items():
+        if "cpu_threads" in h:  # a torch engine: its pool matches its cores unless the env set it
+            want = int(os.environ.get("OMP_NUM_THREADS", len(cores[n])))
+            assert h["cpu_threads"] == want, (n, h)
+    log = engine_stack.log.read_text(errors="replace")
+    for n in engine_stack.workers:
+        assert f"cores {format_cores(cores[n])})" in log
