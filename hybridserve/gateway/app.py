@@ -193,6 +193,11 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
         ok = any(b.healthy for b in registry.backends.values())
         return JSONResponse({"status": "ok" if ok else "degraded", "backends": backends})
 
+    @app.get("/prometheus/targets")
+    async def prometheus_targets() -> JSONResponse:
+        """Prometheus `http_sd_configs` endpoint: every worker, labelled (deploy/prometheus)."""
+        return JSONResponse(registry.prometheus_targets())
+
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")

@@ -194,6 +194,29 @@ class Registry:
             except Exception:  # keep polling whatever one round did
                 logger.exception("health poll failed")
 
+    def prometheus_targets(self) -> list[dict]:
+        """Prometheus HTTP service discovery: a target group per backend that serves /metrics.
+
+        Labels name the backend (`backend`, `arch`, `engine`, `tier`, `device`), so one
+        scrape job covers native and vLLM workers alike. A remote server found to have
+        no /metrics (health-checked elsewhere) is left out; a URL path prefix becomes
+        `__metrics_path__`, https becomes `__scheme__`.
+        """
+        groups = []
+        for b in self.backends.values():
+            if b.health_path != "/metrics":
+                continue
+            url, c = httpx.URL(b.url), b.config
+            labels = {"backend": b.name, "arch": c.arch, "engine": c.engine, "tier": c.tier,
+                      "device": c.device}
+            if url.scheme == "https":
+                labels["__scheme__"] = "https"
+            if url.path.strip("/"):
+                labels["__metrics_path__"] = url.path.rstrip("/") + "/metrics"
+            port = url.port or (443 if url.scheme == "https" else 80)
+            groups.append({"targets": [f"{url.host}:{port}"], "labels": labels})
+        return groups
+
     def cards(self) -> list[dict]:
         """/v1/models entries: every backend, then every alias (tiers and `auto` included)."""
         out = []

@@ -57,7 +57,10 @@ class WorkerMetrics:
         kw: dict[str, Any] = {"labelnames": ["model_name"], "registry": self.registry}
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.",
                               buckets=TTFT_BUCKETS, **kw).labels(model_name)
-        self.tpot = Histogram("vllm:time_per_output_token_seconds", "Time per output token.",
+        # vLLM's V1 name for the per-request mean (its older `vllm:time_per_output_token_seconds`
+        # is gone), so one dashboard reads both engines
+        self.tpot = Histogram("vllm:request_time_per_output_token_seconds",
+                              "Mean time per output token of each finished request.",
                               buckets=TPOT_BUCKETS, **kw).labels(model_name)
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency.",
                              buckets=E2E_BUCKETS, **kw).labels(model_name)

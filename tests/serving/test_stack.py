@@ -231,7 +231,7 @@ def test_metrics_worker_and_gateway(engine_stack):
         for name in ("vllm:num_requests_running", "vllm:num_requests_waiting",
                      "vllm:kv_cache_usage_perc", "vllm:prompt_tokens_total",
                      "vllm:generation_tokens_total", "vllm:time_to_first_token_seconds_count",
-                     "vllm:time_per_output_token_seconds_count",
+                     "vllm:request_time_per_output_token_seconds_count",
                      "vllm:e2e_request_latency_seconds_count"):
             assert name in m, name
         assert m["vllm:e2e_request_latency_seconds_count"] >= 1

@@ -167,6 +167,27 @@ def test_models_and_metrics_look_alike_for_both_engines(stack):
         assert "vllm:num_requests_running{" in text and "vllm:num_requests_waiting{" in text
 
 
+def test_dashboard_worker_panels_read_vllm_workers_too(stack):
+    """deploy/'s dashboard queries vLLM-named worker metrics: vLLM's own server must export
+    each of them, and the gateway's service discovery must list its workers."""
+    from hybridserve.dashboard import build, declared_metrics, metrics_used
+
+    groups = {g["labels"]["backend"]: g for g in httpx.get(
+        stack.url + "/prometheus/targets", timeout=10, trust_env=False).json()}
+    wanted = {n: labels for n, labels in metrics_used(build()).items() if n.startswith("vllm:")}
+    for arch in ARCHS:
+        name = f"vllm-{arch}"
+        assert groups[name]["labels"]["engine"] == "vllm"
+        assert stack.workers[name] == "http://" + groups[name]["targets"][0]
+        declared = declared_metrics(httpx.get(stack.workers[name] + "/metrics", timeout=10,
+                                              trust_env=False).text)
+        missing = sorted(set(wanted) - set(declared))
+        assert not missing, f"vLLM does not export {missing}"
+        for metric, labels in wanted.items():
+            if declared[metric]:
+                assert labels <= declared[metric], (metric, labels, declared[metric])
+
+
 def _error(r: httpx.Response) -> dict:
     assert r.headers["content-type"].startswith("application/json"), r.text
     err = r.json()["error"]
