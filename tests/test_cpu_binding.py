@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from hybridserve.config import ConfigError, parse_config
-from hybridserve.cpu_binding import binding_env, check_cores, format_cores, parse_cores, plan_cores
+from hybridserve.cpu_binding import (binding_env, check_cores, compute_threads, default_threads, format_cores,
+                                     parse_cores, plan_cores)
 from hybridserve.supervisor import Child, check_startable
 
 
@@ -84,10 +85,18 @@ def test_unavailable_cores_are_refused_before_anything_starts():
             check_startable(cfg({"cpu_cores": "4096"}))
 
 
+def test_one_core_is_left_to_the_server_thread():
+    assert [compute_threads(n) for n in (1, 2, 3, 16)] == [1, 1, 2, 15]
+    assert default_threads({}, [0, 1, 2, 3]) == 3
+    assert default_threads({"OMP_NUM_THREADS": "4"}, [0, 1, 2, 3]) is None
+    assert default_threads({"OMP_NUM_THREADS": ""}, [0]) == 1
+
+
 def test_binding_env_keeps_what_the_user_set():
-    assert binding_env([2, 3], "native", {}) == {"HYBRIDSERVE_CPU_CORES": "2-3", "OMP_NUM_THREADS": "2"}
-    env = binding_env([2, 3], "vllm", {"OMP_NUM_THREADS": "1"})
-    assert env == {"HYBRIDSERVE_CPU_CORES": "2-3", "VLLM_CPU_OMP_THREADS_BIND": "2-3"}
+    assert binding_env([2, 3, 4], "native", {}) == {"HYBRIDSERVE_CPU_CORES": "2-4", "OMP_NUM_THREADS": "2"}
+    env = binding_env([2, 3, 4], "vllm", {"OMP_NUM_THREADS": "1"})
+    assert env == {"HYBRIDSERVE_CPU_CORES": "2-4", "VLLM_CPU_OMP_THREADS_BIND": "2-3"}
+    assert binding_env([5], "vllm", {})["VLLM_CPU_OMP_THREADS_BIND"] == "5"
     assert "VLLM_CPU_OMP_THREADS_BIND" not in binding_env([0], "vllm", {"VLLM_CPU_OMP_THREADS_BIND": "nobind"})
 
 
@@ -108,3 +117,32 @@ def test_a_pinned_child_runs_on_its_cores_with_that_many_threads(tmp_path, monke
     free.start()
     assert free.proc.wait(timeout=60) == 0
     assert json.loads(out.read_text())["cores"] == sorted(os.sched_getaffinity(0))
+
+
+def test_a_standalone_native_worker_leaves_one_core_to_its_server(tmp_path, monkeypatch):
+    import httpx
+    import yaml
+
+    from hybridserve.cpu_binding import available_cores
+    from tests.serving.conftest import free_port, spawn, stop_process, wait_until
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump({"gateway": {"auth": "disabled"}, "backends": [
+        {"name": "t", "arch": "transformer", "checkpoint": "builtin:tiny-transformer", "price_per_hour": 1}]}))
+    port = free_port()
+    proc = spawn([sys.executable, "-m", "hybridserve.cli", "worker", "--config", str(path), "--backend", "t",
+                  "--port", str(port), "--no-restart"], tmp_path / "w.log", dict(os.environ))
+    try:
+        def health():
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2, trust_env=False).json()
+            except httpx.HTTPError:
+                return None
+
+        wait_until(lambda: (health() or {}).get("status") == "ok", 120, "worker up")
+        h = health()
+        assert h["cpu_threads"] == compute_threads(len(available_cores()))
+        assert h["cpu_cores"] == format_cores(available_cores())
+    finally:
+        stop_process(proc)

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from typing import Any, Callable
 
 from hybridserve.config import BackendConfig, HybridserveConfig
+from hybridserve.cpu_binding import available_cores, default_threads
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,11 @@ def serve_worker(cfg: HybridserveConfig, backend_name: str, host: str, port: int
                          + (" (`hybridserve worker` launches vLLM for engine 'vllm')" if backend.engine == "vllm"
                             else " (a remote backend is already running elsewhere)"))
     factory = load_factory(engine_factory) if engine_factory else native_engine
+    threads = default_threads(os.environ, available_cores())
+    if threads is not None:  # one core stays with the server thread (cpu_binding.compute_threads)
+        import torch
+
+        torch.set_num_threads(threads)
     logger.info("loading %s (%s)", backend.name, backend.checkpoint)
     engine, params_cls = factory(backend)
     app = create_app(engine, params_cls)

@@ -290,7 +290,7 @@ def test_oversized_body_is_413(engine_stack):
 
 def test_workers_are_pinned_to_their_own_cores(engine_stack):
     """`cpu_cores: auto`: the two CPU workers split the cores instead of both using all of them."""
-    from hybridserve.cpu_binding import format_cores, parse_cores
+    from hybridserve.cpu_binding import compute_threads, format_cores, parse_cores
 
     health = {n: httpx.get(u + "/health", timeout=5, trust_env=False).json()
               for n, u in engine_stack.workers.items()}
@@ -303,8 +303,8 @@ def test_workers_are_pinned_to_their_own_cores(engine_stack):
     else:
         assert a == b == have
     for n, h in health.items():
-        if "cpu_threads" in h:  # a torch engine: its pool matches its cores unless the env set it
-            want = int(os.environ.get("OMP_NUM_THREADS", len(cores[n])))
+        if "cpu_threads" in h:  # a torch engine: all but one of its cores, unless the env set it
+            want = int(os.environ.get("OMP_NUM_THREADS") or compute_threads(len(cores[n])))
             assert h["cpu_threads"] == want, (n, h)
     log = engine_stack.log.read_text(errors="replace")
     for n in engine_stack.workers:
