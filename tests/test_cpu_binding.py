@@ -85,18 +85,20 @@ def test_unavailable_cores_are_refused_before_anything_starts():
             check_startable(cfg({"cpu_cores": "4096"}))
 
 
-def test_one_core_is_left_to_the_server_thread():
-    assert [compute_threads(n) for n in (1, 2, 3, 16)] == [1, 1, 2, 15]
+def test_from_four_cores_one_is_left_to_the_server_thread():
+    assert [compute_threads(n) for n in (1, 2, 3, 4, 16)] == [1, 2, 3, 3, 15]
     assert default_threads({}, [0, 1, 2, 3]) == 3
+    assert default_threads({}, [0, 1]) == 2
     assert default_threads({"OMP_NUM_THREADS": "4"}, [0, 1, 2, 3]) is None
     assert default_threads({"OMP_NUM_THREADS": ""}, [0]) == 1
 
 
 def test_binding_env_keeps_what_the_user_set():
-    assert binding_env([2, 3, 4], "native", {}) == {"HYBRIDSERVE_CPU_CORES": "2-4", "OMP_NUM_THREADS": "2"}
-    env = binding_env([2, 3, 4], "vllm", {"OMP_NUM_THREADS": "1"})
-    assert env == {"HYBRIDSERVE_CPU_CORES": "2-4", "VLLM_CPU_OMP_THREADS_BIND": "2-3"}
-    assert binding_env([5], "vllm", {})["VLLM_CPU_OMP_THREADS_BIND"] == "5"
+    assert binding_env([2, 3, 4, 5], "native", {}) == {"HYBRIDSERVE_CPU_CORES": "2-5", "OMP_NUM_THREADS": "3"}
+    assert binding_env([2, 3], "native", {})["OMP_NUM_THREADS"] == "2"
+    env = binding_env([2, 3, 4, 5], "vllm", {"OMP_NUM_THREADS": "1"})
+    assert env == {"HYBRIDSERVE_CPU_CORES": "2-5", "VLLM_CPU_OMP_THREADS_BIND": "2-4"}
+    assert binding_env([5, 6], "vllm", {})["VLLM_CPU_OMP_THREADS_BIND"] == "5-6"
     assert "VLLM_CPU_OMP_THREADS_BIND" not in binding_env([0], "vllm", {"VLLM_CPU_OMP_THREADS_BIND": "nobind"})
 
 
@@ -119,7 +121,7 @@ def test_a_pinned_child_runs_on_its_cores_with_that_many_threads(tmp_path, monke
     assert json.loads(out.read_text())["cores"] == sorted(os.sched_getaffinity(0))
 
 
-def test_a_standalone_native_worker_leaves_one_core_to_its_server(tmp_path, monkeypatch):
+def test_a_standalone_native_worker_sizes_its_threads_by_its_cores(tmp_path, monkeypatch):
     import httpx
     import yaml
 
@@ -146,3 +148,18 @@ def test_a_standalone_native_worker_leaves_one_core_to_its_server(tmp_path, monk
         assert h["cpu_cores"] == format_cores(available_cores())
     finally:
         stop_process(proc)
+
+
+def test_worker_thread_sizing_sets_torch_threads():
+    import torch
+
+    from hybridserve.worker.server import size_compute_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert size_compute_threads({}, list(range(8))) == 7 and torch.get_num_threads() == 7
+        assert size_compute_threads({}, [0, 1]) == 2 and torch.get_num_threads() == 2
+        assert size_compute_threads({"OMP_NUM_THREADS": "3"}, list(range(8))) is None
+        assert torch.get_num_threads() == 2  # left as it was
+    finally:
+        torch.set_num_threads(before)

@@ -24,6 +24,17 @@ def native_engine(backend: BackendConfig) -> tuple[Any, Any]:
     return AsyncEngine.from_backend(backend), SamplingParams
 
 
+def size_compute_threads(environ, cores) -> int | None:
+    """Set torch's thread count for a worker on `cores` (cpu_binding.compute_threads),
+    unless OMP_NUM_THREADS already chose it; the count set, or None."""
+    threads = default_threads(environ, cores)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    return threads
+
+
 def serve_worker(cfg: HybridserveConfig, backend_name: str, host: str, port: int,
                  log_level: str = "info", engine_factory: str | None = None) -> None:
     """Serve `backend_name` on host:port until SIGINT/SIGTERM (in-flight requests drain)."""
@@ -38,11 +49,7 @@ def serve_worker(cfg: HybridserveConfig, backend_name: str, host: str, port: int
                          + (" (`hybridserve worker` launches vLLM for engine 'vllm')" if backend.engine == "vllm"
                             else " (a remote backend is already running elsewhere)"))
     factory = load_factory(engine_factory) if engine_factory else native_engine
-    threads = default_threads(os.environ, available_cores())
-    if threads is not None:  # one core stays with the server thread (cpu_binding.compute_threads)
-        import torch
-
-        torch.set_num_threads(threads)
+    size_compute_threads(os.environ, available_cores())
     logger.info("loading %s (%s)", backend.name, backend.checkpoint)
     engine, params_cls = factory(backend)
     app = create_app(engine, params_cls)

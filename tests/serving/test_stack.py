@@ -303,7 +303,7 @@ def test_workers_are_pinned_to_their_own_cores(engine_stack):
     else:
         assert a == b == have
     for n, h in health.items():
-        if "cpu_threads" in h:  # a torch engine: all but one of its cores, unless the env set it
+        if "cpu_threads" in h:  # a torch engine: sized by its cores (compute_threads) unless the env set it
             want = int(os.environ.get("OMP_NUM_THREADS") or compute_threads(len(cores[n])))
             assert h["cpu_threads"] == want, (n, h)
     log = engine_stack.log.read_text(errors="replace")
