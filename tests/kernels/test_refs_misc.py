@@ -125,6 +125,22 @@ def test_paged_prefill_ref_queries_are_the_last_positions():
         assert_close(f"seq {s}", out[cu[s] : cu[s + 1]], want, torch.float32)
 
 
+@pytest.mark.parametrize("Hq, Hkv, Dh", [(4, 2, 8), (6, 3, 12), (3, 3, 16), (8, 1, 8)])
+def test_paged_prefill_ref_later_chunks_and_gqa_groups(Hq, Hkv, Dh):
+    """Chunks after the first (queries a suffix of a longer context) take the split path on
+    CPU: unmasked prefix + causal chunk merged by log-sum-exp; one-token and whole-context
+    queries too."""
+    lens, q_lens = [37, 9, 20, 1, 16], [11, 1, 20, 1, 5]
+    k_cache, v_cache, tables, ks, vs = paged_setup(lens, Hkv=Hkv, Dh=Dh, seed=5)
+    q = torch.randn(sum(q_lens), Hq, Dh, generator=torch.Generator().manual_seed(6))
+    cu = torch.tensor([0] + q_lens).cumsum(0)
+    out = paged_attention_prefill_ref(q, k_cache, v_cache, tables, cu, torch.tensor(lens, dtype=torch.int32),
+                                      Dh ** -0.5)
+    for s, (n, m) in enumerate(zip(lens, q_lens)):
+        want = attention_naive(q[cu[s] : cu[s + 1]], ks[s], vs[s], Dh ** -0.5, list(range(n - m, n)))
+        assert_close(f"seq {s}", out[cu[s] : cu[s + 1]], want, torch.float32)
+
+
 @pytest.mark.parametrize("group_size", [None, 4])
 def test_gated_rms_norm_ref(group_size):
     g = torch.Generator().manual_seed(0)
