@@ -4,9 +4,10 @@ Every CPU worker left alone runs one compute thread per core of the machine. Two
 on one node (the default pair) then run twice as many threads as there are cores and
 get in each other's way when both are busy. So `hybridserve up` gives each CPU backend
 its own slice of the cores it may use itself, pins the worker process to it and sizes
-its thread pool to match (`compute_threads`), as vLLM's CPU
-deployments bind each instance's OpenMP threads to its own cores. The price: a worker busy while the other idles has only its share
-(benchmarks/bench_pinning.py measures both sides on the node at hand).
+its thread pool to match (`compute_threads`), as vLLM's CPU deployments bind each
+instance's OpenMP threads to its own cores. The price: a worker busy while the other
+idles has only its share (benchmarks/bench_pinning.py measures both sides on the node
+at hand).
 
 `cpu_cores` per backend:
   auto (default)  an equal, contiguous share of the cores not named by other backends
@@ -120,10 +121,11 @@ def compute_threads(n_cores: int) -> int:
     (HTTP, tokenizer, streaming), as vLLM's CPU backend reserves a core for its
     scheduler, so no OpenMP thread shares its core with the server (one that does
     stalls every parallel region it is in). Below that, every core computes: on 2
-    cores one compute thread instead of two made batch-1 decode 1.16-1.19x faster but
-    prefill about 2x slower (TTFT at 8192 tokens 14.2 s against 7.9 s), so a
-    32-token answer came back later; with 4 or more cores the reserved one costs at
-    most a quarter of prefill. (Measured with benchmarks/bench_vllm.py, 2026-11-30.)
+    cores a native worker with one compute thread instead of two decoded 1.05-1.38x
+    faster at batch 1 but answered 1.3-1.9x later (small-transformer TTFT at 8192
+    tokens 14.2 s against 7.6 s), so a 32-token answer came back later at every
+    context; with 4 or more cores the reserved one costs at most a quarter of
+    prefill. (benchmarks/bench_vllm.py with and without --native-threads 1, 2026-11-30.)
     """
     return n_cores - 1 if n_cores >= RESERVE_FROM else max(1, n_cores)
 

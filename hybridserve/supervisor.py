@@ -8,8 +8,8 @@ order: the gateway first (it drains in-flight requests), then the workers. A chi
 that dies on its own is reported and restarted after a back-off (1 s, doubling to
 30 s; reset once it has stayed up a minute). Children also get SIGTERM if the
 supervisor itself dies (Linux parent-death signal), so nothing is left orphaned.
-Each worker computing on the CPU is pinned to its own share of the cores, with a
-thread pool of that size (`cpu_cores`, see hybridserve/cpu_binding.py).
+Each worker computing on the CPU is pinned to its own share of the cores, its thread
+pool sized to that share (`cpu_cores`, see hybridserve/cpu_binding.py).
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class Child:
     failures: int = 0
     restart_at: float | None = None
     history: list[int] = field(default_factory=list)
-    cores: list[int] | None = None  # pinned to these, with as many compute threads
+    cores: list[int] | None = None  # pinned to these (threads: cpu_binding.compute_threads)
     engine: str = "native"
 
     def start(self) -> None:
