@@ -51,7 +51,7 @@ class Child:
 
         def preexec() -> None:
             die_with_parent()
-            if cores:
+            if cores and hasattr(os, "sched_setaffinity"):  # Linux; elsewhere threads only
                 os.sched_setaffinity(0, cores)
 
         if cores:
