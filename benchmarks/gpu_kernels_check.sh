@@ -36,10 +36,11 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 
 # a kernel that never returns (the fused SSD waits on flags) must not eat the lease: hard time limits
-echo "== kernel tests on CUDA"
+echo "== kernel tests on CUDA, and the engine's greedy tokens with the kernels vs its reference path"
 extra=()
 "$PY" -c "import xdist" 2>/dev/null && extra+=(-n 8)  # compiling dominates: spread it over the cores
-timeout 240 "$PY" -m pytest -q -p no:cacheprovider "${extra[@]}" tests/kernels 2>&1 | tee "$OUT/tests.log"
+timeout 240 "$PY" -m pytest -q -p no:cacheprovider "${extra[@]}" tests/kernels tests/engine/test_cuda_kernels.py \
+    2>&1 | tee "$OUT/tests.log"
 tests_rc=${PIPESTATUS[0]}
 
 echo "== benchmark"
