@@ -7,7 +7,8 @@ byte-token prompts of exactly `context` tokens) from each with
 `hybridserve.bench.measure.run_http`, at every context × concurrency. It prints
 decode tok/s and TTFT p50 per engine with the ratio native/vLLM (decode: > 1 means
 the native engine is faster; TTFT: < 1 means it answers sooner). The last stdout
-line is one JSON object.
+line is one JSON object; two plots (decode tok/s and TTFT against context) go to the
+logs folder.
 
 Both engines run eager on CPU (vLLM with --enforce-eager: the native engine has no
 compiler either; `--vllm-compile` lets vLLM use torch.compile, which takes minutes
@@ -152,6 +153,21 @@ def measure(worker: Worker, name: str, points: list[tuple[int, int]], new_tokens
     return out
 
 
+def write_plots(results: dict[str, dict[str, list[dict]]], folder: Path) -> list[Path]:
+    """Decode tok/s and TTFT p50 against context, one line per engine, model and concurrency."""
+    from hybridserve.bench.report import plot_vs_context
+
+    records = [{"backend": f"{engine} {model}", "context": p["context"], "concurrency": p["concurrency"],
+                "decode_tok_s": p["decode_tok_s"], "ttft_p50_s": p["ttft_p50_s"]}
+               for model, engines in results.items() for engine, points in engines.items() for p in points]
+    out = []
+    for metric, ylabel, title in (("decode_tok_s", "decode tok/s", "decode throughput: native vs vLLM (CPU)"),
+                                  ("ttft_p50_s", "TTFT p50 (s)", "time to first token: native vs vLLM (CPU)")):
+        plot_vs_context(records, folder, f"{metric}.png", metric, ylabel, title)
+        out.append(folder / f"{metric}.png")
+    return out
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -236,7 +252,9 @@ def main() -> int:
                   f"{_f(pv['decode_tok_s']):>8} {_f(row['decode_ratio_native_over_vllm'], 2):>6} | "
                   f"{_f(pn['ttft_p50_s'], 3):>17} {_f(pv['ttft_p50_s'], 3):>8} "
                   f"{_f(row['ttft_ratio_native_over_vllm'], 2):>6}")
-    print(json.dumps({"bench": "native_vs_vllm_cpu", "new_tokens": a.new_tokens,
+    plots = write_plots(results, folder)
+    print(f"plots: {', '.join(str(p) for p in plots)}")
+    print(json.dumps({"bench": "native_vs_vllm_cpu", "plots": [str(p) for p in plots], "new_tokens": a.new_tokens,
                       "vllm_mode": "compiled" if a.vllm_compile else "eager",
                       "vllm_omp_bind": a.vllm_omp_bind, "startup_s": startup, "compute_threads": threads, "skipped": skipped,
                       "wall_s": round(time.monotonic() - t_all, 1), "points": rows}))

@@ -54,7 +54,9 @@ def crossovers(records) -> dict:
     return {"transformer": t, "hybrid": h, "by_concurrency": out}
 
 
-def _plot(records, out: Path, name: str, metric: str, ylabel: str, title: str, cross: dict) -> None:
+def plot_vs_context(records, out: Path, name: str, metric: str, ylabel: str, title: str,
+                    cross: dict | None = None) -> None:
+    """One line per (backend, concurrency) of `metric` against context (log2 axis), saved to out/name."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,7 +148,7 @@ def write_all(records: list[dict], out: Path, host: dict) -> dict:
     summary = {"bench": "hybridserve", "points": len(records), "crossover": cross,
                "cache_ratio": _cache_ratios(records, cross)}
     for name, (metric, ylabel, title) in PLOTS.items():
-        _plot(records, out, name, metric, ylabel, title, cross)
+        plot_vs_context(records, out, name, metric, ylabel, title, cross)
     (out / "report.md").write_text(_markdown(records, cross, summary))
     profile = new_profile(host)
     for r in records:
