@@ -32,15 +32,9 @@ sys.path.insert(0, str(REPO))
 from hybridserve.bench.measure import run_http, summarize  # noqa: E402
 from hybridserve.cpu_binding import available_cores, format_cores  # noqa: E402
 
+from bench_vllm import _f, _ratio, free_port  # noqa: E402  (the sibling script: same table helpers)
+
 MODELS = {"small-transformer": "transformer", "small-hybrid": "hybrid"}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Stack:
@@ -112,14 +106,6 @@ def load(url: str, models: list[str], ctx: int, conc: int, new: int) -> dict[str
     if errors:
         raise errors[0]
     return results
-
-
-def _f(x, nd: int = 1) -> str:
-    return "-" if x is None else f"{x:.{nd}f}"
-
-
-def _ratio(a, b):
-    return a / b if a and b else None
 
 
 def main() -> int:

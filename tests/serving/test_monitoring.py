@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 import yaml
 
 from hybridserve.dashboard import build, declared_metrics, metrics_used, queries
-from tests.serving.conftest import TINY, wait_until
+from tests.serving.conftest import TINY, free_port, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -73,12 +72,6 @@ def test_every_dashboard_metric_and_label_is_exported(served):
             assert labels <= seen, f"{name}: grouped by {labels - seen}, exported labels {seen}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(shutil.which("prometheus") is None,
                     reason="the prometheus binary is not installed (.ci/run installs Debian's)")
 def test_prometheus_scrapes_the_stack_and_every_dashboard_query_runs(served, tmp_path):
@@ -87,7 +80,7 @@ def test_prometheus_scrapes_the_stack_and_every_dashboard_query_runs(served, tmp
     cfg = cfg.replace("scrape_interval: 5s", "scrape_interval: 1s").replace("refresh_interval: 30s",
                                                                             "refresh_interval: 1s")
     (tmp_path / "prometheus.yml").write_text(cfg)
-    port = _free_port()
+    port = free_port()
     prom = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
                              f"--storage.tsdb.path={tmp_path / 'data'}",
                              f"--web.listen-address=127.0.0.1:{port}"],
