@@ -11,6 +11,10 @@ load generator takes as little of the shared CPU as it can). Upstream, gateway a
 process on the same machine, so the figures include their competition for CPU.
 
     .venv/bin/python benchmarks/bench_gateway.py [--rates 50,100,200,400,800] [--duration 5]
+        [--budget-store none|sqlite|redis]
+
+`--budget-store` gives the gateway a key budget no run reaches, so every request also
+reserves and settles: in the SQLite ledger, or in a local redis-server (shared state).
 
 Prints a table (latencies in ms; `gw cpu` is the gateway process's CPU time per request,
 whose inverse is the rate one core could sustain), then one JSON line. A rate is "held" when every request succeeded
@@ -95,20 +99,32 @@ def wait_ok(url: str, timeout_s: float = 60.0) -> None:
     raise TimeoutError(f"{url} did not come up")
 
 
-def start_processes(tmp: Path, log_level: str) -> tuple[list[subprocess.Popen], str, str]:
+def start_processes(tmp: Path, log_level: str, store: str = "none") -> tuple[list[subprocess.Popen], str, str]:
+    """Upstream and gateway (first two), plus a redis-server for `--budget-store redis`."""
     up_port, gw_port = free_port(), free_port()
-    cfg = {"gateway": {"host": "127.0.0.1", "port": gw_port, "auth": "required",
-                       "api_key_hashes": [hashlib.sha256(KEY.encode()).hexdigest()]},
+    gateway = {"host": "127.0.0.1", "port": gw_port, "auth": "required",
+               "api_key_hashes": [hashlib.sha256(KEY.encode()).hexdigest()]}
+    log = open(tmp / "processes.log", "wb")
+    extra = []
+    if store != "none":  # a cap no run reaches: every request reserves and settles, none is refused
+        gateway["budgets"] = [{"name": "bench", "tokens": 10**12, "period": "day"}]
+        gateway["ledger_path"] = str(tmp / "ledger.sqlite")
+    if store == "redis":
+        redis_port = free_port()
+        extra.append(subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
+                                       "--save", "", "--appendonly", "no", "--dir", str(tmp)],
+                                      stdout=log, stderr=subprocess.STDOUT))
+        gateway["state_url"] = f"redis://127.0.0.1:{redis_port}/0"
+    cfg = {"gateway": gateway,
            "backends": [{"name": "echo", "arch": "transformer", "engine": "remote",
                          "url": f"http://127.0.0.1:{up_port}", "price_per_hour": 0.0}]}
     path = tmp / "bench.yaml"
     path.write_text(json.dumps(cfg))  # JSON is YAML
-    log = open(tmp / "processes.log", "wb")
     procs = [subprocess.Popen([sys.executable, __file__, "--serve-upstream", str(up_port)],
                               stdout=log, stderr=subprocess.STDOUT),
              subprocess.Popen([sys.executable, "-m", "hybridserve.cli", "gateway", "--config",
                                str(path), "--log-level", log_level], cwd=REPO, stdout=log,
-                              stderr=subprocess.STDOUT)]
+                              stderr=subprocess.STDOUT), *extra]
     direct, via = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{gw_port}"
     wait_ok(direct + "/metrics")
     wait_ok(via + "/health")
@@ -211,16 +227,18 @@ def main() -> None:
     ap.add_argument("--rates", default="50,100,200,400,800", help="comma-separated requests/s")
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per rate and path")
     ap.add_argument("--gateway-log-level", default="info")
+    ap.add_argument("--budget-store", choices=["none", "sqlite", "redis"], default="none",
+                    help="key budgets off, in the SQLite ledger, or shared through a local redis-server")
     ap.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_upstream:
         return serve_upstream(args.serve_upstream)
     rates = [float(r) for r in args.rates.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        procs, direct, via = start_processes(Path(tmp), args.gateway_log_level)
+        procs, direct, via = start_processes(Path(tmp), args.gateway_log_level, args.budget_store)
         try:
-            print(f"gateway overhead, {os.cpu_count()} CPUs, {args.duration:g}s per rate and path; "
-                  "latencies in ms")
+            print(f"gateway overhead, {os.cpu_count()} CPUs, {args.duration:g}s per rate and path, "
+                  f"budget store: {args.budget_store}; latencies in ms")
             print(f"{'rate':>6} {'achieved':>8} {'dir p50':>7} {'dir p95':>7} {'gw p50':>7} "
                   f"{'gw p95':>7} {'gw p99':>7} {'+p50':>7} {'+p95':>7} {'+p99':>7} {'gw cpu':>7} {'errs':>5} "
                   f"{'held':>5}")
@@ -230,6 +248,7 @@ def main() -> None:
     held = [r["rate"] for r in rows if r["held"]]
     at200 = next((r for r in rows if r["rate"] == 200), None)
     summary = {"bench": "gateway_overhead", "cpus": os.cpu_count(), "duration_s": args.duration,
+               "budget_store": args.budget_store,
                "max_rate_held": max(held) if held else 0,
                "max_rate_held_with_p95_added_le_5ms": max(
                    [r["rate"] for r in rows if r["held"] and r["added_p95_ms"] <= 5.0], default=0),

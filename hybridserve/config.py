@@ -191,6 +191,11 @@ class GatewayConfig(_Strict):
     # budgets (hybridserve/gateway/ledger.py, governor.py)
     budgets: list[BudgetConfig] = Field(default_factory=list)
     ledger_path: str = "hybridserve-ledger.sqlite"
+    state_url: str | None = Field(None, description="redis://HOST:PORT/DB: budgets and sessions shared "
+                                  "by every gateway replica naming it (instead of SQLite and memory)")
+    state_prefix: str = Field("hybridserve", min_length=1, description="namespace of the Redis keys")
+    state_timeout_s: float = Field(0.5, gt=0, description="longest wait for Redis at admission; "
+                                   "past it the request gets a 503 (budgets fail closed)")
     session_max_tokens: int | None = Field(None, ge=1)
     session_max_usd: float | None = Field(None, gt=0)
     thinking_budgets: dict[str, int] = Field(
@@ -208,6 +213,14 @@ class GatewayConfig(_Strict):
 
     def routing_policy(self) -> str:
         return self.policy or ("economics" if self.economics_profile else "least_loaded")
+
+    @field_validator("state_url")
+    @classmethod
+    def _state_url_ok(cls, v: str | None) -> str | None:
+        if v is not None and v.split("://", 1)[0] not in ("redis", "rediss", "unix"):
+            raise ValueError(f"`state_url` must be a Redis URL (redis://HOST:6379/0, rediss://…, "
+                             f"unix:///path/redis.sock), not '{v}'")
+        return v
 
     @field_validator("api_key_hashes")
     @classmethod

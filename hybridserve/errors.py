@@ -83,6 +83,16 @@ class BackendUnavailableError(HybridserveError):
     error_type = "service_unavailable"
 
 
+class StateUnavailableError(HybridserveError):
+    """The store the gateway replicas share (Redis) did not answer: budgets cannot be checked (503)."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+
+    def __init__(self, message: str):
+        super().__init__(message, code="state_unavailable")
+
+
 class UpstreamError(HybridserveError):
     """The backend answered with garbage or crashed mid-request (502)."""
 

@@ -30,6 +30,8 @@ def test_repo_models_yaml_loads_both_profiles():
     ({"backends": [GOOD["backends"][0], GOOD["backends"][0]]}, "(top level)", "unique"),
     ({"backends": []}, "backends", "at least 1"),
     ({**GOOD, "aliases": {"fast": ["nope"]}}, "(top level)", "unknown backends"),
+    ({**GOOD, "gateway": {"state_url": "postgres://db/x"}}, "gateway.state_url", "redis://HOST:6379/0"),
+    ({**GOOD, "gateway": {"state_timeout_s": 0}}, "gateway.state_timeout_s", "greater than 0"),
 ])
 def test_bad_config_names_field_and_fix(bad, field, hint):
     with pytest.raises(ConfigError) as err:

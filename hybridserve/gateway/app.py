@@ -23,16 +23,18 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hybridserve.config import HybridserveConfig
+from hybridserve.config import GatewayConfig, HybridserveConfig
 from hybridserve.errors import HybridserveError, PayloadTooLargeError, http_error_body, internal_error_body
 from hybridserve.gateway.admission import admit
-from hybridserve.gateway.call import Calls
+from hybridserve.gateway.call import Calls, store_io
+from hybridserve.gateway.governor import Sessions
 from hybridserve.gateway.ledger import Ledger
 from hybridserve.gateway.routing import Router
 from hybridserve.gateway.auth import KeyChecker
 from hybridserve.gateway.metrics import GatewayMetrics
 from hybridserve.gateway.proxy import Proxy
 from hybridserve.gateway.registry import Registry
+from hybridserve.gateway.shared_state import RedisLedger, RedisSessions, connect
 
 logger = logging.getLogger(__name__)
 
@@ -93,14 +95,27 @@ def http_client() -> httpx.AsyncClient:
                              limits=httpx.Limits(max_connections=64, keepalive_expiry=4.0))
 
 
+def budget_stores(gw: GatewayConfig) -> tuple[Ledger | RedisLedger | None, Sessions | RedisSessions]:
+    """The key ledger (None without budgets) and the session book: local (SQLite and memory),
+    or in Redis when `state_url` is set so that every replica enforces the same caps."""
+    if gw.state_url is None:
+        return (Ledger(gw.ledger_path, gw.budgets) if gw.budgets else None,
+                Sessions(gw.session_max_tokens, gw.session_max_usd))
+    client = connect(gw.state_url, gw.state_timeout_s)   # one pool for both; closed with the sessions
+    opts = {"prefix": gw.state_prefix, "timeout_s": gw.state_timeout_s,
+            "lease_s": 2 * gw.request_timeout_s + 60, "client": client}
+    return (RedisLedger(gw.state_url, gw.budgets, **opts) if gw.budgets else None,
+            RedisSessions(gw.state_url, gw.session_max_tokens, gw.session_max_usd, **opts))
+
+
 def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> RequestContext:
     """Build the gateway for a config; raises ConfigError at once if auth is misconfigured."""
     keys = KeyChecker(cfg.gateway)
     registry = Registry.from_config(cfg)
     router = Router(cfg, registry)
-    ledger = Ledger(cfg.gateway.ledger_path, cfg.gateway.budgets) if cfg.gateway.budgets else None
-    calls = Calls(cfg, router, ledger)
-    metrics = GatewayMetrics(registry, router, calls.sessions)
+    ledger, sessions = budget_stores(cfg.gateway)
+    calls = Calls(cfg, router, ledger, sessions)
+    metrics = GatewayMetrics(registry, router, sessions)
     holder: dict[str, Proxy] = {}
 
     @asynccontextmanager
@@ -112,6 +127,11 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
         for b in registry.backends.values():
             logger.info("backend %s (%s, %s) at %s: %s", b.name, b.config.arch, b.config.engine,
                         b.url, "up" if b.healthy else f"down ({b.last_error})")
+        if isinstance(sessions, RedisSessions):
+            why = await sessions.ping()
+            logger.log(logging.WARNING if why else logging.INFO, "budgets and sessions shared through %s: %s",
+                       sessions.where, f"NOT reachable ({why}); budget checks answer 503 until it is"
+                       if why else "reachable")
         try:
             yield
         finally:
@@ -120,7 +140,10 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
             await client.aclose()
             holder["proxy"].close()
             if ledger is not None:
-                ledger.close()
+                await store_io(ledger.close)
+            if isinstance(sessions, RedisSessions):
+                await sessions.close()
+                await sessions.r.aclose()
 
     app = FastAPI(title="hybridserve gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -151,7 +174,7 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
         key_id = keys.check(request.headers.get("authorization"))
         raw = await read_body(request)
         adm = admit(raw, chat, registry)
-        call = calls.open(adm, request.headers, key_id)
+        call = await calls.open(adm, request.headers, key_id)
         return await holder["proxy"].forward(request, call, path)
 
     @app.post("/v1/completions")
@@ -175,7 +198,7 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
     @app.get("/v1/sessions/{session_id}")
     async def session(request: Request, session_id: str) -> dict:
         keys.check(request.headers.get("authorization"))
-        s = calls.sessions.get(session_id)
+        s = await store_io(calls.sessions.get, session_id)
         if s is None:
             raise StarletteHTTPException(404, f"no session '{session_id}' has made a call here")
         return s.as_json(calls.sessions.max_tokens, calls.sessions.max_usd)
@@ -183,7 +206,7 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
     @app.get("/v1/budgets")
     async def budgets(request: Request) -> dict:
         key_id = keys.check(request.headers.get("authorization"))
-        return {"object": "list", "data": ledger.status(key_id) if ledger is not None else []}
+        return {"object": "list", "data": await store_io(ledger.status, key_id) if ledger is not None else []}
 
     @app.get("/health")
     async def health() -> Response:
@@ -200,6 +223,11 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
 
     @app.get("/metrics")
     async def prometheus() -> Response:
+        if isinstance(sessions, RedisSessions):
+            try:
+                await sessions.refresh_totals()
+            except HybridserveError as e:   # the session gauges are left out of this scrape
+                logger.warning("session gauges skipped: %s", e.message)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     wrapped = RequestContext(app)

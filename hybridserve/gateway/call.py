@@ -15,6 +15,7 @@ streams) its own include_usage goes upstream byte for byte as the client sent it
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from dataclasses import dataclass, field
@@ -161,7 +162,7 @@ class Call:
         if self.cut_to is not None:
             ext["budget"] = "exhausted" if self.exhausted else f"max_tokens cut to {self.cut_to}"
         if self.hold is not None:
-            ext["session_id"] = self.hold.session.id
+            ext["session_id"] = self.hold.sid
         return ext
 
     def finish_body(self, b: BackendState, body: dict) -> dict:
@@ -199,14 +200,16 @@ def confidence(body: dict, chat: bool) -> float | None:
 class Calls:
     """Opens a `Call` per admitted request (routing, governor, ledger and sessions together)."""
 
-    def __init__(self, cfg: HybridserveConfig, router: Router, ledger: Ledger | None):
+    def __init__(self, cfg: HybridserveConfig, router: Router, ledger: Ledger | None,
+                 sessions: G.Sessions | None = None):
         gw = cfg.gateway
         self.gw = gw
         self.router = router
         self.ledger = ledger
-        self.sessions = G.Sessions(gw.session_max_tokens, gw.session_max_usd)
+        self.sessions = sessions if sessions is not None else G.Sessions(gw.session_max_tokens,
+                                                                         gw.session_max_usd)
 
-    def open(self, adm: Admitted, headers: Any, key_id: str | None) -> Call:
+    async def open(self, adm: Admitted, headers: Any, key_id: str | None) -> Call:
         ctl = G.parse_controls(adm.data, self.gw, adm.stream)
         prompt = estimate_prompt_tokens(adm.prompt_bytes, adm.prompt_lower, adm.prompt_upper)
         cands = adm.candidates
@@ -221,18 +224,23 @@ class Calls:
         usd_max = (est.usd if est else 0.0) * n
         sid = headers.get("x-session-id")
         if sid:
-            call.hold = self.sessions.hold(sid[:128], adm.prompt_upper, route.max_tokens, usd_max)
+            call.hold = await store_io(self.sessions.hold, sid[:128], adm.prompt_upper, route.max_tokens, usd_max)
         if self.ledger is not None and self.ledger.budgets:
             cap = call.cut_to or route.max_tokens
             try:
-                call.reservation = self.ledger.reserve(key_id, usd_max, adm.prompt_upper + cap * n)
+                call.reservation = await store_io(self.ledger.reserve, key_id, usd_max, adm.prompt_upper + cap * n)
             except BaseException:
                 if call.hold is not None:
-                    call.hold.session.budget_hits += 1
-                    self.sessions.settle(call.hold, None, None, 0.0)
-                    call.hold.session.calls -= 1
+                    self.sessions.release(call.hold)
                 raise
         return call
+
+
+async def store_io(method, *args):
+    """Call a budget store: local ones (memory, SQLite) answer at once, shared ones (Redis)
+    return a coroutine that waits on the network."""
+    out = method(*args)
+    return await out if inspect.isawaitable(out) else out
 
 
 def question_and_answer(data: dict, body: dict, chat: bool) -> tuple[str, str] | None:

@@ -34,6 +34,8 @@ from hybridserve.errors import BudgetExceededError, InvalidRequestError
 GATEWAY_FIELDS = ("mode", "reasoning_effort", "hybridserve_vote", "max_thinking_tokens")
 ANSWER_BUDGET_TOKENS = 256   # non-native engines: thinking cap + this many answer tokens
 MAX_SESSIONS = 10_000
+SESSION_TOTALS = ("calls", "prompt_tokens", "completion_tokens", "thinking_tokens", "usd", "escalations",
+                  "budget_hits")
 THINK_END = "</think>"
 
 
@@ -145,12 +147,14 @@ class Session:
 class SessionHold:
     """One call's reservation against its session."""
 
-    session: Session
+    sid: str
+    session: Session | None        # the in-memory session (None where sessions live in Redis)
     tokens: int
     usd: float
     cut_to: int | None = None      # max_tokens was cut to this to fit the session's budget
     limit: int | None = None       # max_tokens sent upstream (set whenever the session is capped)
     done: bool = False
+    rid: str = ""                  # its id where sessions live in Redis
 
 
 class Sessions:
@@ -190,8 +194,24 @@ class Sessions:
         s.reserved_tokens += prompt_upper + cut
         s.reserved_usd += usd
         capped = self.max_tokens is not None or self.max_usd is not None
-        return SessionHold(s, prompt_upper + cut, usd, cut if cut < max_tokens else None,
+        return SessionHold(sid, s, prompt_upper + cut, usd, cut if cut < max_tokens else None,
                            cut if capped else None)
+
+    def release(self, hold: SessionHold) -> None:
+        """Drop a hold whose call was refused after it (by a key budget): a budget hit, no call."""
+        if hold.done:
+            return
+        hold.done = True
+        hold.session.reserved_tokens -= hold.tokens
+        hold.session.reserved_usd -= hold.usd
+        hold.session.budget_hits += 1
+
+    def totals(self) -> dict[str, float]:
+        """Sums over the tracked sessions, for the gateway's gauges."""
+        live = list(self._by_id.values())
+        out = {name: float(sum(getattr(s, name) for s in live)) for name in SESSION_TOTALS}
+        out["sessions"] = float(len(live))
+        return out
 
     def settle(self, hold: SessionHold, backend: str | None, usage: dict | None, usd: float,
                escalations: int = 0, exhausted: bool = False) -> None:

@@ -22,6 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from hybridserve.config import BudgetConfig
 from hybridserve.errors import BudgetExceededError
@@ -42,13 +43,30 @@ class Reservation:
     tokens: int
     slots: list[tuple[str, int]] = field(default_factory=list)  # (budget name, period start)
     settled: bool = False
+    rid: str = ""                  # its id in a shared (Redis) ledger
 
 
 def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-class Ledger:
+class Budgets:
+    """Which budgets apply to a key, and their current windows (`budgets` and `clock` are set
+    by the ledger that uses this)."""
+
+    budgets: list[BudgetConfig]
+    clock: Callable[[], float]
+
+    def applicable(self, key: str) -> list[BudgetConfig]:
+        return [b for b in self.budgets if b.key in ("*", key)]
+
+    def window(self, b: BudgetConfig) -> tuple[int, int]:
+        length = PERIOD_S[b.period]
+        start = int(self.clock()) // length * length
+        return start, start + length
+
+
+class Ledger(Budgets):
     def __init__(self, path: str | Path, budgets: list[BudgetConfig], clock=time.time):
         self.budgets = list(budgets)
         self.clock = clock
@@ -62,14 +80,6 @@ class Ledger:
 
     def close(self) -> None:
         self.db.close()
-
-    def applicable(self, key: str) -> list[BudgetConfig]:
-        return [b for b in self.budgets if b.key in ("*", key)]
-
-    def window(self, b: BudgetConfig) -> tuple[int, int]:
-        length = PERIOD_S[b.period]
-        start = int(self.clock()) // length * length
-        return start, start + length
 
     def spent(self, budget: str, key: str, start: int) -> tuple[float, int]:
         row = self.db.execute("SELECT usd, tokens FROM spend WHERE budget=? AND key=? AND period_start=?",

@@ -4,6 +4,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from hybridserve.errors import HybridserveError
 from hybridserve.gateway.registry import Registry
 
 ADDED_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.5)
@@ -52,20 +53,23 @@ class _EconomicsCollector:
             yield from self._sessions()
 
     def _sessions(self):
-        live = list(self.sessions._by_id.values())
+        try:
+            t = self.sessions.totals()
+        except HybridserveError:   # shared store away: the scrape goes on without session gauges
+            return
         n = GaugeMetricFamily("hybridserve_sessions", "Agent sessions tracked (X-Session-Id).")
-        n.add_metric([], float(len(live)))
+        n.add_metric([], t["sessions"])
         tokens = GaugeMetricFamily("hybridserve_sessions_tokens", "Tokens used by the tracked "
                                    "sessions, by kind.", labels=["kind"])
         for kind in ("prompt_tokens", "completion_tokens", "thinking_tokens"):
-            tokens.add_metric([kind.removesuffix("_tokens")], float(sum(getattr(s, kind) for s in live)))
+            tokens.add_metric([kind.removesuffix("_tokens")], t[kind])
         totals = {name: GaugeMetricFamily(f"hybridserve_sessions_{name}", help_)
                   for name, help_ in (("calls", "Calls made by the tracked sessions."),
                                       ("usd", "Measured $ spent by the tracked sessions."),
                                       ("escalations", "Cascade escalations in the tracked sessions."),
                                       ("budget_hits", "Session budget hits (cut answers and 429s)."))}
         for name, fam in totals.items():
-            fam.add_metric([], float(sum(getattr(s, name) for s in live)))
+            fam.add_metric([], t[name])
         yield from (n, tokens, *totals.values())
 
 

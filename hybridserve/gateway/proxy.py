@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from hybridserve import protocol as P
-from hybridserve.errors import BackendUnavailableError, GatewayTimeoutError, HybridserveError, UpstreamError
+from hybridserve.errors import BackendUnavailableError, GatewayTimeoutError, UpstreamError
 from hybridserve.gateway.call import Call, confidence, question_and_answer
 from hybridserve.gateway.metrics import GatewayMetrics
 from hybridserve.gateway.registry import BackendState, Registry
