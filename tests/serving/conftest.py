@@ -74,6 +74,17 @@ def spawn(argv: list[str], log: Path, env: dict | None = None) -> subprocess.Pop
                             env={**os.environ, **(env or {})}, start_new_session=True)
 
 
+def start_mock_upstream(tmp: Path, name: str) -> tuple[subprocess.Popen, dict]:
+    """tests/serving/mock_upstream.py on a free port, and the `engine: remote` backend for it."""
+    port = free_port()
+    proc = spawn([sys.executable, str(REPO / "tests/serving/mock_upstream.py"), str(port), name],
+                 tmp / f"{name}.log")
+    wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/stats", trust_env=False).status_code == 200,
+               20, f"mock {name} up")
+    return proc, {"name": name, "arch": "transformer", "engine": "remote", "max_context": 256,
+                  "url": f"http://127.0.0.1:{port}", "price_per_hour": 0.1}
+
+
 def log_tail(log: Path, n: int = 40) -> str:
     try:
         return "\n".join(log.read_text(errors="replace").splitlines()[-n:])

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 
 import httpx
 import pytest
 from openai import OpenAI
 
-from tests.serving.conftest import (API_KEY, REPO, free_port, log_tail, spawn, start_stack,
+from tests.serving.conftest import (API_KEY, free_port, log_tail, start_mock_upstream, start_stack,
                                     stop_process, wait_until)
 
 pytestmark = pytest.mark.timeout(60)
@@ -20,15 +19,12 @@ pytestmark = pytest.mark.timeout(60)
 @pytest.fixture(scope="module")
 def remote(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("remote")
-    ports = {"up1": free_port(), "up2": free_port()}
-    mocks = {n: spawn([sys.executable, str(REPO / "tests/serving/mock_upstream.py"), str(p), n],
-                      tmp / f"{n}.log") for n, p in ports.items()}
+    mocks = {}
     try:
-        for n, p in ports.items():
-            wait_until(lambda: httpx.get(f"http://127.0.0.1:{p}/stats", trust_env=False).status_code == 200,
-                       20, f"mock {n} up")
-        backends = [{"name": n, "arch": "transformer", "engine": "remote", "max_context": 256,
-                     "url": f"http://127.0.0.1:{p}", "price_per_hour": 0.1} for n, p in ports.items()]
+        backends = []
+        for n in ("up1", "up2"):
+            mocks[n], backend = start_mock_upstream(tmp, n)
+            backends.append(backend)
         backends.append({"name": "dead", "arch": "hybrid", "engine": "remote", "max_context": 4096,
                          "url": f"http://127.0.0.1:{free_port()}", "price_per_hour": 0.1})
         env = {"HYBRIDSERVE_BACKEND_KEY_UP2": "upstream-secret",  # sent to up2 only
@@ -36,7 +32,7 @@ def remote(tmp_path_factory):
         # the client key arrives hashed by env, not by config: auth stays required
         stack = start_stack(tmp, backends, gateway={"api_key_hashes": [], "request_timeout_s": 1.5},
                             aliases={"pair": ["up1", "up2"]}, env=env)
-        stack.extra["mocks"] = {n: f"http://127.0.0.1:{p}" for n, p in ports.items()}
+        stack.extra["mocks"] = {b["name"]: b["url"] for b in backends[:2]}
         yield stack
         stop_process(stack.proc)
         assert stack.proc.returncode == 0, log_tail(stack.log)

@@ -1,20 +1,17 @@
-"""Per-key budgets: reserved at admission, settled at completion, durable across a gateway restart,
-and never overspent by more than one reservation under concurrency. Mock upstreams (no engine):
+"""Per-key budgets in a live gateway: durable across a restart, and never overspent by more than
+one reservation under concurrency (the ledger's own contract is tested, for SQLite and Redis
+alike, in test_shared_state.py). Mock upstreams (no engine):
 each answer uses 4 tokens (prompt 1 + completion 3); a request for prompt "hi" with max_tokens 4
 reserves 4 (prompt upper bound) + 4 = 8 tokens.
 """
 from __future__ import annotations
 
 import asyncio
-import sys
 
 import httpx
 import pytest
 
-from hybridserve.config import BudgetConfig
-from hybridserve.errors import BudgetExceededError
-from hybridserve.gateway.ledger import Ledger
-from tests.serving.conftest import REPO, free_port, log_tail, spawn, start_stack, stop_process, wait_until
+from tests.serving.conftest import log_tail, start_mock_upstream, start_stack, stop_process
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -22,36 +19,12 @@ CAP_TOKENS = 10
 RESERVATION = 8
 
 
-def test_ledger_reserve_settle_and_reset(tmp_path):
-    now = [86400.0 * 100 + 10]
-    ledger = Ledger(tmp_path / "l.sqlite", [BudgetConfig(name="daily", tokens=10, usd=1.0)], clock=lambda: now[0])
-    a = ledger.reserve("k", 0.1, 8)
-    b = ledger.reserve("k", 0.1, 8)           # spent + reserved (8) is below 10: admitted
-    with pytest.raises(BudgetExceededError) as err:
-        ledger.reserve("k", 0.1, 8)           # 16 reserved: refused
-    assert "daily" in err.value.message and "resets at" in err.value.message
-    ledger.settle(a, 0.01, 4)
-    ledger.settle(a, 0.01, 4)                 # settling twice books once
-    ledger.settle(b, 0.01, 4)
-    assert ledger.status("k")[0]["spent_tokens"] == 8 and ledger.status("k")[0]["reserved_tokens"] == 0
-    ledger.reserve("other", 0.1, 8)           # '*' budgets are per key
-    now[0] += 86400                            # next day: a fresh window
-    ledger.reserve("k", 0.1, 8)
-    ledger.close()
-    again = Ledger(tmp_path / "l.sqlite", [BudgetConfig(name="daily", tokens=10)], clock=lambda: now[0] - 86400)
-    assert again.status("k")[0]["spent_tokens"] == 8  # the settled spend survived
-
-
 @pytest.fixture(scope="module")
 def mocks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ledger")
-    port = free_port()
-    mock = spawn([sys.executable, str(REPO / "tests/serving/mock_upstream.py"), str(port), "up1"], tmp / "m.log")
-    wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/stats", trust_env=False).status_code == 200,
-               20, "mock up")
-    yield tmp, [{"name": "up1", "arch": "transformer", "engine": "remote", "max_context": 256,
-                 "url": f"http://127.0.0.1:{port}", "price_per_hour": 0.1}]
-    stop_process(mock, 5)
+    proc, backend = start_mock_upstream(tmp, "up1")
+    yield tmp, [backend]
+    stop_process(proc, 5)
 
 
 def _gateway(tmp, backends, ledger):

@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import uuid
 
 import httpx
@@ -24,7 +23,7 @@ from hybridserve.errors import BudgetExceededError, StateUnavailableError
 from hybridserve.gateway import governor as G
 from hybridserve.gateway.ledger import Ledger
 from hybridserve.gateway.shared_state import RedisLedger, RedisSessions
-from tests.serving.conftest import REPO, free_port, log_tail, spawn, start_stack, stop_process, wait_until
+from tests.serving.conftest import free_port, log_tail, start_mock_upstream, start_stack, stop_process, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -281,13 +280,8 @@ def test_a_session_spans_replicas(redis_url, prefix):
 
 @pytest.fixture(scope="module")
 def mock(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("shared")
-    port = free_port()
-    proc = spawn([sys.executable, str(REPO / "tests/serving/mock_upstream.py"), str(port), "up1"], tmp / "m.log")
-    wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/stats", trust_env=False).status_code == 200,
-               20, "mock up")
-    yield [{"name": "up1", "arch": "transformer", "engine": "remote", "max_context": 256,
-            "url": f"http://127.0.0.1:{port}", "price_per_hour": 0.1}]
+    proc, backend = start_mock_upstream(tmp_path_factory.mktemp("shared"), "up1")
+    yield [backend]
     stop_process(proc, 5)
 
 
