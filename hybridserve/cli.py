@@ -1,4 +1,4 @@
-"""The `hybridserve` command line: up, gateway, worker, models, hash-key, version."""
+"""The `hybridserve` command line: up, gateway, worker, models, k8s, hash-key, version."""
 from __future__ import annotations
 
 import logging
@@ -47,7 +47,8 @@ def up(config: str = ConfigOpt, profile: Optional[str] = ProfileOpt, log_level: 
 
     Workers listen on 127.0.0.1 at `backend.port` (default: gateway.port+1, +2, ...).
 
-    `engine: remote` backends are only routed to. A dead worker is restarted with back-off.
+    `engine: remote` backends, and backends with a `host` (workers run elsewhere with
+    `hybridserve worker`), are only routed to. A dead worker is restarted with back-off.
 
     Example:
 
@@ -150,6 +151,54 @@ def models(config: str = ConfigOpt, profile: Optional[str] = ProfileOpt) -> None
                    f"ctx={b.max_context:<6} ${b.price_per_hour}/h  {what}  -> {where}")
     groups = {**{t: n for t, n in cfg.tiers().items()}, **cfg.aliases, "auto": "all backends"}
     typer.echo("aliases: " + "; ".join(f"{k} -> {v}" for k, v in groups.items()))
+
+
+@app.command()
+def k8s(config: str = ConfigOpt, profile: Optional[str] = ProfileOpt,
+        image: str = typer.Option(..., help="Container image with hybridserve (and vLLM at "
+                                            "--vllm-python for vllm backends); see deploy/docker."),
+        namespace: Optional[str] = typer.Option(None, help="metadata.namespace of every object."),
+        gateway_replicas: int = typer.Option(2, help="Gateway pods; they share budgets and sessions "
+                                                     "through Redis."),
+        state_url: Optional[str] = typer.Option(None, help="An existing Redis for the shared state "
+                                                           "(default: deploy one)."),
+        vllm_python: str = typer.Option("/opt/vllm/bin/python", help="vLLM's interpreter in the image."),
+        models_pvc: Optional[str] = typer.Option(None, help="PersistentVolumeClaim mounted read-only at "
+                                                            "/models in every worker (checkpoint dirs)."),
+        output: Optional[str] = typer.Option(None, "--output", "-o", help="Write here, not stdout.")) -> None:
+    """Render Kubernetes manifests for this config: a worker Deployment and Service per backend,
+    the gateway (several replicas sharing state in Redis), Redis, and the ConfigMap they read.
+
+    Example:
+
+        hybridserve k8s --profile gpu --image registry.example.com/hybridserve:0.1 | kubectl apply -f -
+    """
+    from pathlib import Path
+
+    from pydantic import ValidationError
+
+    from hybridserve.config import GatewayConfig
+    from hybridserve.k8s import dump, render
+
+    cfg = _load(config, profile)
+    try:
+        if state_url is not None:
+            try:
+                GatewayConfig(state_url=state_url)   # the same check as gateway.state_url
+            except ValidationError as e:
+                raise ValueError("--state-url: " + e.errors()[0]["msg"].removeprefix("Value error, ")) from None
+        objects = render(cfg, image, namespace=namespace, gateway_replicas=gateway_replicas,
+                         state_url=state_url, vllm_python=vllm_python, models_pvc=models_pvc,
+                         config_dir=Path(config).resolve().parent)
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    text = dump(objects)
+    if output:
+        Path(output).write_text(text)
+        typer.echo(f"wrote {len(objects)} objects to {output}", err=True)
+    else:
+        typer.echo(text, nl=False)
 
 
 @app.command("hash-key")

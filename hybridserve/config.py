@@ -82,6 +82,9 @@ class BackendConfig(_Strict):
     tier: str = "standard"
     price_per_hour: float = Field(ge=0)
     port: int | None = Field(None, ge=1, le=65535)
+    host: str | None = Field(None, description="where the gateway reaches this worker when it runs on "
+                             "another machine (a node's address, a Kubernetes Service name); `up` "
+                             "starts only the workers without one. None: this machine")
     cpu_cores: str = Field("auto", description="cores `up` pins this worker to: 'auto' (an equal "
                                                "share per CPU backend), 'all' (no pinning) or a "
                                                "list like '0-3,8'; see hybridserve/cpu_binding.py")
@@ -106,6 +109,19 @@ class BackendConfig(_Strict):
 
         return format_cores(parse_cores(v))
 
+    @field_validator("host")
+    @classmethod
+    def _host_ok(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^([A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\])$", v):
+            raise ValueError(f"'{v}' is not a host name or address: give it without scheme or port "
+                             "(the port is `port`), e.g. 'hybridserve-small-hybrid' or '10.0.0.7'")
+        return v
+
+    @property
+    def started_here(self) -> bool:
+        """Whether `hybridserve up` starts this backend's worker on this machine."""
+        return self.engine != "remote" and self.host is None
+
     @field_validator("device")
     @classmethod
     def _device_ok(cls, v: str) -> str:
@@ -116,6 +132,9 @@ class BackendConfig(_Strict):
     @model_validator(mode="after")
     def _engine_fields(self) -> "BackendConfig":
         if self.engine == "remote":
+            if self.host is not None:
+                raise ValueError("`host` is for workers hybridserve runs elsewhere; a remote backend "
+                                 "is reached at its `url` (remove `host`)")
             if self.cpu_cores not in ("auto", "all"):
                 raise ValueError("`cpu_cores` pins workers hybridserve starts; a remote backend "
                                  "runs elsewhere (remove `cpu_cores`)")

@@ -73,7 +73,7 @@ def check_startable(cfg: HybridserveConfig) -> None:
         check_cores(cfg.backends, available_cores())
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    vllm = [b for b in cfg.backends if b.engine == "vllm"]
+    vllm = [b for b in cfg.backends if b.engine == "vllm" and b.started_here]
     if vllm:
         from hybridserve.worker.vllm_launcher import check_vllm_backend
 
@@ -83,7 +83,7 @@ def check_startable(cfg: HybridserveConfig) -> None:
 
 def plan_children(cfg: HybridserveConfig, config_path: str, profile: str | None,
                   log_level: str = "info", engine_factory: str | None = None) -> list[Child]:
-    """Workers (one per non-remote backend) then the gateway, as commands to run."""
+    """Workers (one per backend started here: not remote, no `host`) then the gateway, as commands."""
     base = [sys.executable, "-m", "hybridserve.cli"]
     common = ["--config", config_path, "--log-level", log_level]
     if profile:
@@ -91,7 +91,7 @@ def plan_children(cfg: HybridserveConfig, config_path: str, profile: str | None,
     children = []
     cores = plan_cores(cfg.backends, available_cores())
     for b in cfg.backends:
-        if b.engine == "remote":
+        if not b.started_here:
             continue
         port = worker_port(cfg, b)
         argv = base + ["worker", *common, "--backend", b.name, "--port", str(port)]

@@ -31,6 +31,8 @@ def test_repo_models_yaml_loads_both_profiles():
     ({"backends": []}, "backends", "at least 1"),
     ({**GOOD, "aliases": {"fast": ["nope"]}}, "(top level)", "unknown backends"),
     ({**GOOD, "gateway": {"state_url": "postgres://db/x"}}, "gateway.state_url", "redis://HOST:6379/0"),
+    (_with(host="http://node:8001"), "backends[0].host", "without scheme or port"),
+    (_with(engine="remote", url="http://x:1", host="x"), "backends[0]", "remove `host`"),
     ({**GOOD, "gateway": {"state_timeout_s": 0}}, "gateway.state_timeout_s", "greater than 0"),
 ])
 def test_bad_config_names_field_and_fix(bad, field, hint):

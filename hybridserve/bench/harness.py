@@ -161,7 +161,7 @@ def _backend_url(backend) -> str:
     if backend.port is None:
         raise ValueError(f"backend {backend.name}: engine {backend.engine} is measured over HTTP; give it a "
                          "`port` in models.yaml (and start it with `hybridserve up`) or pass --url")
-    return f"http://127.0.0.1:{backend.port}"
+    return f"http://{backend.host or '127.0.0.1'}:{backend.port}"
 
 
 def _device(backends) -> str:

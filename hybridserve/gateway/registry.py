@@ -40,7 +40,7 @@ def worker_port(cfg: HybridserveConfig, backend: BackendConfig) -> int:
 def backend_url(cfg: HybridserveConfig, backend: BackendConfig) -> str:
     if backend.engine == "remote":  # the server's root: a base URL ending in /v1 works too
         return backend.url.rstrip("/").removesuffix("/v1")  # type: ignore[union-attr]
-    return f"http://127.0.0.1:{worker_port(cfg, backend)}"
+    return f"http://{backend.host or '127.0.0.1'}:{worker_port(cfg, backend)}"
 
 
 def backend_key_env(name: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -83,6 +84,28 @@ def start_mock_upstream(tmp: Path, name: str) -> tuple[subprocess.Popen, dict]:
                20, f"mock {name} up")
     return proc, {"name": name, "arch": "transformer", "engine": "remote", "max_context": 256,
                   "url": f"http://127.0.0.1:{port}", "price_per_hour": 0.1}
+
+
+def start_redis(tmp: Path) -> tuple[subprocess.Popen, str]:
+    """A redis-server of our own on a free loopback port (no persistence), and its URL."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not installed (.ci/run installs Debian's redis-server)")
+    port = free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    import redis
+    client = redis.Redis(port=port, socket_timeout=1)
+
+    def up() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+    wait_until(up, 10, "redis-server up")
+    client.close()
+    return proc, f"redis://127.0.0.1:{port}/0"
 
 
 def log_tail(log: Path, n: int = 40) -> str:

@@ -116,6 +116,23 @@ def test_worker_ports_follow_the_gateway_port():
     assert worker_port(cfg, cfg.backend("z")) == 7777
 
 
+def test_workers_on_other_hosts_are_routed_to_but_not_started():
+    from hybridserve.gateway.registry import backend_url
+    from hybridserve.supervisor import check_startable, plan_children
+
+    cfg = parse_config({"gateway": {"port": 9000, "auth": "disabled"}, "backends": [
+        {"name": "here", "arch": "hybrid", "checkpoint": "/tmp", "price_per_hour": 0},
+        {"name": "there", "arch": "hybrid", "checkpoint": "/tmp", "price_per_hour": 0,
+         "host": "gpu-node-7", "cpu_cores": "0"},
+        {"name": "v", "arch": "hybrid", "engine": "vllm", "checkpoint": "org/m", "price_per_hour": 0,
+         "host": "10.0.0.7", "vllm": {"python": "/no/such/python"}}]})
+    assert [k.name for k in plan_children(cfg, "m.yaml", None)] == ["here", "gateway"]
+    check_startable(cfg)     # neither the missing vLLM interpreter nor the core list is this machine's
+    assert backend_url(cfg, cfg.backend("there")) == "http://gpu-node-7:9002"
+    assert backend_url(cfg, cfg.backend("here")) == "http://127.0.0.1:9001"
+    assert backend_url(cfg, cfg.backend("v")) == "http://10.0.0.7:9003"
+
+
 def test_remote_urls_may_end_in_v1_and_use_https():
     from hybridserve.gateway.registry import backend_url
     from hybridserve.gateway.upstream import Pool

@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
-import shutil
 import signal
-import subprocess
 import uuid
 
 import httpx
@@ -23,32 +21,12 @@ from hybridserve.errors import BudgetExceededError, StateUnavailableError
 from hybridserve.gateway import governor as G
 from hybridserve.gateway.ledger import Ledger
 from hybridserve.gateway.shared_state import RedisLedger, RedisSessions
-from tests.serving.conftest import free_port, log_tail, start_mock_upstream, start_stack, stop_process, wait_until
+from tests.serving.conftest import (free_port, log_tail, start_mock_upstream, start_redis, start_stack,
+                                    stop_process)
 
 pytestmark = pytest.mark.timeout(90)
 
 DAY0 = 86400.0 * 100 + 10
-
-
-def start_redis(tmp) -> tuple[subprocess.Popen, str]:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.skip("redis-server is not installed (.ci/run installs Debian's redis-server)")
-    port = free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    import redis
-    client = redis.Redis(port=port, socket_timeout=1)
-
-    def up() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-    wait_until(up, 10, "redis-server up")
-    client.close()
-    return proc, f"redis://127.0.0.1:{port}/0"
 
 
 @pytest.fixture(scope="module")
