@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from hybridserve.kernels import cpu_attention
 from hybridserve.kernels._backend import interpreting, lazy_jit, next_pow2, tl, triton, use_triton
 from hybridserve.kernels._scratch import scratch
 
@@ -36,6 +37,8 @@ def paged_attention_decode(
     args = (q, k_cache, v_cache, block_tables, context_lens, scale)
     if use_triton(q):
         return paged_attention_decode_triton(*args, max_context_len=max_context_len)
+    if cpu_attention.usable(q, k_cache):
+        return cpu_attention.paged_attention_decode_cpu(*args)
     return paged_attention_decode_ref(*args)
 
 

@@ -61,6 +61,10 @@ def load_model(directory: str | Path, dtype: str | torch.dtype = "float32", devi
     del state, weights  # the model holds the tensors now; packing below can free them one by one
     if model.rotary is not None:  # a non-persistent buffer: not in the state dict, still on meta
         model.rotary.inv_freq = rope_inv_freq(args.rope, args.head_dim).to(device)
+    if device == "cpu" and torch_dtype == torch.float32 and any(t == "attention" for t in args.layer_types):
+        from hybridserve.kernels import cpu_attention
+
+        cpu_attention.available()   # build (or load) the C++ decode kernel now, not at the first token
     if prepack:
         prepack_linears(model)
         # What is left (embedding, norms, conv, A/D) still points into the safetensors file's

@@ -1,0 +1,97 @@
+"""The C++ CPU paged decode kernel against the torch reference, its dispatch, and its fallbacks."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_paged_attention import paged
+
+from hybridserve.kernels import cpu_attention
+from hybridserve.kernels import paged_attention as PA
+
+needs_kernel = pytest.mark.skipif(not cpu_attention.available(),
+                                  reason=f"C++ kernel not built here: {cpu_attention.why_unavailable()}")
+
+
+def exact_fp64(q, k_cache, v_cache, tables, ctx, scale):
+    """Decode attention token by token from the block table, in float64."""
+    out = torch.empty(q.shape, dtype=torch.float64)
+    page, Hkv = k_cache.shape[1], k_cache.shape[2]
+    group = q.shape[1] // Hkv
+    for b, n in enumerate(ctx.tolist()):
+        rows = [tables[b, t // page].item() for t in range(n)]
+        k = torch.stack([k_cache[r, t % page] for t, r in enumerate(rows)]).double()  # [n, Hkv, D]
+        v = torch.stack([v_cache[r, t % page] for t, r in enumerate(rows)]).double()
+        for h in range(q.shape[1]):
+            w = torch.softmax(k[:, h // group] @ q[b, h].double() * scale, dim=0)
+            out[b, h] = w @ v[:, h // group]
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("lens, Hq, Hkv, Dh, page", [
+    ([1, 7, 13, 16], 6, 2, 24, 4),        # a one-token context, partial and whole last blocks
+    ([100, 33], 8, 2, 64, 16),            # the small models' heads
+    ([50], 8, 8, 32, 16),                 # no grouping, one sequence (split over heads)
+    ([5, 300, 17], 12, 4, 80, 1),         # one token per block
+    ([70, 2], 3, 1, 128, 32),
+])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_matches_the_reference(lens, Hq, Hkv, Dh, page, threads):
+    q, k, v, tables, ctx = paged(lens, Hq, Hkv, Dh, page, torch.float32, "cpu", seed=sum(lens))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for scale in (Dh ** -0.5, 3.0):   # 3.0 spreads scores far: most weights underflow to 0
+            got = cpu_attention.paged_attention_decode_cpu(q, k, v, tables, ctx, scale)
+            ref = PA.paged_attention_decode_ref(q, k, v, tables, ctx, scale)
+            exact = exact_fp64(q, k, v, tables, ctx, scale)
+            # as close to the fp64 answer as the fp32 reference is (logits near 100 leave both
+            # ~1e-5 off at scale 3), and never far from it
+            ours, theirs = (got.double() - exact).abs().max(), (ref.double() - exact).abs().max()
+            assert ours <= max(2 * theirs, 2e-6), (ours, theirs)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernel
+def test_decode_on_cpu_goes_to_the_kernel(monkeypatch):
+    q, k, v, tables, ctx = paged([9, 20], 4, 2, 16, 4, torch.float32, "cpu")
+    calls = []
+    real = cpu_attention.paged_attention_decode_cpu
+    monkeypatch.setattr(cpu_attention, "paged_attention_decode_cpu",
+                        lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(PA, "use_triton", lambda t: False)      # as on a CPU worker
+    out = PA.paged_attention_decode(q, k, v, tables, ctx, 0.25)
+    assert calls == [1]
+    torch.testing.assert_close(out, PA.paged_attention_decode_ref(q, k, v, tables, ctx, 0.25),
+                               atol=2e-6, rtol=2e-5)
+    q16 = q.to(torch.bfloat16)
+    assert not cpu_attention.usable(q16, k.to(torch.bfloat16))   # other dtypes keep the reference
+
+
+def test_a_failed_build_falls_back_to_the_reference(monkeypatch, caplog):
+    import torch.utils.cpp_extension as ext
+
+    def no_compiler(*a, **k):
+        raise RuntimeError("Error building extension: c++: not found")
+    monkeypatch.setattr(ext, "load_inline", no_compiler)
+    monkeypatch.setattr(cpu_attention, "_module", None)
+    monkeypatch.setattr(cpu_attention, "_failed", None)
+    with caplog.at_level("WARNING"):
+        assert not cpu_attention.available()
+    assert "c++: not found" in cpu_attention.why_unavailable()
+    assert "using the torch reference" in caplog.text
+    q, k, v, tables, ctx = paged([9], 4, 2, 16, 4, torch.float32, "cpu")
+    assert not cpu_attention.usable(q, k)
+    with pytest.raises(RuntimeError, match="unavailable"):
+        cpu_attention.paged_attention_decode_cpu(q, k, v, tables, ctx, 0.25)
+
+
+def test_switched_off_by_the_environment():
+    code = "from hybridserve.kernels import cpu_attention as c; print(c.available(), c.why_unavailable())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HYBRIDSERVE_CPU_KERNELS": "0"})
+    assert out.stdout.strip() == "False HYBRIDSERVE_CPU_KERNELS=0", out.stderr
