@@ -61,6 +61,70 @@ static inline float exp_neg(float x) {
   return out;
 }
 
+// Head sizes that are a multiple of 8 up to 256 take these: the head's accumulators live in
+// vector registers across a block's tokens (GCC/Clang vector extensions: AVX on x86, NEON
+// pairs on ARM), and the G query heads that share a kv head are scored off one load of K.
+typedef float v8 __attribute__((vector_size(32)));
+
+static inline v8 load8(const float* p) { v8 r; std::memcpy(&r, p, sizeof r); return r; }
+static inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
+static inline float hsum8(v8 v) {
+  v8 t = v + __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+  t = t + __builtin_shufflevector(t, t, 2, 3, 0, 1, 6, 7, 4, 5);
+  t = t + __builtin_shufflevector(t, t, 1, 0, 3, 2, 5, 4, 7, 6);
+  return t[0];
+}
+
+// s[t * H + h] = q_h . k_t for the block's cnt tokens; heads h = kv head * G + j
+template <int NV>
+static void block_scores(const float* kb, int64_t tok_stride, int64_t cnt, const float* qs,
+                         int64_t H, int64_t G, float* s) {
+  for (int64_t t = 0; t < cnt; ++t) {
+    for (int64_t g = 0; g < H / G; ++g) {
+      const float* kt = kb + t * tok_stride + g * NV * 8;
+      v8 k[NV];
+      for (int i = 0; i < NV; ++i) k[i] = load8(kt + 8 * i);
+      for (int64_t j = 0; j < G; ++j) {
+        const float* qh = qs + (g * G + j) * NV * 8;
+        v8 a0 = k[0] * load8(qh), a1 = NV > 1 ? k[1] * load8(qh + 8) : v8{};
+        for (int i = 2; i < NV; i += 2) {
+          a0 += k[i] * load8(qh + 8 * i);
+          if (i + 1 < NV) a1 += k[i + 1] * load8(qh + 8 * (i + 1));
+        }
+        s[t * H + g * G + j] = hsum8(a0 + a1);
+      }
+    }
+  }
+}
+
+// acc_h += sum_t p[t * H + h] * v_t for every head of the item
+template <int NV>
+static void block_values(const float* vb, int64_t tok_stride, int64_t cnt, const float* p,
+                         int64_t H, int64_t G, float* acc) {
+  for (int64_t h = 0; h < H; ++h) {
+    v8 a[NV];
+    float* ah = acc + h * NV * 8;
+    for (int i = 0; i < NV; ++i) a[i] = load8(ah + 8 * i);
+    const float* vh = vb + (h / G) * NV * 8;
+    for (int64_t t = 0; t < cnt; ++t) {
+      const float pt = p[t * H + h];
+      const float* vt = vh + t * tok_stride;
+      for (int i = 0; i < NV; ++i) a[i] += pt * load8(vt + 8 * i);
+    }
+    for (int i = 0; i < NV; ++i) store8(ah + 8 * i, a[i]);
+  }
+}
+
+typedef void (*scores_fn)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*);
+typedef void (*values_fn)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*);
+
+template <int NV> static void pick(int64_t D, scores_fn* sf, values_fn* vf) {
+  if constexpr (NV > 0) {
+    if (D == NV * 8) { *sf = block_scores<NV>; *vf = block_values<NV>; return; }
+    pick<NV - 1>(D, sf, vf);
+  }
+}
+
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                            torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
   TORCH_CHECK(q.dtype() == torch::kFloat32 && k_cache.dtype() == torch::kFloat32 &&
@@ -84,6 +148,9 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   float* op = out.data_ptr<float>();
   const int64_t bt_stride = tables.size(1), tok_stride = Hkv * D, blk_stride = BS * Hkv * D;
   const float sc = static_cast<float>(scale);
+  scores_fn fixed_scores = nullptr;
+  values_fn fixed_values = nullptr;
+  pick<32>(D, &fixed_scores, &fixed_values);           // D = 8, 16, ..., 256
 
   // A work item is one sequence's kv heads [g0, g1) with their query heads: it reads each
   // token's K/V for those heads as one contiguous run, block after block. Sequences are split
@@ -120,7 +187,8 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
         }
         const float* kb = kp + blk * blk_stride + g0 * D;
         const float* vb = vp + blk * blk_stride + g0 * D;
-        for (int64_t t = 0; t < cnt; ++t) {            // scores of this block's tokens
+        if (fixed_scores) fixed_scores(kb, tok_stride, cnt, qs.data(), H, G, s.data());
+        else for (int64_t t = 0; t < cnt; ++t) {       // scores of this block's tokens
           const float* kt = kb + t * tok_stride;
           for (int64_t h = 0; h < H; ++h) {
             const float* qh = qs.data() + h * D;
@@ -148,12 +216,14 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
         const int64_t ns = cnt * H;
 #pragma omp simd
         for (int64_t x = 0; x < ns; ++x) s[x] = exp_neg(s[x] - mm[x]);   // probabilities, vectorized
-        for (int64_t t = 0; t < cnt; ++t) {            // add the block's values
+        for (int64_t t = 0; t < cnt; ++t)              // the softmax denominators
+          for (int64_t h = 0; h < H; ++h) l[h] += s[t * H + h];
+        if (fixed_values) fixed_values(vb, tok_stride, cnt, s.data(), H, G, acc.data());
+        else for (int64_t t = 0; t < cnt; ++t) {       // add the block's values
           const float* vt = vb + t * tok_stride;
           for (int64_t h = 0; h < H; ++h) {
             const float p = s[t * H + h];
             const float* vh = vt + (h / G) * D;
-            l[h] += p;
             float* ah = acc.data() + h * D;
 #pragma omp simd
             for (int64_t d = 0; d < D; ++d) ah[d] += p * vh[d];

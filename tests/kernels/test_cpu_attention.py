@@ -37,6 +37,7 @@ def exact_fp64(q, k_cache, v_cache, tables, ctx, scale):
     ([50], 8, 8, 32, 16),                 # no grouping, one sequence (split over heads)
     ([5, 300, 17], 12, 4, 80, 1),         # one token per block
     ([70, 2], 3, 1, 128, 32),
+    ([40, 9], 4, 2, 20, 8),               # a head size that is not a multiple of 8: the generic loops
 ])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_matches_the_reference(lens, Hq, Hkv, Dh, page, threads):
