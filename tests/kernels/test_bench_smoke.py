@@ -22,3 +22,20 @@ def test_bench_kernels_cpu_smoke_ends_with_json():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["all_checks_ok"]
     assert {r["op"] for r in result["ops"]} >= {"ssd_scan", "state_update_bfloat16", "paged_attention_decode"}
+
+
+def test_bench_cpu_attention_runs_and_reports_each_point():
+    from hybridserve.kernels import cpu_attention
+
+    if not cpu_attention.available():
+        pytest.skip(f"C++ kernel not built here: {cpu_attention.why_unavailable()}")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_cpu_attention.py"), "--points", "1x64,2x32",
+         "--repeat", "1", "--threads", "1"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [(r["batch"], r["context"], r["tables"]) for r in result["rows"]] == [
+        (1, 64, "in order"), (1, 64, "shuffled"), (2, 32, "in order"), (2, 32, "shuffled")]
+    assert all(r["kernel_ms"] > 0 and r["speedup_over_ref"] > 0 for r in result["rows"])
