@@ -91,3 +91,20 @@ def test_state_update_ref_equals_one_scan_step_and_hugging_face():
     )
     assert_close("y vs HF", y, y_hf, torch.float32)
     assert_close("state vs HF", state[slots], hf_state, torch.float32)
+
+
+def test_the_cpu_chunk_matches_the_token_loop_and_the_reference():
+    """What `ssd_scan` runs on CPU (`_chunk_cpu`: differenced decays) against the step-by-step
+    loop, with steep decays too (A down to -8: exponents near -60 inside a 256-token chunk)."""
+    from hybridserve.kernels.ssd import _chunk_cpu
+
+    for lens, chunk, steep in (([1, 13, 7], 4, False), ([300, 41], 256, False), ([260], 64, True)):
+        inp = ssd_inputs(lens, seed=len(lens))
+        if steep:
+            inp["A"] = inp["A"] * 4
+        y, final = ssd_scan_ref(**inp, chunk_size=chunk, chunk_fn=_chunk_cpu)
+        y_want, final_want = ssd_naive(**inp)
+        assert_close("y", y, y_want, torch.float32)
+        assert_close("final", final, final_want, torch.float32)
+        y_ref, _ = ssd_scan_ref(**inp, chunk_size=chunk)
+        torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
