@@ -66,7 +66,7 @@ def available_cores() -> list[int]:
 def pinned(backend) -> bool:
     """Whether `up` pins this backend: started here (not remote, no `host`), with a core list or
     `auto` on the CPU."""
-    if backend.engine == "remote" or getattr(backend, "host", None) or backend.cpu_cores == "all":
+    if not backend.started_here or backend.cpu_cores == "all":
         return False
     return backend.cpu_cores != "auto" or backend.device == "cpu"
 

@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from hybridserve.config import BackendConfig, HybridserveConfig
-from hybridserve.gateway.registry import worker_port
+from hybridserve.gateway.registry import backend_key_env, worker_port
 
 APP = "hybridserve"
 CONFIG_DIR = "/etc/hybridserve"
@@ -148,8 +148,6 @@ def _gateway(cfg: HybridserveConfig, image: str, namespace: str | None, replicas
             "name": f"{APP}-api-keys", "key": "hashes", "optional": True}}})
     for b in cfg.backends:   # keys the gateway sends to remote backends, when the Secret has them
         if b.engine == "remote":
-            from hybridserve.gateway.registry import backend_key_env
-
             env.append({"name": backend_key_env(b.name), "valueFrom": {"secretKeyRef": {
                 "name": f"{APP}-backend-keys", "key": service_name(b.name), "optional": True}}})
     container = {

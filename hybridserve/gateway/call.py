@@ -200,14 +200,11 @@ def confidence(body: dict, chat: bool) -> float | None:
 class Calls:
     """Opens a `Call` per admitted request (routing, governor, ledger and sessions together)."""
 
-    def __init__(self, cfg: HybridserveConfig, router: Router, ledger: Ledger | None,
-                 sessions: G.Sessions | None = None):
-        gw = cfg.gateway
-        self.gw = gw
+    def __init__(self, cfg: HybridserveConfig, router: Router, ledger: Ledger | None, sessions: G.Sessions):
+        self.gw = cfg.gateway
         self.router = router
         self.ledger = ledger
-        self.sessions = sessions if sessions is not None else G.Sessions(gw.session_max_tokens,
-                                                                         gw.session_max_usd)
+        self.sessions = sessions   # in memory, or RedisSessions (gateway.app.budget_stores)
 
     async def open(self, adm: Admitted, headers: Any, key_id: str | None) -> Call:
         ctl = G.parse_controls(adm.data, self.gw, adm.stream)

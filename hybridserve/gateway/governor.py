@@ -157,6 +157,15 @@ class SessionHold:
     rid: str = ""                  # its id where sessions live in Redis
 
 
+def session_exhausted(sid: str, tokens: int, usd: float, max_tokens: int | None,
+                      max_usd: float | None) -> BudgetExceededError:
+    """The 429 for a session with nothing left under its caps."""
+    return BudgetExceededError(
+        f"session '{sid}' has spent its budget ({tokens} tokens, ${usd:.6f}; caps: "
+        f"{max_tokens or '-'} tokens, ${max_usd or '-'}); start a new session",
+        code="session_budget_exceeded")
+
+
 class Sessions:
     def __init__(self, max_tokens: int | None, max_usd: float | None):
         self.max_tokens = max_tokens
@@ -186,10 +195,7 @@ class Sessions:
             cut = min(cut, int(max_tokens * left / usd_for_max))
         if cut < 1:
             s.budget_hits += 1
-            raise BudgetExceededError(
-                f"session '{sid}' has spent its budget ({s.tokens} tokens, ${s.usd:.6f}; caps: "
-                f"{self.max_tokens or '-'} tokens, ${self.max_usd or '-'}); start a new session",
-                code="session_budget_exceeded")
+            raise session_exhausted(sid, s.tokens, s.usd, self.max_tokens, self.max_usd)
         usd = usd_for_max * cut / max_tokens if max_tokens else 0.0
         s.reserved_tokens += prompt_upper + cut
         s.reserved_usd += usd

@@ -50,6 +50,24 @@ def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
+def budget_row(b: BudgetConfig, end: float, usd: float, tokens: int, r_usd: float, r_tok: float) -> dict:
+    """One entry of GET /v1/budgets: the cap, what is spent and reserved, when it resets."""
+    return {"budget": b.name, "period": b.period, "cap_usd": b.usd, "cap_tokens": b.tokens,
+            "spent_usd": usd, "spent_tokens": tokens, "reserved_usd": r_usd,
+            "reserved_tokens": int(r_tok), "resets_at": _iso(end)}
+
+
+def budget_exhausted(b: BudgetConfig, end: float, usd: float, tokens: float, r_usd: float, r_tok: float,
+                     scope: str = "") -> BudgetExceededError:
+    """The 429 for budget `b`, which spent + reserved has reached: names the cap that was hit
+    ($ when it was, else tokens), what was spent and reserved, and when the window resets."""
+    over = f"${b.usd:g}" if b.usd is not None and usd + r_usd >= b.usd else f"{b.tokens} tokens"
+    return BudgetExceededError(
+        f"budget '{b.name}' ({over} per {b.period}) is exhausted for this API key "
+        f"(spent ${usd:.6f} and {int(tokens)} tokens, {int(r_tok)} tokens reserved in flight{scope}); "
+        f"it resets at {_iso(end)}")
+
+
 class Budgets:
     """Which budgets apply to a key, and their current windows (`budgets` and `clock` are set
     by the ledger that uses this)."""
@@ -92,13 +110,9 @@ class Ledger(Budgets):
             start, end = self.window(b)
             usd, tokens = self.spent(b.name, key, start)
             r_usd, r_tok = self._reserved.get((b.name, key, start), (0.0, 0))
-            over = ((b.usd is not None and usd + r_usd >= b.usd) and f"${b.usd:g}")
-            over = over or ((b.tokens is not None and tokens + r_tok >= b.tokens) and f"{b.tokens} tokens")
-            if over:
-                raise BudgetExceededError(
-                    f"budget '{b.name}' ({over} per {b.period}) is exhausted for this API key "
-                    f"(spent ${usd:.6f} and {tokens} tokens, {int(r_tok)} tokens reserved in flight); "
-                    f"it resets at {_iso(end)}")
+            if ((b.usd is not None and usd + r_usd >= b.usd)
+                    or (b.tokens is not None and tokens + r_tok >= b.tokens)):
+                raise budget_exhausted(b, end, usd, tokens, r_usd, r_tok)
 
     def reserve(self, key: str | None, usd: float, tokens: int) -> Reservation:
         key = key or ANONYMOUS
@@ -141,7 +155,5 @@ class Ledger(Budgets):
             start, end = self.window(b)
             usd, tokens = self.spent(b.name, key, start)
             r_usd, r_tok = self._reserved.get((b.name, key, start), (0.0, 0))
-            out.append({"budget": b.name, "period": b.period, "cap_usd": b.usd, "cap_tokens": b.tokens,
-                        "spent_usd": usd, "spent_tokens": tokens, "reserved_usd": r_usd,
-                        "reserved_tokens": int(r_tok), "resets_at": _iso(end)})
+            out.append(budget_row(b, end, usd, tokens, r_usd, r_tok))
         return out

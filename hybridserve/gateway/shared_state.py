@@ -35,9 +35,9 @@ from typing import Any, Awaitable, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 from hybridserve.config import BudgetConfig
-from hybridserve.errors import BudgetExceededError, StateUnavailableError
-from hybridserve.gateway.governor import SESSION_TOTALS, Session, SessionHold
-from hybridserve.gateway.ledger import ANONYMOUS, PERIOD_S, Budgets, Reservation, _iso
+from hybridserve.errors import StateUnavailableError
+from hybridserve.gateway.governor import SESSION_TOTALS, Session, SessionHold, session_exhausted
+from hybridserve.gateway.ledger import ANONYMOUS, PERIOD_S, Budgets, Reservation, budget_exhausted, budget_row
 
 logger = logging.getLogger(__name__)
 
@@ -321,13 +321,8 @@ class RedisLedger(_Store, Budgets):
         if int(out[0]) > 0:
             b = budgets[int(out[0]) - 1]
             _, end = self.window(b)
-            usd_spent, tok_spent, usd_held, tok_held = (float(x) for x in out[1:5])
-            over_usd = b.usd is not None and usd_spent + usd_held >= b.usd
-            raise BudgetExceededError(
-                f"budget '{b.name}' ({f'${b.usd:g}' if over_usd else f'{b.tokens} tokens'} per {b.period}) "
-                f"is exhausted for this API key (spent ${usd_spent:.6f} and {int(tok_spent)} tokens, "
-                f"{int(tok_held)} tokens reserved in flight, across every gateway replica); "
-                f"it resets at {_iso(end)}")
+            raise budget_exhausted(b, end, *(float(x) for x in out[1:5]),
+                                   scope=", across every gateway replica")
         return res
 
     def settle(self, res: Reservation, usd: float, tokens: int) -> None:
@@ -370,9 +365,7 @@ class RedisLedger(_Store, Budgets):
             _, end = self.window(b)
             (usd, tokens), held = raw[2 * i], raw[2 * i + 1]
             r_usd, r_tok = _live_holds(held, now)
-            out.append({"budget": b.name, "period": b.period, "cap_usd": b.usd, "cap_tokens": b.tokens,
-                        "spent_usd": float(usd or 0.0), "spent_tokens": int(float(tokens or 0)),
-                        "reserved_usd": r_usd, "reserved_tokens": int(r_tok), "resets_at": _iso(end)})
+            out.append(budget_row(b, end, float(usd or 0.0), int(float(tokens or 0)), r_usd, r_tok))
         return out
 
 
@@ -417,10 +410,7 @@ class RedisSessions(_Store):
         if cut == -2:
             raise StateUnavailableError("the admission was cancelled after a timeout; retry")
         if cut < 1:
-            raise BudgetExceededError(
-                f"session '{sid}' has spent its budget ({int(float(out[1]))} tokens, ${float(out[2]):.6f}; "
-                f"caps: {self.max_tokens or '-'} tokens, ${self.max_usd or '-'}); start a new session",
-                code="session_budget_exceeded")
+            raise session_exhausted(sid, int(float(out[1])), float(out[2]), self.max_tokens, self.max_usd)
         capped = self.max_tokens is not None or self.max_usd is not None
         return SessionHold(sid, None, prompt_upper + cut, float(out[1]), cut if cut < max_tokens else None,
                            cut if capped else None, rid=rid)
