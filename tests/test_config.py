@@ -15,7 +15,12 @@ def _with(**kw):
 def test_repo_models_yaml_loads_both_profiles():
     cfg = load_config("models.yaml")
     assert {b.arch for b in cfg.backends} == {"transformer", "hybrid"}
-    assert all(b.checkpoint.startswith("builtin:small-") for b in cfg.backends)
+    first = cfg.backends[0]   # the real model comes first; the random pair stays, tier economy
+    assert (first.name, first.checkpoint, first.tier, first.max_context) == (
+        "smollm2-135m", "builtin:smollm2-135m-instruct", "standard", 8192)
+    small = [b for b in cfg.backends if b.checkpoint.startswith("builtin:small-")]
+    assert len(small) == 2 and {b.tier for b in small} == {"economy"}
+    assert {b.engine for b in load_config("models.yaml", "gpu").backends} == {"vllm"}
 
 
 @pytest.mark.parametrize("bad, field, hint", [
@@ -55,3 +60,49 @@ def test_yaml_errors_are_reported(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match="file not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def _gguf_backend(path, engine="native"):
+    return _with(checkpoint=str(path), engine=engine)
+
+
+def test_gguf_checkpoint_of_a_native_architecture_validates(tmp_path):
+    from tests.models.gguf_fixtures import write_metadata_only_gguf
+
+    path = write_metadata_only_gguf(tmp_path / "m.gguf", "llama")
+    assert parse_config(_gguf_backend(path)).backends[0].checkpoint == str(path)
+
+
+@pytest.mark.parametrize("name, arch, engine, hint", [
+    ("missing.gguf", None, "native", "does not exist"),
+    ("qwen.gguf", "qwen2", "native", "GGUF architecture 'qwen2' is not served by the native engine"),
+    ("qwen.gguf", "qwen2", "native", "set `engine: vllm`"),
+    ("weights.bin", "llama", "native", "not a .gguf file"),
+    ("junk.gguf", "junk", "native", "not a GGUF file"),
+    ("missing.gguf", None, "vllm", "does not exist"),
+])
+def test_bad_gguf_checkpoint_names_the_problem(tmp_path, name, arch, engine, hint):
+    from tests.models.gguf_fixtures import write_metadata_only_gguf
+
+    path = tmp_path / name
+    if arch == "junk":
+        path.write_bytes(b"not gguf")
+    elif arch is not None:
+        write_metadata_only_gguf(path, arch)
+    with pytest.raises(ConfigError) as err:
+        parse_config(_gguf_backend(path, engine))
+    msg = str(err.value)
+    assert "backends[0]" in msg and hint in msg, msg
+
+
+def test_gguf_of_other_architectures_is_fine_for_vllm(tmp_path):
+    from tests.models.gguf_fixtures import write_metadata_only_gguf
+
+    path = write_metadata_only_gguf(tmp_path / "qwen.gguf", "qwen2")
+    assert parse_config(_gguf_backend(path, "vllm")).backends[0].engine == "vllm"
+
+
+def test_packaged_builtin_validates_and_unknown_builtins_list_it():
+    parse_config(_with(checkpoint="builtin:smollm2-135m-instruct"))
+    with pytest.raises(ConfigError, match="smollm2-135m-instruct"):
+        parse_config(_with(checkpoint="builtin:huge"))

