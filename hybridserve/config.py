@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -147,7 +147,7 @@ class BackendConfig(_Strict):
                              "by hybridserve (remove `url`, or set `engine: remote`)")
         if not self.checkpoint:
             raise ValueError(f"engine '{self.engine}' needs `checkpoint`: 'builtin:NAME', a local "
-                             "HF directory, or (vllm only) a hub id like 'org/model'")
+                             "HF directory, a .gguf file, or (vllm only) a hub id like 'org/model'")
         check_checkpoint(self.checkpoint, self.engine)
         return self
 
@@ -155,20 +155,23 @@ class BackendConfig(_Strict):
 def check_checkpoint(ref: str, engine: str) -> None:
     """Validate the form of a checkpoint reference without touching disk or network much."""
     if ref.startswith("builtin:"):
-        from hybridserve.models.builtin import BUILTIN_NAMES
+        from hybridserve.models.builtin import check_builtin
 
-        name = ref.split(":", 1)[1]
-        if name not in BUILTIN_NAMES:
-            raise ValueError(f"unknown built-in '{name}': use one of {', '.join(BUILTIN_NAMES)}")
+        check_builtin(ref.split(":", 1)[1])
         return
     path = Path(os.path.expanduser(ref))
     if path.is_dir():
         return
+    if path.is_file() or path.suffix.lower() == ".gguf":
+        from hybridserve.models.gguf import check_gguf
+
+        check_gguf(path, engine)  # exists, is GGUF, and (native) an architecture it serves
+        return
     if engine == "vllm" and _HUB_ID_RE.match(ref) and not ref.startswith(("/", ".", "~")):
         return  # a hub id; vLLM downloads it on nodes that can reach the hub
-    raise ValueError(f"checkpoint '{ref}' is not 'builtin:NAME' and not an existing directory"
+    raise ValueError(f"checkpoint '{ref}' is not 'builtin:NAME', a .gguf file or an existing directory"
                      + (" (or a hub id such as 'org/model')" if engine == "vllm" else
-                        "; the native engine needs a local HF directory with config.json"))
+                        "; the native engine needs a local HF directory with config.json or a .gguf file"))
 
 
 class BudgetConfig(_Strict):
@@ -189,6 +192,38 @@ class BudgetConfig(_Strict):
         return self
 
 
+RUNG_RESERVED = ("model", "prompt", "messages", "stream", "stream_options")
+
+
+class CascadeRung(_Strict):
+    """One step of `gateway.cascade`: a backend, or a backend with test-time-compute settings."""
+
+    name: str = Field(description="the rung's label (as in the quality profile's targets)")
+    backend: str
+    params: dict[str, Any] = Field(default_factory=dict,
+                                   description="merged into the upstream body, e.g. "
+                                               "{n: 5, hybridserve_vote: true, temperature: 0.7}")
+
+    @field_validator("name")
+    @classmethod
+    def _rung_name_ok(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(f"'{v}' is not a valid rung name: use letters, digits, '.', '_' or '-'")
+        return v
+
+    @field_validator("params")
+    @classmethod
+    def _params_ok(cls, v: dict[str, Any]) -> dict[str, Any]:
+        bad = [k for k in v if k in RUNG_RESERVED]
+        if bad:
+            raise ValueError(f"params may not set {', '.join(bad)}: the request decides those "
+                             "(use params for sampling and test-time compute: n, hybridserve_vote, "
+                             "temperature, max_thinking_tokens, reasoning_effort)")
+        if v.get("hybridserve_vote") and not (isinstance(v.get("n"), int) and v["n"] >= 2):
+            raise ValueError("`hybridserve_vote: true` needs `n` >= 2 samples in the same params")
+        return v
+
+
 class GatewayConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -197,9 +232,21 @@ class GatewayConfig(_Strict):
     api_keys_env: str = "HYBRIDSERVE_API_KEYS"
     request_timeout_s: float = Field(600.0, gt=0)
     # routing (hybridserve/gateway/routing.py)
-    policy: str | None = Field(None, description="routing policy; None: economics when "
-                               "economics_profile is set, else least_loaded")
+    policy: str | None = Field(None, description="routing policy; None: economics (seeded from "
+                               "economics_profile, else from config arithmetic)")
     economics_profile: str | None = Field(None, description="profile from `hybridserve bench`")
+    quality_profile: str | None = Field(None, description="quality_profile.json from `hybridserve "
+                                        "eval`: measured accuracy per backend and task tag")
+    quality_floor: float | None = Field(None, ge=0, le=1, description="least measured accuracy a "
+                                        "backend needs for `auto` (economics-family policies)")
+    quality_floors: dict[str, float] = Field(default_factory=dict, description="alias or tier name "
+                                             "-> its own quality floor (wins over quality_floor)")
+    quality_unmeasured: Literal["allow", "deny"] = Field(
+        "deny", description="whether a backend the profile does not measure meets a floor")
+    default_tier: str | None = Field(None, description="the tier plain `auto` routes within "
+                                     "(None: every backend)")
+    cascade: list[CascadeRung] = Field(default_factory=list, description="rungs `auto:cascade` "
+                                       "runs in order (instead of the tiers)")
     slo_ttft_s: float | None = Field(None, gt=0)
     slo_e2e_s: float | None = Field(None, gt=0)
     cascade_threshold: float = Field(-1.0, description="escalate below this mean token logprob "
@@ -231,7 +278,30 @@ class GatewayConfig(_Strict):
         return v
 
     def routing_policy(self) -> str:
-        return self.policy or ("economics" if self.economics_profile else "least_loaded")
+        """`policy`, else economics (never a silent least-loaded fallback)."""
+        return self.policy or "economics"
+
+    @field_validator("quality_floors")
+    @classmethod
+    def _floors_ok(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, floor in v.items():
+            if isinstance(floor, bool) or not 0 <= floor <= 1:
+                raise ValueError(f"quality_floors.{name} must be a number in 0..1 (got {floor!r})")
+        return v
+
+    @model_validator(mode="after")
+    def _quality_ok(self) -> "GatewayConfig":
+        if (self.quality_floor is not None or self.quality_floors) and not self.quality_profile:
+            raise ValueError("a quality floor (quality_floor / quality_floors) needs measurements: "
+                             "set gateway.quality_profile (from `hybridserve eval`) or remove the floor")
+        names = [r.name for r in self.cascade]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"gateway.cascade rung names must be unique; repeated: {', '.join(dupes)}")
+        if len(self.cascade) == 1:
+            raise ValueError("gateway.cascade needs two or more rungs to escalate between "
+                             "(or remove it to cascade over the tiers)")
+        return self
 
     @field_validator("state_url")
     @classmethod
@@ -267,6 +337,7 @@ class HybridserveConfig(_Strict):
                              f"use one of: {', '.join(names)}")
         if self.gateway.policy == "parallel_verify" and self.gateway.verifier is None:
             raise ValueError("gateway.policy 'parallel_verify' needs gateway.verifier (a backend name)")
+        self._routing_names_ok(names)
         targets = set(names) | {b.tier for b in self.backends}
         for kind, target in self.gateway.step_tiers.items():
             if target not in targets:
@@ -280,6 +351,22 @@ class HybridserveConfig(_Strict):
                 raise ValueError(f"alias '{alias}' names unknown backends {missing}; "
                                  f"known: {', '.join(names)}")
         return self
+
+    def _routing_names_ok(self, names: list[str]) -> None:
+        """Cascade rungs name backends; quality floors name aliases or tiers; default_tier a tier."""
+        gw, tiers = self.gateway, sorted({b.tier for b in self.backends})
+        for i, rung in enumerate(gw.cascade):
+            if rung.backend not in names:
+                raise ValueError(f"gateway.cascade[{i}].backend '{rung.backend}' is not a backend; "
+                                 f"use one of: {', '.join(names)}")
+        groups = sorted(set(self.aliases) | set(tiers))
+        for name in gw.quality_floors:
+            if name not in groups:
+                raise ValueError(f"gateway.quality_floors.{name}: '{name}' is neither an alias nor a "
+                                 f"tier; use one of: {', '.join(groups)}")
+        if gw.default_tier is not None and gw.default_tier not in tiers:
+            raise ValueError(f"gateway.default_tier '{gw.default_tier}' is not a tier of any backend; "
+                             f"use one of: {', '.join(tiers)}")
 
     def backend(self, name: str) -> BackendConfig:
         for b in self.backends:

@@ -8,10 +8,18 @@ price_per_hour × device_seconds, and the economics table learns from it) and en
 with `settle`, exactly once, which books the measured cost in the ledger and the
 session. Receipts: headers (`receipt_headers`) and the `usage` extension
 (`usage_extension`): cost_usd, device_seconds, route_policy, route_backend,
-route_reason, predicted_cost_usd, and for cascades every tier tried.
+route_reason, predicted_cost_usd, `quality` when a quality floor applied, and for
+cascades every tier (or configured rung) tried.
 
-Fast path: a request with no controls, no session cut, no cascade and (for
-streams) its own include_usage goes upstream byte for byte as the client sent it.
+Cascade rungs (`gateway.cascade`): each rung's params are merged into the request
+body, and the merged body is read by the governor again (so a rung's
+`{n: 5, hybridserve_vote: true}` samples five answers and returns the majority);
+bodies are built once per (engine kind, rung). A voting rung's confidence is the
+mean token logprob of the winning sample, the answer the client gets.
+
+Fast path: a request with no controls, no gateway-only fields, no session cut, no
+cascade and (for streams) its own include_usage goes upstream byte for byte as the
+client sent it.
 """
 from __future__ import annotations
 
@@ -26,7 +34,7 @@ from hybridserve.gateway import governor as G
 from hybridserve.gateway.admission import Admitted
 from hybridserve.gateway.ledger import Ledger, Reservation
 from hybridserve.gateway.registry import BackendState
-from hybridserve.gateway.routing import Route, Router, estimate_prompt_tokens
+from hybridserve.gateway.routing import Route, Router, RouteRung, estimate_prompt_tokens, request_quality
 from hybridserve.router.policies.cascade import mean_logprob
 
 logger = logging.getLogger(__name__)
@@ -51,7 +59,9 @@ class Call:
     tried: list[dict] = field(default_factory=list)
     exhausted: bool = False
     settled: bool = False
-    _bodies: dict[bool, bytes] = field(default_factory=dict)
+    rung_controls: dict[str, G.Controls] = field(default_factory=dict)  # configured cascade rungs
+    answered_by: RouteRung | None = None     # the rung whose answer the client gets
+    _bodies: dict[tuple[bool, str | None], bytes] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- upstream body
 
@@ -69,21 +79,32 @@ class Call:
         """The cascade reads the answer's own logprobs (parallel_verify asks a verifier instead)."""
         return self.route.cascade and self.route.verifier is None and not self.adm.stream
 
-    def body_for(self, b: BackendState) -> bytes:
-        native = b.config.engine == "native"
-        if native not in self._bodies:
-            self._bodies[native] = self._build(native)
-        return self._bodies[native]
+    def rung_of(self, b: BackendState) -> RouteRung | None:
+        """The first configured rung on this backend (streams and failover run one rung only)."""
+        return next((r for r in self.route.rungs if r.backend is b), None)
 
-    def _build(self, native: bool) -> bytes:
-        d = self.adm.data
-        rewrite = (self.controls.active or (self.hold is not None and self.hold.limit is not None)
-                   or self.wants_confidence
+    def controls_for(self, rung: RouteRung | None) -> G.Controls:
+        return self.rung_controls.get(rung.name, self.controls) if rung else self.controls
+
+    def body_for(self, b: BackendState, rung: RouteRung | None = None) -> bytes:
+        """The upstream body for backend `b` (as cascade rung `rung`), built once per engine kind and rung."""
+        rung = rung or self.rung_of(b)
+        key = (b.config.engine == "native", rung.name if rung else None)
+        if key not in self._bodies:
+            self._bodies[key] = self._build(key[0], rung)
+        return self._bodies[key]
+
+    def _build(self, native: bool, rung: RouteRung | None = None) -> bytes:
+        d = {**self.adm.data, **rung.params} if rung else self.adm.data
+        ctl = self.controls_for(rung)
+        rewrite = (ctl.active or (self.hold is not None and self.hold.limit is not None)
+                   or self.wants_confidence or bool(rung and rung.params)
+                   or G.has_gateway_fields(self.adm.data)
                    or (self.adm.stream and not self.adm.client_usage))
         if not rewrite:
             return self.adm.raw
         limit = self.hold.limit if self.hold is not None else None
-        out = G.upstream_fields(d, self.controls, native, limit or self.adm.max_tokens)
+        out = G.upstream_fields(d, ctl, native, limit or self.adm.max_tokens)
         if self.adm.stream and not self.adm.client_usage:
             out["stream_options"] = {**(d.get("stream_options") or {}), "include_usage": True}
         if self.wants_confidence:
@@ -147,6 +168,11 @@ class Call:
             h["x-hybridserve-budget"] = f"capped; max_tokens cut to {self.cut_to}"
         if len(self.tried) > 1:
             h["x-hybridserve-tiers"] = ",".join(t["backend"] for t in self.tried)
+        q = self.route.decision.quality
+        if q is not None:
+            fig = "unmeasured" if q.accuracy is None else f"{q.accuracy:.2f}"
+            h["x-hybridserve-quality"] = (f"{'met' if q.met else 'unmet'}; {q.task} {fig} "
+                                          f"({q.source}), floor {q.floor:.2f}")
         return h
 
     def usage_extension(self, backend: str) -> dict[str, Any]:
@@ -157,16 +183,23 @@ class Call:
                                "gateway_device_seconds": round(self.device_s, 6)}
         if self.tried:
             ext["tiers"] = self.tried
-        if self.controls.thinking is not None:
-            ext["max_thinking_tokens"] = self.controls.thinking
+        q = self.route.decision.quality
+        if q is not None:
+            ext["quality"] = {"floor": q.floor, "task": q.task, "accuracy": q.accuracy, "source": q.source,
+                              "met": q.met}
+        ctl = self.controls_for(self.answered_by)
+        if ctl.thinking is not None:
+            ext["max_thinking_tokens"] = ctl.thinking
         if self.cut_to is not None:
             ext["budget"] = "exhausted" if self.exhausted else f"max_tokens cut to {self.cut_to}"
         if self.hold is not None:
             ext["session_id"] = self.hold.sid
         return ext
 
-    def finish_body(self, b: BackendState, body: dict) -> dict:
-        """A finished non-streaming answer: vote, budget marks, logprobs stripped, receipt."""
+    def finish_body(self, b: BackendState, body: dict, rung: RouteRung | None = None) -> dict:
+        """A finished non-streaming answer (of `rung`, for a configured cascade): vote, budget
+        marks, logprobs stripped, receipt."""
+        self.answered_by = rung or self.rung_of(b)
         choices = body.get("choices") or []
         if self.check_exhausted(choices):
             for c in choices:
@@ -175,7 +208,7 @@ class Call:
         if self.wants_confidence and not self.wants_logprobs:
             for c in choices:
                 c["logprobs"] = None
-        if self.controls.vote and len(choices) > 1:
+        if self.controls_for(self.answered_by).vote and len(choices) > 1:
             winner, tally = G.vote(choices, self.adm.chat)
             body["choices"] = [winner]
             body["hybridserve_vote"] = tally
@@ -185,10 +218,14 @@ class Call:
         return body
 
 
-def confidence(body: dict, chat: bool) -> float | None:
-    """Mean token logprob over every choice of an answer (None when there are none)."""
+def confidence(body: dict, chat: bool, vote: bool = False) -> float | None:
+    """Mean token logprob over every choice of an answer (None when there are none); with `vote`
+    (self-consistency) over the winning sample only: the answer the client will get."""
     lps: list[float] = []
-    for c in body.get("choices") or []:
+    choices = body.get("choices") or []
+    if vote and len(choices) > 1:
+        choices = [choices[G.vote(choices, chat)[1]["winner_sample"]]]
+    for c in choices:
         lp = c.get("logprobs") or {}
         if chat:
             lps += [e["logprob"] for e in lp.get("content") or [] if e.get("logprob") is not None]
@@ -208,29 +245,51 @@ class Calls:
 
     async def open(self, adm: Admitted, headers: Any, key_id: str | None) -> Call:
         ctl = G.parse_controls(adm.data, self.gw, adm.stream)
+        floor, task = request_quality(adm.data, headers)
         prompt = estimate_prompt_tokens(adm.prompt_bytes, adm.prompt_lower, adm.prompt_upper)
         cands = adm.candidates
         if ctl.top_tier and not adm.pinned and self.router.tier_order:
             top = self.router.tier_order[-1]
             cands = [b for b in cands if b.config.tier == top] or cands
         route = self.router.decide(adm.model, adm.pinned, cands, adm.preferred, prompt, adm.max_tokens,
-                                   adm.policy or ctl.policy, headers.get("x-step-kind"), key_id)
+                                   adm.policy or ctl.policy, headers.get("x-step-kind"), key_id,
+                                   floor=floor, task=task, deep=ctl.top_tier)
         call = Call(adm, route, ctl, self.router, self.ledger, self.sessions)
-        n = int(adm.data.get("n") or 1)
-        est = route.decision.estimate
-        usd_max = (est.usd if est else 0.0) * n
+        call.rung_controls = self.rung_controls(adm, route)
+        usd_max, samples = self.worst_case(adm, route)
         sid = headers.get("x-session-id")
         if sid:
             call.hold = await store_io(self.sessions.hold, sid[:128], adm.prompt_upper, route.max_tokens, usd_max)
         if self.ledger is not None and self.ledger.budgets:
             cap = call.cut_to or route.max_tokens
+            prompts = adm.prompt_upper * max(1, len(route.rungs))
             try:
-                call.reservation = await store_io(self.ledger.reserve, key_id, usd_max, adm.prompt_upper + cap * n)
+                call.reservation = await store_io(self.ledger.reserve, key_id, usd_max, prompts + cap * samples)
             except BaseException:
                 if call.hold is not None:
                     self.sessions.release(call.hold)
                 raise
         return call
+
+
+    def rung_controls(self, adm: Admitted, route: Route) -> dict[str, G.Controls]:
+        """The governor's controls of each rung's merged body (a stream runs only the first rung);
+        a bad combination is a 400 naming the field."""
+        rungs = route.rungs[:1] if adm.stream else route.rungs
+        return {r.name: G.parse_controls({**adm.data, **r.params}, self.gw, adm.stream) for r in rungs}
+
+    def worst_case(self, adm: Admitted, route: Route) -> tuple[float, int]:
+        """Predicted $ and samples (n) to reserve: the chosen backend's, or every rung's together."""
+        n = int(adm.data.get("n") or 1)
+        if not route.rungs:
+            est = route.decision.estimate
+            return (est.usd if est else 0.0) * n, n
+        usd, samples = 0.0, 0
+        for r in route.rungs:
+            k = int(r.params.get("n") or n)
+            usd += self.router.predict_usd(r.backend.name, route.prompt_tokens, route.max_tokens) * k
+            samples += k
+        return usd, samples
 
 
 async def store_io(method, *args):

@@ -31,7 +31,10 @@ from typing import Any
 from hybridserve.config import GatewayConfig
 from hybridserve.errors import BudgetExceededError, InvalidRequestError
 
-GATEWAY_FIELDS = ("mode", "reasoning_effort", "hybridserve_vote", "max_thinking_tokens")
+# body fields the gateway reads and never forwards (routing's hybridserve_quality_floor and
+# hybridserve_task included): an upstream that refuses unknown fields would 400 on them
+GATEWAY_FIELDS = ("mode", "reasoning_effort", "hybridserve_vote", "max_thinking_tokens",
+                  "hybridserve_quality_floor", "hybridserve_task")
 ANSWER_BUDGET_TOKENS = 256   # non-native engines: thinking cap + this many answer tokens
 MAX_SESSIONS = 10_000
 SESSION_TOTALS = ("calls", "prompt_tokens", "completion_tokens", "thinking_tokens", "usd", "escalations",
@@ -78,6 +81,11 @@ def parse_controls(data: dict, gw: GatewayConfig, stream: bool) -> Controls:
         raise InvalidRequestError("`hybridserve_vote` needs `n` >= 2 samples", param="n")
     return Controls(min(caps) if caps else None, vote, mode, "cheapest" if mode == "fast" else None,
                     mode == "deep")
+
+
+def has_gateway_fields(data: dict) -> bool:
+    """Whether a body carries any field that must be removed before it goes upstream."""
+    return any(k in data for k in GATEWAY_FIELDS)
 
 
 def upstream_fields(data: dict, ctl: Controls, native: bool, max_tokens: int | None) -> dict:

@@ -12,6 +12,10 @@ logprobs; while its mean token logprob is below `gateway.cascade_threshold` the 
 tier answers; `usage.tiers` lists every tier tried with its cost. `parallel_verify`
 runs the same loop but scores each draft by asking `gateway.verifier` whether it is
 right (log P("yes"), see router/policies/verify.py); the verdict's cost is booked too.
+With `gateway.cascade` the loop runs the configured rungs instead: each rung's params go
+into its upstream body, each rung escalates below its own threshold, an unreachable rung
+is skipped (and recorded), and `usage.tiers` names every rung tried (`name`, `backend`,
+`cost_usd`, `mean_logprob`, `threshold`, `escalated`). A stream runs the first rung only.
 
 Failure map: cannot connect (or the connection died before any answer) → the backend
 is marked down and `auto`/aliases try the next one, a pinned request gets 503; a
@@ -34,6 +38,7 @@ from hybridserve.errors import BackendUnavailableError, GatewayTimeoutError, Ups
 from hybridserve.gateway.call import Call, confidence, question_and_answer
 from hybridserve.gateway.metrics import GatewayMetrics
 from hybridserve.gateway.registry import BackendState, Registry
+from hybridserve.gateway.routing import RouteRung
 from hybridserve.router.policies import should_escalate
 from hybridserve.router.policies.verify import judge_prompt, verdict_score
 from hybridserve.gateway.upstream import (BrokenResponse, ConnectFailed, ConnectionLost, Pool,
@@ -126,6 +131,8 @@ class Proxy:
         state = request.state
         adm = call.adm
         state.receipt = call.receipt_headers(final=False)
+        if call.route.rungs and not adm.stream:
+            return await self._rungs(request, path, call)
         tried = []
         order = call.route.order
         for i, b in enumerate(order):
@@ -174,14 +181,15 @@ class Proxy:
         except ConnectionLost as err:
             raise _Unreachable(f"connection lost before an answer ({err})") from None
 
-    async def _call_once(self, request: Request, b: BackendState, path: str,
-                         call: Call) -> tuple[int, str | None, bytes, float, float] | None:
-        """One upstream exchange; None when the client left (the call is settled then)."""
+    async def _call_once(self, request: Request, b: BackendState, path: str, call: Call,
+                         rung: RouteRung | None = None) -> tuple[int, str | None, bytes, float, float] | None:
+        """One upstream exchange (as `rung`, when given); None when the client left (the call is
+        settled then)."""
         b.inflight += 1
         t_send = time.perf_counter()
         try:
             status, ctype, body = await self._exchange_unless_client_leaves(request, b, path,
-                                                                            call.body_for(b))
+                                                                            call.body_for(b, rung))
         except _ClientGone:
             logger.info("%s client left; upstream %s request closed", request.state.request_id,
                         b.name)
@@ -223,7 +231,7 @@ class Proxy:
             tier = {"backend": b.name, "cost_usd": round(call.add_usage(b, answer.get("usage")), 10)}
             last = j + 1 == len(order)
             if call.route.verifier is None:
-                conf = confidence(answer, call.adm.chat)
+                conf = confidence(answer, call.adm.chat, call.controls.vote)
                 tier["mean_logprob"] = None if conf is None else round(conf, 4)
             elif not last:
                 conf, cost = await self._verify(request, call, answer)
@@ -236,6 +244,45 @@ class Proxy:
                 return Response(self._finish(request, b, call, answer), media_type=ctype)
             self.metrics.escalations.labels(b.name, order[j + 1].name).inc()
         raise AssertionError("unreachable: the last tier never escalates")
+
+    async def _rungs(self, request: Request, path: str, call: Call) -> Response:
+        """Configured cascade: rung after rung while the answer's mean token logprob (the winning
+        sample's, for a voting rung) is below that rung's threshold."""
+        rungs, kept = call.route.rungs, None
+        for j, rung in enumerate(rungs):
+            b = rung.backend
+            request.state.backend = b.name
+            try:
+                got = await self._call_once(request, b, path, call, rung)
+            except _Unreachable as err:
+                b.mark_down(str(err))
+                call.tried.append({"name": rung.name, "backend": b.name, "error": f"unreachable: {err}"})
+                logger.warning("%s rung %s (%s) unreachable: %s", request.state.request_id, rung.name, b.name, err)
+                continue
+            if got is None:
+                return Response(status_code=CLIENT_CLOSED)
+            status, ctype, body, t_send, t_recv = got
+            self._observe(request, b, path, status, t_send, t_recv)
+            if status != 200:
+                call.settle(b.name, ok=False)
+                return Response(body, status_code=status, media_type=ctype)
+            answer = self._parse(b, body)
+            conf = confidence(answer, call.adm.chat, call.controls_for(rung).vote)
+            up = j + 1 < len(rungs) and should_escalate(conf, rung.threshold)
+            call.tried.append({"name": rung.name, "backend": b.name,
+                               "cost_usd": round(call.add_usage(b, answer.get("usage")), 10),
+                               "mean_logprob": None if conf is None else round(conf, 4),
+                               "threshold": rung.threshold, "escalated": up})
+            kept = (b, rung, answer, ctype)
+            if not up:
+                break
+            self.metrics.escalations.labels(b.name, rungs[j + 1].backend.name).inc()
+        if kept is None:
+            errors = "; ".join(f"{t['name']}: {t['error']}" for t in call.tried)
+            raise BackendUnavailableError(f"no cascade rung could take the request: {errors}")
+        b, rung, answer, ctype = kept   # an unreachable rung above it leaves the last answer standing
+        request.state.backend = b.name
+        return Response(self._finish(request, b, call, answer, rung), media_type=ctype)
 
     async def _verify(self, request: Request, call: Call, answer: dict) -> tuple[float | None, float]:
         """Ask the verifier to judge a draft: (log P(yes) or None, the verdict's cost)."""
@@ -267,8 +314,9 @@ class Proxy:
             raise UpstreamError(f"backend '{b.name}' answered with a non-object")
         return answer
 
-    def _finish(self, request: Request, b: BackendState, call: Call, answer: dict) -> bytes:
-        answer = call.finish_body(b, answer)
+    def _finish(self, request: Request, b: BackendState, call: Call, answer: dict,
+                rung: RouteRung | None = None) -> bytes:
+        answer = call.finish_body(b, answer, rung)
         call.settle(b.name)
         self.metrics.account(b.name, call)
         request.state.receipt = call.receipt_headers(final=True)

@@ -1,7 +1,9 @@
 """Per-request routing in the gateway: which backend, by which policy, at what predicted cost.
 
 The `Router` owns the live `EconomicsTable` (seeded from `gateway.economics_profile`,
-else conservative defaults) and one instance of every policy. `decide` turns an
+else from config arithmetic: router/estimate.py; a backend with neither gets
+conservative defaults), the `QualityTable` (`gateway.quality_profile`, measured
+accuracy per backend and task tag) and one instance of every policy. `decide` turns an
 admitted request into a `Route`: a `Snapshot` is built from the registry's live
 health, load and cache usage, the policy picks, and the route lists the backends to
 try in order (the choice, its fallbacks, then any other healthy candidate).
@@ -11,24 +13,57 @@ The model name selects the policy: `auto` (and tier/alias groups) use
 `gateway.policy`; `auto:cheapest`, `auto:fastest` and `auto:<policy>` override it;
 a backend name pins the request. `X-Step-Kind` (agents) is matched against
 `gateway.step_tiers` before the policy runs.
+
+Tiers and quality: a tier name routes within that tier, an alias within the tier its
+backends share (if they share one), plain `auto` within `gateway.default_tier` (when set;
+not for cascade/parallel_verify or `mode: deep`, and any tier when that one has no healthy
+backend, said in the reason). The quality floor is the request's
+(`hybridserve_quality_floor` / `x-hybridserve-quality-floor`), else
+`gateway.quality_floors[alias or tier]`, else `gateway.quality_floor`; the task kind is
+`hybridserve_task` / `x-hybridserve-task`, else the step kind, else overall.
+
+Cascade rungs (`gateway.cascade`): `auto:cascade` runs them in order; each rung's threshold
+comes from the quality profile (router/quality.py `rung_thresholds`).
 """
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
-from hybridserve.config import ConfigError, HybridserveConfig
+from hybridserve.config import BackendConfig, ConfigError, HybridserveConfig
 from hybridserve.errors import BackendUnavailableError, InvalidRequestError
 from hybridserve.gateway.registry import BackendState, Registry
 from hybridserve.router.economics import context_bucket, load_profile
+from hybridserve.router.estimate import config_params, file_params, safetensors_params, seed_entries
 from hybridserve.router.policies import (POLICY_NAMES, BackendView, Decision, Rule, Rules, RouteRequest,
-                                         Snapshot, make_policy)
+                                         Rung, Snapshot, make_policy)
+from hybridserve.router.quality import QualityTable, load_quality_profile, rung_thresholds
 from hybridserve.router.table import DEFAULT_DECODE_TOK_S, DEFAULT_PREFILL_TOK_S, EconomicsTable, Entry
 
 logger = logging.getLogger(__name__)
 
 BYTES_PER_TOKEN_GUESS = 4      # text → prompt tokens for pricing, inside admission's hard bounds
 DEFAULT_OUTPUT_TOKENS = 256    # what an uncapped request is priced with
+AUTO = "auto"
+WALKS_TIERS = ("cascade", "parallel_verify")   # policies that escalate across tiers themselves
+FLOOR_FIELD, FLOOR_HEADER = "hybridserve_quality_floor", "x-hybridserve-quality-floor"
+TASK_FIELD, TASK_HEADER = "hybridserve_task", "x-hybridserve-task"
+_TASK_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class RouteRung:
+    """One configured cascade rung, resolved: its backend, body params and threshold."""
+
+    name: str
+    backend: BackendState
+    params: dict[str, Any]
+    threshold: float | None     # escalate below this mean logprob (None: the last rung)
+    source: str                 # where the threshold came from
 
 
 @dataclass
@@ -42,6 +77,7 @@ class Route:
     threshold: float | None = None  # cascade: escalate below this mean logprob (or verifier score)
     verifier: BackendState | None = None  # parallel_verify: who judges the drafts
     tried: list[dict] = field(default_factory=list)  # cascade: every tier tried, with its cost
+    rungs: list[RouteRung] = field(default_factory=list)  # configured cascade: rungs to run in order
 
     @property
     def policy(self) -> str:
@@ -49,7 +85,7 @@ class Route:
 
     @property
     def cascade(self) -> bool:
-        return self.threshold is not None
+        return self.threshold is not None or bool(self.rungs)
 
     def headers(self) -> dict[str, str]:
         reason = self.decision.reason.encode("ascii", "replace").decode()
@@ -58,6 +94,60 @@ class Route:
 
 def estimate_prompt_tokens(nbytes: int, lower: int, upper: int) -> int:
     return max(lower, min(upper, -(-nbytes // BYTES_PER_TOKEN_GUESS)))
+
+
+def _floor_value(v: Any, param: str) -> float:
+    if isinstance(v, str):
+        try:
+            v = float(v)
+        except ValueError:
+            pass
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+        raise InvalidRequestError(f"`{param}` must be a number in 0..1, the least measured accuracy "
+                                  f"the backend must have (got {v!r})", param=param)
+    return float(v)
+
+
+def request_quality(data: dict, headers: Any) -> tuple[float | None, str | None]:
+    """The request's quality floor and task tag: body fields first, then headers; 400 names the bad one."""
+    floor, task = data.get(FLOOR_FIELD), data.get(TASK_FIELD)
+    floor_param, task_param = FLOOR_FIELD, TASK_FIELD
+    if floor is None and headers.get(FLOOR_HEADER) is not None:
+        floor, floor_param = headers.get(FLOOR_HEADER), FLOOR_HEADER
+    if task is None and headers.get(TASK_HEADER) is not None:
+        task, task_param = headers.get(TASK_HEADER), TASK_HEADER
+    if task is not None and (not isinstance(task, str) or not _TASK_RE.match(task)):
+        raise InvalidRequestError(f"`{task_param}` must be a task tag of letters, digits, '.', '_' or '-' "
+                                  f"(1-64 chars), e.g. 'arith' (got {task!r})", param=task_param)
+    return (None if floor is None else _floor_value(floor, floor_param)), task
+
+
+def checkpoint_shape(b: BackendConfig) -> tuple[int, dict | None] | None:
+    """(parameter count, config.json dict) of a backend's checkpoint, read without torch; None when
+    unknown (remote backends, hub ids, unreadable directories)."""
+    ref = b.checkpoint or ""
+    try:
+        if ref.startswith("builtin:"):
+            # the same torch-free module config validation imports; pure dicts
+            from hybridserve.models.builtin import builtin_config
+
+            cfg = builtin_config(ref.split(":", 1)[1])
+            return config_params(cfg), cfg
+        path = Path(ref).expanduser()
+        if b.engine == "remote":
+            return None
+        if path.is_file():   # a single-file checkpoint (GGUF): its size says roughly how many
+            params = file_params(path)
+            return (params, None) if params else None
+        if not path.is_dir():
+            return None
+        cfg_file = path / "config.json"
+        cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
+        params = safetensors_params(path) or (config_params(cfg) if cfg else None)
+        return (params, cfg) if params else None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        logger.warning("backend %s: cannot read checkpoint shape (%s); default economics", b.name, err)
+        return None
 
 
 def split_model(model: str) -> tuple[str, str | None]:
@@ -70,24 +160,20 @@ def split_model(model: str) -> tuple[str, str | None]:
 class Router:
     def __init__(self, cfg: HybridserveConfig, registry: Registry):
         gw = cfg.gateway
+        self.cfg = cfg
         self.registry = registry
-        prices = {b.name: b.price_per_hour for b in cfg.backends}
-        try:
-            profile = load_profile(gw.economics_profile) if gw.economics_profile else {}
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"gateway.economics_profile: {err}; write one with `hybridserve bench` "
-                              "or remove the field") from None
-        self.table = EconomicsTable.from_profile(profile, prices)
-        for b in cfg.backends:  # unmeasured backends: one conservative default row each
-            if not self.table.entries.get(b.name):
-                self.table.entries[b.name] = [Entry(context_bucket(b.max_context), 1,
-                                                    DEFAULT_PREFILL_TOK_S, DEFAULT_DECODE_TOK_S)]
-        self.seeded = bool(profile)
+        self.table, self.seeds = self._seed_table(cfg)
+        self.seeded = "profile" if gw.economics_profile else "config"
+        self.quality = self._load_quality(gw.quality_profile)
         self.default_policy = gw.routing_policy()
         self.threshold = gw.cascade_threshold
         self.slo = (gw.slo_ttft_s, gw.slo_e2e_s)
         self.verifier = gw.verifier
-        self.policies = {name: make_policy(name, threshold=gw.cascade_threshold, verifier=gw.verifier)
+        self.floor, self.floors, self.default_tier = gw.quality_floor, dict(gw.quality_floors), gw.default_tier
+        self.rungs = self._resolve_rungs(cfg)
+        rungs = tuple(Rung(r.name, r.backend.name, r.threshold, r.source) for r in self.rungs)
+        self.policies = {name: make_policy(name, threshold=gw.cascade_threshold, verifier=gw.verifier,
+                                           unmeasured=gw.quality_unmeasured, rungs=rungs)
                          for name in POLICY_NAMES
                          if name != "rules" and (name != "parallel_verify" or gw.verifier)}
         self.step_rules = [Rule(target, step_kind=kind) for kind, target in gw.step_tiers.items()]
@@ -97,15 +183,82 @@ class Router:
             by_price[b.tier] = min(by_price.get(b.tier, b.price_per_hour), b.price_per_hour)
         self.tier_order = tuple(sorted(by_price, key=lambda t: by_price[t]))
 
+    # ---------------------------------------------------------------- startup
+
+    @staticmethod
+    def _seed_table(cfg: HybridserveConfig) -> tuple[EconomicsTable, dict[str, str]]:
+        """The table from the economics profile; backends it lacks are seeded from their checkpoint's
+        shape (`config`), else conservative defaults (`default`). Returns the table and each seed."""
+        gw = cfg.gateway
+        prices = {b.name: b.price_per_hour for b in cfg.backends}
+        try:
+            profile = load_profile(gw.economics_profile) if gw.economics_profile else {}
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"gateway.economics_profile: {err}; write one with `hybridserve bench` "
+                              "or remove the field") from None
+        table = EconomicsTable.from_profile(profile, prices)
+        seeds = {}
+        for b in cfg.backends:
+            if table.entries.get(b.name):
+                seeds[b.name] = "profile"
+                continue
+            shape = checkpoint_shape(b)
+            if shape is not None:
+                table.entries[b.name] = seed_entries(shape[0], shape[1], b.dtype, b.device, b.max_context)
+                seeds[b.name] = "config"
+            else:
+                table.entries[b.name] = [Entry(context_bucket(b.max_context), 1,
+                                               DEFAULT_PREFILL_TOK_S, DEFAULT_DECODE_TOK_S)]
+                seeds[b.name] = "default"
+        return table, seeds
+
+    @staticmethod
+    def _load_quality(path: str | None) -> QualityTable:
+        if not path:
+            return QualityTable()
+        try:
+            return QualityTable(load_quality_profile(path))
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"gateway.quality_profile: {err}; write one with `hybridserve eval` "
+                              "or remove the field") from None
+
+    def _resolve_rungs(self, cfg: HybridserveConfig) -> list[RouteRung]:
+        spec = [(r.name, r.backend, dict(r.params)) for r in cfg.gateway.cascade]
+        thresholds = rung_thresholds(self.quality, spec, cfg.gateway.cascade_threshold)
+        return [RouteRung(name, self.registry.backends[backend], params, thr, src)
+                for (name, backend, params), (thr, src) in zip(spec, thresholds)]
+
+    # ---------------------------------------------------------------- per request
+
     def view(self, b: BackendState) -> BackendView:
         c = b.config
         return BackendView(b.name, c.arch, c.tier, c.price_per_hour, c.max_context, b.healthy,
                            b.load(), b.cache_usage)
 
+    def group_tier(self, model: str, policy: str, deep: bool = False) -> tuple[str | None, bool]:
+        """The tier a model name routes within, and whether it is `gateway.default_tier` (plain
+        `auto` only; not for policies that walk tiers, nor `mode: deep`)."""
+        if model in self.cfg.aliases:
+            tiers = {self.cfg.backend(n).tier for n in self.cfg.aliases[model]}
+            return (tiers.pop() if len(tiers) == 1 else None), False
+        if model in self.cfg.tiers():
+            return model, False
+        if model == AUTO and self.default_tier and not deep and policy not in WALKS_TIERS:
+            return self.default_tier, True
+        return None, False
+
+    def floor_for(self, model: str, tier: str | None, asked: float | None) -> float | None:
+        """The request's own floor, else its alias's or tier's, else the global one."""
+        for floor in (asked, self.floors.get(model), self.floors.get(tier) if tier else None):
+            if floor is not None:
+                return floor
+        return self.floor
+
     def decide(self, model: str, pinned: bool, candidates: list[BackendState],
                preferred: frozenset[str], prompt_tokens: int, max_tokens: int | None,
                policy: str | None = None, step_kind: str | None = None,
-               api_key_id: str | None = None) -> Route:
+               api_key_id: str | None = None, *, floor: float | None = None,
+               task: str | None = None, deep: bool = False) -> Route:
         cap = max_tokens or DEFAULT_OUTPUT_TOKENS
         if pinned:
             b = candidates[0]
@@ -119,23 +272,34 @@ class Router:
         if step_kind and any(r.step_kind == step_kind for r in self.step_rules):
             pol = Rules(self.step_rules, pol)
         pool = [b for b in candidates if b.name in preferred] or candidates
-        snap = Snapshot(tuple(self.view(b) for b in pool), self.table, self.tier_order)
-        req = RouteRequest(prompt_tokens, cap, api_key_id=api_key_id, step_kind=step_kind,
-                           slo_ttft_s=self.slo[0], slo_e2e_s=self.slo[1])
+        snap = Snapshot(tuple(self.view(b) for b in pool), self.table, self.tier_order, self.quality)
+        tier, by_default = self.group_tier(model, name, deep)
+        req = RouteRequest(prompt_tokens, cap, tier=tier, api_key_id=api_key_id, step_kind=step_kind,
+                           slo_ttft_s=self.slo[0], slo_e2e_s=self.slo[1],
+                           quality_floor=self.floor_for(model, tier, floor), task=task)
         d = pol.choose(req, snap)
+        if d.backend is None and by_default:
+            d = pol.choose(replace(req, tier=None), snap)
+            d = replace(d, reason=f"no healthy backend in default tier '{tier}'; {d.reason}")
         if d.backend is None:
             names = ", ".join(b.name for b in candidates)
             raise BackendUnavailableError(f"no healthy backend for this model (tried: {names}); "
                                           "retry shortly")
         if not d.estimates:  # baselines do not price: price the choice for the receipt and ledger
-            d = Decision(d.backend, d.policy, d.reason, d.fallbacks,
-                         (self.table.predict(d.backend, prompt_tokens, cap),))
+            d = replace(d, estimates=(self.table.predict(d.backend, prompt_tokens, cap),))
+        return self._route(d, candidates, prompt_tokens, cap)
+
+    def _route(self, d: Decision, candidates: list[BackendState], prompt_tokens: int, cap: int) -> Route:
+        """The order to try: the choice, its fallbacks, then any other healthy candidate (not when
+        a quality floor was met: failover stays among the backends that meet it)."""
         names = [d.backend, *d.fallbacks]
-        rest = [b for b in candidates if b.healthy and b.name not in names]
+        floor_held = d.quality is not None and d.quality.met
+        rest = [] if floor_held else [b for b in candidates if b.healthy and b.name not in names]
         order = [self.registry.backends[n] for n in names] + rest
-        threshold = self.threshold if d.policy in ("cascade", "parallel_verify") else None
+        rungs = [r for r in self.rungs if r.name in d.rungs]
+        threshold = self.threshold if d.policy in WALKS_TIERS and not rungs else None
         verifier = self.registry.backends[self.verifier] if d.policy == "parallel_verify" else None
-        return Route(d, order, prompt_tokens, cap, threshold, verifier)
+        return Route(d, order, prompt_tokens, cap, threshold, verifier, rungs=rungs)
 
     def predict_usd(self, backend: str, prompt_tokens: int, max_tokens: int) -> float:
         b = self.registry.backends[backend]
@@ -153,7 +317,12 @@ class Router:
         """The body of GET /v1/economics."""
         live = {b.name: {"healthy": b.healthy, "load": b.load(), "inflight": b.inflight,
                          "cache_usage": b.cache_usage, "price_per_hour": b.config.price_per_hour,
-                         "tier": b.config.tier}
+                         "tier": b.config.tier, "seeded": self.seeds.get(b.name)}
                 for b in self.registry.backends.values()}
+        rungs = [{"name": r.name, "backend": r.backend.name, "params": r.params, "threshold": r.threshold,
+                  "threshold_source": r.source} for r in self.rungs]
         return {"object": "economics", "policy": self.default_policy, "seeded": self.seeded,
-                "tier_order": list(self.tier_order), "backends": live, "rows": self.table.rows()}
+                "tier_order": list(self.tier_order), "default_tier": self.default_tier,
+                "quality_floor": self.floor, "quality_floors": self.floors,
+                "quality": self.quality.summary() if self.quality else None, "cascade": rungs,
+                "backends": live, "rows": self.table.rows()}

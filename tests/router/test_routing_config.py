@@ -15,8 +15,8 @@ def _cfg(**gateway):
     return parse_config({"gateway": {"auth": "disabled", **gateway}, "backends": BACKENDS})
 
 
-def test_default_policy_follows_the_profile():
-    assert _cfg().gateway.routing_policy() == "least_loaded"
+def test_default_policy_is_economics_with_or_without_a_profile():
+    assert _cfg().gateway.routing_policy() == "economics"   # never a silent least-loaded fallback
     assert _cfg(economics_profile="p.json").gateway.routing_policy() == "economics"
     assert _cfg(policy="cascade", economics_profile="p.json").gateway.routing_policy() == "cascade"
 

@@ -2,11 +2,13 @@
 
 Behaviour is chosen by the request: `max_tokens` is the number of streamed chunks,
 `"delay_s"` (extra field) sleeps before answering or between chunks, `"crash_after"`
-breaks a stream after that many chunks. /stats tells
+breaks a stream after that many chunks; `n` answers n identical choices. /stats tells
 how many streams started, finished and were cut off by the client, so tests can
-see that a disconnect at the gateway reaches the upstream.
+see that a disconnect at the gateway reaches the upstream, and holds the last request
+body (`last_body`), so tests can see what the gateway forwarded. With LOGPROB given,
+every answered token has that logprob when the request asks for logprobs.
 
-Run: python tests/serving/mock_upstream.py PORT NAME
+Run: python tests/serving/mock_upstream.py PORT NAME [LOGPROB]
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import sys
 import uvicorn
 
 STATS = {"requests": 0, "streams_started": 0, "streams_finished": 0, "streams_cut": 0,
-         "last_request_id": None, "last_authorization": None}
+         "last_request_id": None, "last_authorization": None, "last_body": None}
 
 
 async def _body(receive) -> bytes:
@@ -36,7 +38,15 @@ async def _json(send, status: int, obj) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def make_app(name: str):
+def _choice(i: int, name: str, req: dict, logprob: float | None) -> dict:
+    lp = None
+    if logprob is not None and req.get("logprobs") is not None:
+        lp = {"tokens": ["hello", " from"], "token_logprobs": [logprob, logprob], "top_logprobs": None,
+              "text_offset": [0, 5]}
+    return {"index": i, "text": f"hello from {name}", "logprobs": lp, "finish_reason": "stop"}
+
+
+def make_app(name: str, logprob: float | None = None):
     async def app(scope, receive, send):
         if scope["type"] == "lifespan":
             while True:
@@ -58,6 +68,7 @@ def make_app(name: str):
             return await _json(send, 200, {"object": "list", "data": [{"id": name, "object": "model"}]})
         req = json.loads(await _body(receive))
         STATS["requests"] += 1
+        STATS["last_body"] = req
         STATS["last_request_id"] = headers.get(b"x-request-id", b"").decode()
         STATS["last_authorization"] = headers.get(b"authorization", b"").decode() or None
         delay = float(req.get("delay_s", 0.0))
@@ -67,8 +78,7 @@ def make_app(name: str):
         await asyncio.sleep(delay)
         await _json(send, 200, {
             "id": "cmpl-mock", "object": "text_completion", "created": 0, "model": name,
-            "choices": [{"index": 0, "text": f"hello from {name}", "logprobs": None,
-                         "finish_reason": "stop"}],
+            "choices": [_choice(i, name, req, logprob) for i in range(int(req.get("n") or 1))],
             "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}})
 
     return app
@@ -100,4 +110,5 @@ async def _stream(send, receive, name: str, n: int, delay: float, crash_after: i
 
 if __name__ == "__main__":
     port, name = int(sys.argv[1]), sys.argv[2]
-    uvicorn.run(make_app(name), host="127.0.0.1", port=port, log_level="warning")
+    lp = float(sys.argv[3]) if len(sys.argv) > 3 else None
+    uvicorn.run(make_app(name, lp), host="127.0.0.1", port=port, log_level="warning")

@@ -1,14 +1,15 @@
 """Inputs and outputs of every routing policy: `choose(request, snapshot) -> Decision`.
 
-Policies are pure: they read a `Snapshot` (backend health, load, tier, price and
-the economics table) and return a `Decision` that names the backend and says
-why. They import neither the gateway nor the workers.
+Policies are pure: they read a `Snapshot` (backend health, load, tier, price, the
+economics table and the measured quality table) and return a `Decision` that names
+the backend and says why. They import neither the gateway nor the workers.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from hybridserve.router.quality import OVERALL, Measured, QualityTable
 from hybridserve.router.table import EconomicsTable, Estimate
 
 
@@ -22,10 +23,17 @@ class RouteRequest:
     step_kind: str | None = None       # agent step: plan | tool | polish | ...
     slo_ttft_s: float | None = None
     slo_e2e_s: float | None = None
+    quality_floor: float | None = None  # least measured accuracy (0..1) a backend must have
+    task: str | None = None            # the request's task tag (x-hybridserve-task)
 
     @property
     def output_tokens(self) -> int:
         return self.expected_output_tokens or self.max_tokens
+
+    @property
+    def task_kind(self) -> str:
+        """What accuracy is read for: the task tag, else the agent step kind, else overall."""
+        return self.task or self.step_kind or OVERALL
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,7 @@ class Snapshot:
     backends: tuple[BackendView, ...]
     table: EconomicsTable
     tier_order: tuple[str, ...] = ()   # cheapest/weakest first, for cascades
+    quality: QualityTable = field(default_factory=QualityTable)  # measured accuracy (may be empty)
 
     def candidates(self, req: RouteRequest) -> list[BackendView]:
         """Healthy backends whose context fits the request (and its tier, when one is asked for)."""
@@ -56,6 +65,20 @@ class Snapshot:
     def estimate(self, b: BackendView, req: RouteRequest) -> Estimate:
         return self.table.predict(b.name, req.prompt_tokens, req.output_tokens, concurrency=int(b.load) + 1)
 
+    def accuracy(self, b: BackendView, req: RouteRequest) -> Measured:
+        return self.quality.accuracy(b.name, req.task_kind)
+
+
+@dataclass(frozen=True)
+class QualityNote:
+    """How a quality floor shaped a decision: the chosen backend's figure and whether it met it."""
+
+    floor: float
+    task: str                  # the task kind asked for ("all" = overall)
+    accuracy: float | None     # the chosen backend's figure (None: unmeasured)
+    source: str                # which figure: "tag arith", "overall", "unmeasured"
+    met: bool                  # False: no candidate met the floor; the most accurate was taken
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -64,6 +87,8 @@ class Decision:
     reason: str
     fallbacks: tuple[str, ...] = ()          # next backends to try (cascade order / failover)
     estimates: tuple[Estimate, ...] = field(default_factory=tuple)
+    quality: QualityNote | None = None       # set when a quality floor applied
+    rungs: tuple[str, ...] = ()              # configured cascade: the rungs to run, in order
 
     @property
     def estimate(self) -> Estimate | None:

@@ -4,8 +4,15 @@
 (cheapest first, by predicted cost for this request). The gateway runs the
 first, measures confidence (mean token logprob, or a verifier's score) and calls
 `should_escalate` to decide whether to try the next.
+
+With `gateway.cascade` configured, `RungCascade` runs those rungs instead of the
+tiers: each rung is a backend, or a backend with test-time-compute params (e.g.
+`{n: 5, hybridserve_vote: true}`), with its own threshold (see
+router/quality.py `rung_thresholds`).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from hybridserve.router.policies.base import Decision, RouteRequest, Snapshot, no_backend
 
@@ -36,3 +43,40 @@ class Cascade:
         return Decision(first.name, self.name,
                         f"cheapest tier first ({first.tier}); escalate below mean logprob {self.threshold}",
                         tuple(b.name for b in ranked[1:]), tuple(ests.values()))
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One configured cascade step: a backend, possibly with test-time-compute params (the
+    gateway merges those into the upstream body), and the threshold below which it escalates."""
+
+    name: str
+    backend: str
+    threshold: float | None        # None: the last rung, never escalates
+    source: str = ""               # where the threshold came from
+
+
+class RungCascade:
+    """`gateway.cascade`: the configured rungs in order, skipping those whose backend is not a
+    healthy candidate that fits the request. `Decision.rungs` names the rungs to run."""
+
+    name = "cascade"
+
+    def __init__(self, rungs: tuple[Rung, ...]):
+        if len(rungs) < 2:
+            raise ValueError("a cascade needs two or more rungs (gateway.cascade)")
+        self.rungs = rungs
+
+    def choose(self, req: RouteRequest, snap: Snapshot) -> Decision:
+        cands = {b.name: b for b in snap.candidates(req)}
+        live = [r for r in self.rungs if r.backend in cands]
+        if not live:
+            return no_backend(self.name, req)
+        ests = {n: snap.estimate(cands[n], req) for n in dict.fromkeys(r.backend for r in live)}
+        skipped = [r.name for r in self.rungs if r not in live]
+        steps = " -> ".join(r.name if r.threshold is None else f"{r.name} (< {r.threshold:g})" for r in live)
+        why = f"cascade rungs {steps}; escalate below the rung's mean logprob threshold" + (
+            f"; skipped {', '.join(skipped)} (unhealthy or too short)" if skipped else "")
+        backends = list(dict.fromkeys(r.backend for r in live))
+        return Decision(backends[0], self.name, why, tuple(backends[1:]), tuple(ests.values()),
+                        rungs=tuple(r.name for r in live))
