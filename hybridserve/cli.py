@@ -131,10 +131,12 @@ def models(config: str = ConfigOpt, profile: Optional[str] = ProfileOpt) -> None
     from pathlib import Path
 
     try:
-        from hybridserve.models.builtin import BUILTIN_NAMES
-        typer.echo("built-in checkpoints (random weights; use as checkpoint: builtin:NAME):")
+        from hybridserve.models.builtin import BUILTIN_NAMES, PACKAGED_BUILTINS
+        typer.echo("built-in checkpoints (use as checkpoint: builtin:NAME):")
+        for name in PACKAGED_BUILTINS:
+            typer.echo(f"  builtin:{name:<24} real weights (converted once from the packaged GGUF)")
         for name in BUILTIN_NAMES:
-            typer.echo(f"  builtin:{name}")
+            typer.echo(f"  builtin:{name:<24} random weights: serving measurements, gibberish text")
     except ImportError:
         typer.echo("built-in checkpoints: unavailable (hybridserve.models not installed)")
     if not Path(config).is_file():
@@ -208,9 +210,6 @@ def hash_key(key: str = typer.Argument(..., help="The API key to hash.")) -> Non
 
     typer.echo(_hash(key))
 
-
-if __name__ == "__main__":
-    app()
 
 
 @app.command()
@@ -294,3 +293,70 @@ def route_sim(config: str = ConfigOpt, profile: Optional[str] = ProfileOpt,
     rows = compare(policies.split(","), reqs, views, table, slo_ttft, slo_e2e, seed=seed)
     typer.echo(format_table(rows))
     typer.echo(json.dumps({"route_sim": rows, "requests": len(reqs), "economics": economics}))
+
+
+@app.command("eval")
+def eval_cmd(dataset: Optional[str] = typer.Argument(None, help="A .jsonl dataset or builtin:facts|arith|"
+                                                    "format|passkey|all (not needed with --report-only)."),
+             url: Optional[str] = typer.Option(None, help="OpenAI-compatible base URL, e.g. "
+                                               "http://127.0.0.1:8000/v1 (default: start `up` privately)."),
+             target: Optional[list[str]] = typer.Option(None, "--target", "-t", help="MODEL, LABEL=MODEL or "
+                                                        "LABEL=MODEL+KEY=VALUE+...; repeatable (default: "
+                                                        "every backend of /v1/models)."),
+             config: str = ConfigOpt, profile: Optional[str] = ProfileOpt,
+             out: str = typer.Option("results/eval", help="Output folder (results are resumed from it)."),
+             concurrency: int = typer.Option(4, min=1, help="Requests in flight."),
+             max_context: int = typer.Option(4096, help="Largest passkey context (powers of two from 512)."),
+             strict: bool = typer.Option(False, "--strict", help="Refuse a dataset with any malformed line."),
+             reference: Optional[str] = typer.Option(None, help="Target label win rates are against "
+                                                     "(default: the first target)."),
+             cascade: Optional[list[str]] = typer.Option(None, help="LABEL_A,LABEL_B: calibrate a cheap-then-"
+                                                         "expensive cascade threshold; repeatable."),
+             target_accuracy: Optional[float] = typer.Option(None, help="Accuracy a threshold must reach "
+                                                             "(default for a cascade: B's accuracy - 0.02)."),
+             profile_out: Optional[str] = typer.Option(None, help="Also copy quality_profile.json here."),
+             report_only: bool = typer.Option(False, "--report-only", help="Rebuild the report from "
+                                              "--out/results.jsonl; no requests."),
+             api_key: Optional[str] = typer.Option(None, envvar="HYBRIDSERVE_KEY", help="Bearer key for --url."),
+             timeout: float = typer.Option(300.0, help="Seconds per request."),
+             retry_errors: bool = typer.Option(False, "--retry-errors", help="Redo results that ended in an error."),
+             judge_model: Optional[str] = typer.Option(None, help="Model grading `judge` items "
+                                                       "(default: the target's own model)."),
+             ready_timeout: float = typer.Option(600.0, help="Seconds to wait for a private stack."),
+             progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress line on stderr."),
+             log_level: str = typer.Option("warning", "--log-level", help="debug | info | warning | error"),
+             engine_factory: Optional[str] = typer.Option(None, hidden=True)) -> None:
+    """Grade answers of one or more targets on a dataset; report accuracy, cost, calibration.
+
+    Writes results.jsonl (resumable), results.json/.csv, report.md, PNG plots and
+    quality_profile.json into --out; the last stdout line is a JSON summary.
+
+    Examples:
+
+        hybridserve eval builtin:facts --url http://127.0.0.1:8000/v1 -t small=smollm2-135m -t auto:economics
+
+        hybridserve eval builtin:all --config models.yaml --profile cpu --cascade a,b -t a=small-a -t b=small-b
+    """
+    import json
+    from pathlib import Path
+
+    from hybridserve.eval.main import EvalArgs, UsageError, evaluate, report_only as rebuild
+
+    _setup_logging(log_level)
+    args = EvalArgs(dataset=dataset, out=Path(out), url=url, targets=list(target or []), config=config,
+                    profile=profile, concurrency=concurrency, max_context=max_context, strict=strict,
+                    reference=reference, cascades=list(cascade or []), target_accuracy=target_accuracy,
+                    profile_out=Path(profile_out) if profile_out else None, api_key=api_key, timeout_s=timeout,
+                    retry_errors=retry_errors, judge_model=judge_model, ready_timeout_s=ready_timeout,
+                    progress=progress, engine_factory=engine_factory)
+    try:
+        summary = rebuild(args) if report_only else evaluate(args)
+    except UsageError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"report: {Path(out) / 'report.md'}")
+    typer.echo(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    app()
