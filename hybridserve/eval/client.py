@@ -2,7 +2,9 @@
 
 Body: `model`, `messages` or `prompt`, `max_tokens`, `temperature` 0 (unless the item
 or the target sets one), `logprobs` (true for chat, 1 for completions), then the item's
-`params`, then the target's params (the target wins). `call` never raises: transport
+`params`, then the target's params (the target wins). A target param
+`hybridserve_task=@tag` becomes each item's first tag, so the gateway routes it by task
+kind. `call` never raises: transport
 errors and non-2xx answers come back as an `Answer` with `status` and `error` set.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ from hybridserve.eval.targets import Target
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 32
+ITEM_TAG = "@tag"   # `+hybridserve_task=@tag`: send each item's first tag as the request's task kind
 
 
 @dataclass
@@ -44,7 +47,10 @@ def request_body(target: Target, item: Item) -> dict[str, Any]:
         body.update(messages=item.messages, logprobs=True)
     else:
         body.update(prompt=item.prompt, logprobs=1)
-    return {**body, **item.params, **target.params}
+    body = {**body, **item.params, **target.params}
+    if body.get("hybridserve_task") == ITEM_TAG:  # the target asked to tag each request with its task kind
+        body["hybridserve_task"] = item.tags[0] if item.tags else "all"
+    return body
 
 
 def mean_logprob(choice: dict, chat: bool) -> float | None:

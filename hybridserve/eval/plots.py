@@ -16,6 +16,18 @@ def pareto(points: list[tuple[str, float, float]]) -> list[tuple[str, float, flo
     return sorted(front, key=lambda p: (p[1], p[2]))
 
 
+def label_groups(points: list[tuple[str, float, float]], share: float = 0.06) -> dict[tuple[float, float], list[str]]:
+    """Labels of points that would print over each other (closer than `share` of both axes'
+    spans), gathered under the first such point, so a crowded corner stays readable."""
+    xs, ys = [p[1] for p in points], [p[2] for p in points]
+    dx, dy = (max(xs) - min(xs)) or 1.0, max(1.0, (max(ys) - min(ys)) or 1.0)
+    groups: dict[tuple[float, float], list[str]] = {}
+    for label, x, y in points:
+        home = next((k for k in groups if abs(k[0] - x) < share * dx and abs(k[1] - y) < share * dy), (x, y))
+        groups.setdefault(home, []).append(label)
+    return groups
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -36,7 +48,8 @@ def cost_vs_accuracy(rows: list[dict], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(7, 5))
     for label, cost, acc in pts:
         ax.scatter([cost], [acc], s=40)
-        ax.annotate(label, (cost, acc), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    for (cost, acc), names in label_groups(pts).items():
+        ax.annotate("\n".join(names), (cost, acc), textcoords="offset points", xytext=(5, 5), fontsize=8)
     front = pareto(pts)
     ax.step([p[1] for p in front], [p[2] for p in front], where="post", color="black", lw=1,
             ls="--", label="Pareto frontier")

@@ -57,3 +57,12 @@ def test_mean_logprob_shapes():
     assert mean_logprob({"logprobs": None}, chat=True) is None
     assert mean_logprob({"logprobs": {"content": []}}, chat=True) is None
     assert mean_logprob({"logprobs": "junk"}, chat=False) is None
+
+
+def test_task_tag_placeholder_becomes_each_items_first_tag():
+    tagged, _ = parse_item({"id": 1, "prompt": "p", "answer": "a", "tags": ["arith", "easy"]})
+    untagged, _ = parse_item({"id": 2, "prompt": "p", "answer": "a"})
+    target = parse_target("auto:economics+hybridserve_task=@tag")
+    assert request_body(target, tagged)["hybridserve_task"] == "arith"
+    assert request_body(target, untagged)["hybridserve_task"] == "all"
+    assert request_body(parse_target("m+hybridserve_task=facts"), tagged)["hybridserve_task"] == "facts"
