@@ -7,7 +7,7 @@ writes one multi-document YAML that `kubectl apply -f` takes:
   config with what a cluster changes: each worker's `host` is its Service name and its
   `port` is fixed, the gateway listens on 0.0.0.0, budgets and sessions live in Redis
   (`gateway.state_url`) so that gateway replicas share them, vLLM's interpreter is the
-  image's, and an economics profile travels inside the ConfigMap.
+  image's, and the economics and quality profiles travel inside the ConfigMap.
 * Per backend that hybridserve runs (native or vllm): a Deployment of one
   `hybridserve worker` pod (a GPU backend asks for `nvidia.com/gpu: 1`; vLLM gets a
   memory-backed /dev/shm) and a ClusterIP Service. Remote backends are only routed to.
@@ -84,15 +84,19 @@ def _service(name: str, component: str, namespace: str | None, port: int) -> dic
                      "ports": [{"name": "http", "port": port, "targetPort": port}]}}
 
 
+PROFILE_FIELDS = ("economics_profile", "quality_profile")  # gateway files that travel in the ConfigMap
+
+
 def cluster_config(cfg: HybridserveConfig, state_url: str, vllm_python: str,
-                   economics_file: str | None) -> dict[str, Any]:
-    """The models.yaml the pods read (see the module docstring for what changes)."""
+                   bundled_files: dict[str, str] | None = None) -> dict[str, Any]:
+    """The models.yaml the pods read (see the module docstring for what changes);
+    `bundled_files` maps a gateway field (PROFILE_FIELDS) to its file name in the ConfigMap."""
     data = cfg.model_dump(mode="json", exclude_defaults=True)
     gw = data.setdefault("gateway", {})
     gw.update(host="0.0.0.0", port=GATEWAY_PORT, state_url=state_url)
     gw.pop("ledger_path", None)
-    if economics_file:
-        gw["economics_profile"] = f"{CONFIG_DIR}/{economics_file}"
+    for field, name in (bundled_files or {}).items():
+        gw[field] = f"{CONFIG_DIR}/{name}"
     for raw, b in zip(data["backends"], cfg.backends):
         if not b.started_here:
             continue
@@ -202,14 +206,18 @@ def render(cfg: HybridserveConfig, image: str, *, namespace: str | None = None, 
     bundled = state_url is None
     url = state_url or f"redis://{APP}-redis:{REDIS_PORT}/0"
     files: dict[str, str] = {}
-    econ = cfg.gateway.economics_profile
-    if econ:
-        path = Path(econ) if Path(econ).is_absolute() or config_dir is None else config_dir / econ
+    bundled_files: dict[str, str] = {}
+    for field in PROFILE_FIELDS:
+        ref = getattr(cfg.gateway, field)
+        if not ref:
+            continue
+        path = Path(ref) if Path(ref).is_absolute() or config_dir is None else config_dir / ref
         if not path.is_file():
-            raise ValueError(f"gateway.economics_profile '{econ}' was not found ({path}); the pods need "
+            raise ValueError(f"gateway.{field} '{ref}' was not found ({path}); the pods need "
                              "its content, so render from where it exists")
-        files["economics_profile.json"] = path.read_text()
-    data = cluster_config(cfg, url, vllm_python, "economics_profile.json" if econ else None)
+        files[f"{field}.json"] = path.read_text()
+        bundled_files[field] = f"{field}.json"
+    data = cluster_config(cfg, url, vllm_python, bundled_files)
     files["models.yaml"] = yaml.safe_dump(data, sort_keys=False)
     objects.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(f"{APP}-config", "config", namespace),
                     "data": files})

@@ -214,20 +214,29 @@ class Proxy:
         self._observe(request, b, path, status, t_send, t_recv)
         return out
 
+    async def _tier_answer(self, request: Request, b: BackendState, path: str, call: Call,
+                           rung: RouteRung | None = None) -> tuple[dict, str | None] | Response:
+        """One cascade step's answer and content type, or the Response that ends the cascade
+        (the client left, or the backend answered with an error, which the call settles)."""
+        got = await self._call_once(request, b, path, call, rung)
+        if got is None:
+            return Response(status_code=CLIENT_CLOSED)
+        status, ctype, body, t_send, t_recv = got
+        self._observe(request, b, path, status, t_send, t_recv)
+        if status != 200:
+            call.settle(b.name, ok=False)
+            return Response(body, status_code=status, media_type=ctype)
+        return self._parse(b, body), ctype
+
     async def _cascade(self, request: Request, order: list[BackendState], path: str,
                        call: Call) -> Response:
         """Cheapest tier first; the next tier while mean token logprob is below the threshold."""
         for j, b in enumerate(order):
             request.state.backend = b.name
-            got = await self._call_once(request, b, path, call)
-            if got is None:
-                return Response(status_code=CLIENT_CLOSED)
-            status, ctype, body, t_send, t_recv = got
-            self._observe(request, b, path, status, t_send, t_recv)
-            if status != 200:
-                call.settle(b.name, ok=False)
-                return Response(body, status_code=status, media_type=ctype)
-            answer = self._parse(b, body)
+            got = await self._tier_answer(request, b, path, call)
+            if isinstance(got, Response):
+                return got
+            answer, ctype = got
             tier = {"backend": b.name, "cost_usd": round(call.add_usage(b, answer.get("usage")), 10)}
             last = j + 1 == len(order)
             if call.route.verifier is None:
@@ -253,20 +262,15 @@ class Proxy:
             b = rung.backend
             request.state.backend = b.name
             try:
-                got = await self._call_once(request, b, path, call, rung)
+                got = await self._tier_answer(request, b, path, call, rung)
             except _Unreachable as err:
                 b.mark_down(str(err))
                 call.tried.append({"name": rung.name, "backend": b.name, "error": f"unreachable: {err}"})
                 logger.warning("%s rung %s (%s) unreachable: %s", request.state.request_id, rung.name, b.name, err)
                 continue
-            if got is None:
-                return Response(status_code=CLIENT_CLOSED)
-            status, ctype, body, t_send, t_recv = got
-            self._observe(request, b, path, status, t_send, t_recv)
-            if status != 200:
-                call.settle(b.name, ok=False)
-                return Response(body, status_code=status, media_type=ctype)
-            answer = self._parse(b, body)
+            if isinstance(got, Response):
+                return got
+            answer, ctype = got
             conf = confidence(answer, call.adm.chat, call.controls_for(rung).vote)
             up = j + 1 < len(rungs) and should_escalate(conf, rung.threshold)
             call.tried.append({"name": rung.name, "backend": b.name,

@@ -23,6 +23,8 @@ from collections import Counter
 
 import uvicorn
 
+from tests.serving.mock_upstream import _body as _read  # one ASGI body reader for both mocks
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -109,13 +111,6 @@ def _completion(model: str, text: str, lp: float | None, cost: float, chat: bool
             "choices": [choice], "usage": usage}
 
 
-async def _read(receive) -> bytes:
-    chunks = []
-    while True:
-        msg = await receive()
-        chunks.append(msg.get("body", b""))
-        if not msg.get("more_body"):
-            return b"".join(chunks)
 
 
 async def _send(send, status: int, obj, headers: dict | None = None) -> None:

@@ -69,10 +69,11 @@ def test_manifests_are_valid_kubernetes_and_wire_workers_to_services(profile):
     assert ("HYBRIDSERVE_API_KEYS" in env) == (cluster.gateway.auth == "required")
 
 
-def test_an_existing_redis_a_remote_and_an_economics_profile(tmp_path):
+def test_an_existing_redis_a_remote_and_economics_and_quality_profiles(tmp_path):
     (tmp_path / "econ.json").write_text('{"backends": {}}')
+    (tmp_path / "quality.json").write_text('{"object": "quality_profile", "targets": {}}')
     cfg = parse_config({
-        "gateway": {"economics_profile": "econ.json", "policy": "least_loaded"},
+        "gateway": {"economics_profile": "econ.json", "quality_profile": "quality.json", "policy": "least_loaded"},
         "backends": [{"name": "t", "arch": "transformer", "checkpoint": "builtin:tiny-transformer",
                       "price_per_hour": 1.0},
                      {"name": "far", "arch": "hybrid", "engine": "remote", "url": "http://far:9000",
@@ -87,6 +88,8 @@ def test_an_existing_redis_a_remote_and_an_economics_profile(tmp_path):
     assert json.loads(cm["economics_profile.json"]) == {"backends": {}}
     data = yaml.safe_load(cm["models.yaml"])
     assert data["gateway"]["economics_profile"] == "/etc/hybridserve/economics_profile.json"
+    assert json.loads(cm["quality_profile.json"])["object"] == "quality_profile"
+    assert data["gateway"]["quality_profile"] == "/etc/hybridserve/quality_profile.json"
     assert data["gateway"]["state_url"] == "redis://redis.infra:6379/3"
     worker = _container(_by_kind(objects, "Deployment")["hybridserve-t"])
     assert {"name": "models", "mountPath": "/models", "readOnly": True} in worker["volumeMounts"]
