@@ -157,6 +157,19 @@ def split_model(model: str) -> tuple[str, str | None]:
     return model, None
 
 
+def tier_order(cfg: HybridserveConfig, quality: QualityTable | None) -> tuple[str, ...]:
+    """Tiers cheapest first (a tier's price is its cheapest backend's); tiers that cost the same
+    are ordered by their best measured overall accuracy, weakest first (unmeasured weakest), so
+    `mode: deep` and a tier cascade's last step land on the tier that answers best."""
+    price: dict[str, float] = {}
+    best: dict[str, float] = {}
+    for b in cfg.backends:
+        price[b.tier] = min(price.get(b.tier, b.price_per_hour), b.price_per_hour)
+        acc = quality.accuracy(b.name).accuracy if quality is not None else None
+        best[b.tier] = max(best.get(b.tier, -1.0), -1.0 if acc is None else acc)
+    return tuple(sorted(price, key=lambda t: (price[t], best[t])))
+
+
 class Router:
     def __init__(self, cfg: HybridserveConfig, registry: Registry):
         gw = cfg.gateway
@@ -178,10 +191,7 @@ class Router:
                          if name != "rules" and (name != "parallel_verify" or gw.verifier)}
         self.step_rules = [Rule(target, step_kind=kind) for kind, target in gw.step_tiers.items()]
         self.policies["rules"] = Rules(self.step_rules, self.policies["economics"])
-        by_price: dict[str, float] = {}
-        for b in cfg.backends:
-            by_price[b.tier] = min(by_price.get(b.tier, b.price_per_hour), b.price_per_hour)
-        self.tier_order = tuple(sorted(by_price, key=lambda t: by_price[t]))
+        self.tier_order = tier_order(cfg, self.quality)
 
     # ---------------------------------------------------------------- startup
 

@@ -172,3 +172,15 @@ def test_the_gateway_never_imports_torch():
             "assert 'torch' not in sys.modules, 'torch imported'")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_tiers_at_one_price_are_ordered_by_measured_accuracy(qfile):
+    """Same price per hour: the tier that answers better is the top one (mode: deep goes there),
+    whatever order models.yaml lists them in."""
+    strong_first = [{**b, "price_per_hour": 1.0} for b in reversed(BACKENDS)]  # TOP, MID (standard), CHEAP
+    assert _router(_cfg(strong_first, quality_profile=qfile))[0].tier_order == ("economy", "standard")
+    swapped = [{**b, "tier": {"economy": "standard", "standard": "economy"}[b["tier"]]}
+               for b in [{**b, "price_per_hour": 1.0} for b in BACKENDS]]  # CHEAP (standard) listed first
+    assert _router(_cfg(swapped, quality_profile=qfile))[0].tier_order == ("standard", "economy")
+    # price still comes first: a cheaper tier is lower whatever it scores
+    assert _router(_cfg(list(reversed(BACKENDS)), quality_profile=qfile))[0].tier_order == ("economy", "standard")

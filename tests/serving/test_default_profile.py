@@ -52,3 +52,13 @@ def test_default_profile_routes_by_economics_not_least_loaded(default_stack):
     assert eco["seeded"] in ("config", "profile")
     # every backend priced from something measured or derived, none from the blind default row
     assert {b: v["seeded"] for b, v in eco["backends"].items() if v["seeded"] == "default"} == {}
+
+
+def test_deep_mode_goes_to_the_tier_that_answers(default_stack):
+    """Both tiers cost the same per hour here: `mode: deep` takes the one measured to answer
+    (standard, SmolLM2), not the random-weight economy pair."""
+    r = httpx.post(default_stack.url + "/chat/completions", timeout=120, trust_env=False,
+                   json={"model": "auto", "mode": "deep", "max_tokens": 8,
+                         "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-hybridserve-backend"] == "smollm2-135m"
