@@ -2,11 +2,15 @@
 
 Every error the stack raises on purpose is a `HybridserveError` carrying an HTTP
 status, an OpenAI error `type` and, where it helps, the offending `param`. The
-HTTP layers turn them into OpenAI's error shape in one place (`to_openai`).
+HTTP layers turn them into OpenAI's error shape in one place (`to_openai`), rendered
+as ASCII JSON (`error_bytes`) so that no echoed input can make the error itself fail.
+`ContainErrors` keeps an unexpected exception from reaching the HTTP server, which
+would close the client's kept-alive connection.
 """
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, Awaitable, Callable
 
 
 class HybridserveError(Exception):
@@ -40,6 +44,56 @@ def http_error_body(status_code: int, detail: str) -> dict[str, Any]:
 def internal_error_body(err: BaseException) -> dict[str, Any]:
     """An unexpected exception, named but not detailed (the log has the traceback)."""
     return openai_error_body(f"internal error: {type(err).__name__}", "server_error")
+
+
+def error_bytes(body: dict[str, Any]) -> bytes:
+    """An error body as ASCII JSON: a lone surrogate or odd byte echoed in a message is
+    escaped, never an encoding failure of its own."""
+    return json.dumps(body, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+class ContainErrors:
+    """ASGI middleware: an unexpected exception becomes a 500 with OpenAI error JSON and goes
+    no further, so the client's kept-alive connection stays usable.
+
+    Install it with `app.add_middleware` (it then sits under Starlette's ServerErrorMiddleware,
+    which would send its own 500 and then re-raise into the server, and uvicorn answers a
+    raised exception by closing the connection: the client's next, innocent request fails).
+    Nothing sent yet: the 500 JSON is sent. The answer already complete: nothing more to do.
+    An answer half sent: the exception is re-raised, since dropping the connection is the only
+    honest end of a half-sent body. `on_error(scope, err)` is told of every one (to log it)."""
+
+    def __init__(self, app: Any, on_error: Callable[[dict, Exception], None] | None = None):
+        self.app = app
+        self.on_error = on_error
+
+    async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]],
+                       send: Callable[[dict], Awaitable[None]]) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = finished = False
+
+        async def tracked(message: dict) -> None:
+            nonlocal started, finished
+            if message["type"] == "http.response.start":
+                started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                finished = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as err:
+            if self.on_error is not None:
+                self.on_error(scope, err)
+            if started and not finished:
+                raise
+            if not started:
+                body = error_bytes(internal_error_body(err))
+                await send({"type": "http.response.start", "status": 500,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
 
 
 class InvalidRequestError(HybridserveError):

@@ -13,15 +13,27 @@ unknown usage fields as extras, so callers read them as `usage.device_seconds`.
 from __future__ import annotations
 
 import json
+import math
+import re
 import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from hybridserve.errors import InvalidRequestError
+from hybridserve.errors import InvalidRequestError, PayloadTooLargeError
 
 MAX_N = 16
 MAX_LOGPROBS = 20
+
+# What a request body may hold (`parse_body`); beyond these it is a 400 that says which limit
+MAX_BODY_BYTES = 32 << 20       # a larger body is a 413 before it is read (`read_body`)
+MAX_DEPTH = 32                  # nesting of arrays and objects, the body itself counting as 1
+MAX_STRING_CHARS = 4 << 20      # characters in one string (an object key included)
+MAX_MEMBERS = 1 << 20           # items of one array, or members of one object
+INT64 = (-(1 << 63), (1 << 63) - 1)   # integers fit in int64 (token ids, seeds, counts)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# a JSON string (group 1: its text; group 2: the colon when it is an object key), or a bracket
+_JSON_TOKEN = re.compile(r'"([^"\\]*(?:\\.[^"\\]*)*)"(\s*:)?|[\[\]{}]')
 
 
 class _Model(BaseModel):
@@ -141,15 +153,119 @@ class ChatCompletionRequest(_SamplingFields):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
+async def read_body(request: Any, limit: int = MAX_BODY_BYTES) -> bytes:
+    """A Starlette request's body, refusing (413) one larger than `limit` before reading it all."""
+    too_big = PayloadTooLargeError(f"request body exceeds {limit >> 20} MiB")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise too_big
+        parts.append(part)
+    return b"".join(parts)
+
+
 def parse_body(raw: bytes) -> dict[str, Any]:
-    """Decode a JSON object body or raise a 400 that says what is wrong."""
+    """Decode a JSON object body or raise a 400 that says what is wrong and where.
+
+    Accepted: strict UTF-8 (so no encoded surrogates such as ED A0 80) holding one JSON
+    object, nested at most MAX_DEPTH deep, with strings of at most MAX_STRING_CHARS and
+    free of lone surrogates (`"\\ud800"`, which no Unicode text can carry), arrays and
+    objects of at most MAX_MEMBERS, finite numbers (no NaN, Infinity or 1e999) and integers
+    within int64. Anything else never reaches validation, tokenizers or encoders."""
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as err:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InvalidRequestError(f"request body is not valid UTF-8 (byte {err.start}: {err.reason})") from None
+    try:
+        data = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:     # far deeper than MAX_DEPTH: find the field it happened in
+        raise _limit_error(_too_deep_at(text), _TOO_DEEP) from None
+    except ValueError as err:   # bad JSON, NaN/Infinity, an integer of thousands of digits
         raise InvalidRequestError(f"request body is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise InvalidRequestError("request body must be a JSON object")
+    check_limits(data)
     return data
+
+
+_TOO_DEEP = f"arrays and objects nest deeper than {MAX_DEPTH} levels"
+
+
+def _too_deep_at(text: str) -> tuple:
+    """The top-level field (as a path) in which JSON text first nests deeper than MAX_DEPTH;
+    () when that is not inside a field. Scans only up to that point."""
+    depth, key = 0, None
+    for m in _JSON_TOKEN.finditer(text):
+        if m.group(1) is not None:
+            if depth == 1 and m.group(2):
+                key = m.group(1)
+        elif m.group() in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return () if key is None or depth == 1 else (key,)
+        else:
+            depth -= 1
+    return ()
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _where(path: tuple) -> str:
+    """A value's place in the body as `messages.0.content` (long keys shortened)."""
+    return ".".join(str(p) if len(str(p)) <= 40 else str(p)[:37] + "..." for p in path) or "body"
+
+
+def _limit_error(path: tuple, problem: str) -> InvalidRequestError:
+    top = path[0] if path and isinstance(path[0], str) else None
+    return InvalidRequestError(f"{_where(path)}: {problem}", param=top)
+
+
+def _check_str(s: str, path: tuple, what: str = "string") -> None:
+    if len(s) > MAX_STRING_CHARS:
+        raise _limit_error(path, f"{what} of {len(s)} characters; at most {MAX_STRING_CHARS}")
+    if not s.isascii():
+        bad = _SURROGATE.search(s)
+        if bad:
+            raise _limit_error(path, f"{what} holds a lone surrogate (U+{ord(bad.group()):04X} at "
+                                     f"character {bad.start()}), which is not valid Unicode text")
+
+
+def _check_scalar(v: Any, path: tuple, k: Any) -> None:
+    """One string or number at `path` + `k` (the path is only built for an error)."""
+    t = type(v)
+    if t is str:
+        if len(v) > 64 or not v.isascii():
+            _check_str(v, (*path, k))
+    elif t is int and not INT64[0] <= v <= INT64[1]:
+        raise _limit_error((*path, k), "integer outside the 64-bit range")
+    elif t is float and not math.isfinite(v):
+        raise _limit_error((*path, k), "number too large to be finite")
+
+
+def check_limits(data: dict) -> None:
+    """Walk a decoded body (without recursion) and raise a 400 naming the first value that
+    breaks one of parse_body's limits: depth, sizes, lone surrogates, non-finite numbers."""
+    stack: list[tuple[Any, tuple]] = [(data, ())]
+    while stack:
+        node, path = stack.pop()
+        if len(path) >= MAX_DEPTH:
+            raise _limit_error(path, _TOO_DEEP)
+        if len(node) > MAX_MEMBERS:
+            raise _limit_error(path, f"{len(node)} members; at most {MAX_MEMBERS}")
+        is_obj = isinstance(node, dict)
+        for k, v in (node.items() if is_obj else enumerate(node)):
+            if is_obj:
+                _check_str(k, path, "an object key")
+            if isinstance(v, (dict, list)):
+                stack.append((v, (*path, k)))
+            else:
+                _check_scalar(v, path, k)
 
 
 def validate_request(model_cls: type[_Model], data: dict[str, Any]) -> Any:

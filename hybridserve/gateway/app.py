@@ -2,7 +2,12 @@
 
 Read-only: /v1/models, /v1/economics (the live economics table and each backend's
 load), /v1/sessions/{id} (an agent session's calls, tokens, $, escalations, budget
-hits), /v1/budgets (the caller's key budgets), /health, /metrics.
+hits; only the key that opened a session can read it), /v1/budgets (the caller's key
+budgets), /health, /metrics.
+
+Every malformed body is a 400 in OpenAI's error shape naming the field (protocol.parse_body
+bounds depth, sizes and text before validation); an unexpected exception is a 500 in the
+same shape that leaves the client's kept-alive connection usable (errors.ContainErrors).
 
 Every response (errors included) carries `x-hybridserve-request-id` and
 `x-hybridserve-backend` (the backend that served it, or `gateway` when none did);
@@ -24,7 +29,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hybridserve.config import GatewayConfig, HybridserveConfig
-from hybridserve.errors import HybridserveError, PayloadTooLargeError, http_error_body, internal_error_body
+from hybridserve import protocol as P
+from hybridserve.errors import ContainErrors, HybridserveError, error_bytes, http_error_body
 from hybridserve.gateway.admission import admit
 from hybridserve.gateway.call import Calls, store_io
 from hybridserve.gateway.governor import Sessions
@@ -38,7 +44,7 @@ from hybridserve.gateway.shared_state import RedisLedger, RedisSessions, connect
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 32 << 20  # a larger body is a 413 before anything else happens
+MAX_BODY_BYTES = P.MAX_BODY_BYTES  # a larger body is a 413 before anything else happens
 _RID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
@@ -74,19 +80,12 @@ class RequestContext:
         await self.app(scope, receive, send_with_headers)
 
 
-async def read_body(request: Request) -> bytes:
-    """The request body, refusing (413) one larger than MAX_BODY_BYTES before reading it all."""
-    too_big = PayloadTooLargeError(f"request body exceeds {MAX_BODY_BYTES >> 20} MiB")
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise too_big
-    parts, size = [], 0
-    async for part in request.stream():
-        size += len(part)
-        if size > MAX_BODY_BYTES:
-            raise too_big
-        parts.append(part)
-    return b"".join(parts)
+read_body = P.read_body
+
+
+def json_error(body: dict, status: int) -> Response:
+    """An OpenAI error body as ASCII JSON (`errors.error_bytes`)."""
+    return Response(error_bytes(body), status_code=status, media_type="application/json")
 
 
 def http_client() -> httpx.AsyncClient:
@@ -149,32 +148,36 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
                   openapi_url=None)
     app.state.registry = registry
 
-    def error_json(request: Request, err: HybridserveError) -> JSONResponse:
+    def error_json(request: Request, err: HybridserveError) -> Response:
         backend = getattr(request.state, "backend", "gateway")
         metrics.errors.labels(backend, err.error_type).inc()
         metrics.requests.labels(backend, request.url.path, str(err.status_code)).inc()
         logger.info("%s %s -> %s %d %s: %s", getattr(request.state, "request_id", "-"),
                     request.url.path, backend, err.status_code, err.error_type, err.message)
-        return JSONResponse(err.to_openai(), status_code=err.status_code)
+        return json_error(err.to_openai(), err.status_code)
 
     @app.exception_handler(HybridserveError)
-    async def _typed(request: Request, err: HybridserveError) -> JSONResponse:
+    async def _typed(request: Request, err: HybridserveError) -> Response:
         return error_json(request, err)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(http_error_body(err.status_code, str(err.detail)), status_code=err.status_code)
+    async def _http(_: Request, err: StarletteHTTPException) -> Response:
+        return json_error(http_error_body(err.status_code, str(err.detail)), err.status_code)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, err: Exception) -> JSONResponse:
-        logger.exception("%s unexpected error", getattr(request.state, "request_id", "-"))
-        return JSONResponse(internal_error_body(err), status_code=500)
+    def unexpected(scope: dict, err: Exception) -> None:
+        state = scope.get("state") or {}
+        backend = state.get("backend", "gateway")
+        metrics.errors.labels(backend, "server_error").inc()
+        metrics.requests.labels(backend, scope.get("path", "-"), "500").inc()
+        logger.error("%s unexpected error", state.get("request_id", "-"), exc_info=err)
+
+    app.add_middleware(ContainErrors, on_error=unexpected)
 
     async def handle(request: Request, path: str, chat: bool) -> Response:
         key_id = keys.check(request.headers.get("authorization"))
         raw = await read_body(request)
         adm = admit(raw, chat, registry)
-        call = await calls.open(adm, request.headers, key_id)
+        call = await calls.open(adm, request.headers, key_id, keys.tenant(key_id))
         return await holder["proxy"].forward(request, call, path)
 
     @app.post("/v1/completions")
@@ -197,8 +200,9 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
 
     @app.get("/v1/sessions/{session_id}")
     async def session(request: Request, session_id: str) -> dict:
-        keys.check(request.headers.get("authorization"))
-        s = await store_io(calls.sessions.get, session_id)
+        """A session as its own key sees it; to every other key it does not exist (404)."""
+        key_id = keys.check(request.headers.get("authorization"))
+        s = await store_io(calls.sessions.get, session_id, keys.tenant(key_id))
         if s is None:
             raise StarletteHTTPException(404, f"no session '{session_id}' has made a call here")
         return s.as_json(calls.sessions.max_tokens, calls.sessions.max_usd)

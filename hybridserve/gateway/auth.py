@@ -5,6 +5,9 @@ environment variable named by `gateway.api_keys_env` (default HYBRIDSERVE_API_KE
 may add more, comma-separated. `auth: required` (the default) with no key at all is
 a startup error, so an endpoint is never left open by accident; `auth: disabled`
 is the one explicit way to run without keys.
+
+A key's id (its sha256) is also its tenant: agent sessions belong to the key that
+opened them (`tenant`). With auth disabled every caller is the one public tenant.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from typing import Mapping
 
 from hybridserve.config import ConfigError, GatewayConfig
 from hybridserve.errors import AuthenticationError
+from hybridserve.gateway.governor import PUBLIC
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -64,3 +68,8 @@ class KeyChecker:
         if digest not in self.hashes:
             raise AuthenticationError("invalid API key")
         return digest
+
+    def tenant(self, key_id: str | None) -> str:
+        """Who owns the sessions a caller opens: the key's id when keys are required, else
+        the one public tenant (a bearer token sent to an open gateway proves nothing)."""
+        return key_id if self.required and key_id else PUBLIC

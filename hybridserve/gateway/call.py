@@ -243,7 +243,9 @@ class Calls:
         self.ledger = ledger
         self.sessions = sessions   # in memory, or RedisSessions (gateway.app.budget_stores)
 
-    async def open(self, adm: Admitted, headers: Any, key_id: str | None) -> Call:
+    async def open(self, adm: Admitted, headers: Any, key_id: str | None, owner: str = G.PUBLIC) -> Call:
+        """Route, apply controls and reserve; `owner` is the caller's tenant (`KeyChecker.tenant`),
+        whose session book the `X-Session-Id` names."""
         ctl = G.parse_controls(adm.data, self.gw, adm.stream)
         floor, task = request_quality(adm.data, headers)
         prompt = estimate_prompt_tokens(adm.prompt_bytes, adm.prompt_lower, adm.prompt_upper)
@@ -259,7 +261,8 @@ class Calls:
         usd_max, samples = self.worst_case(adm, route)
         sid = headers.get("x-session-id")
         if sid:
-            call.hold = await store_io(self.sessions.hold, sid[:128], adm.prompt_upper, route.max_tokens, usd_max)
+            call.hold = await store_io(self.sessions.hold, sid[:128], adm.prompt_upper, route.max_tokens, usd_max,
+                                       owner)
         if self.ledger is not None and self.ledger.budgets:
             cap = call.cut_to or route.max_tokens
             prompts = adm.prompt_upper * max(1, len(route.rungs))

@@ -20,6 +20,11 @@ is cut to what the session has left (its prompt counted at its upper bound, so t
 cap holds even under concurrency); a cut answer that runs into the cut ends with
 `finish_reason: "length"`, `stop_reason: "budget_exhausted"` and the header
 `x-hybridserve-budget: exhausted`. A session with nothing left gets a 429.
+
+A session belongs to its tenant, the key that opened it (`auth.KeyChecker.tenant`): the
+book is keyed by (tenant, id), so the same id sent with another key is another session,
+and another key reading it finds nothing. With auth disabled every caller is the one
+`PUBLIC` tenant. The gateway passes the caller's tenant as `owner` to `hold` and `get`.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ MAX_SESSIONS = 10_000
 SESSION_TOTALS = ("calls", "prompt_tokens", "completion_tokens", "thinking_tokens", "usd", "escalations",
                   "budget_hits")
 THINK_END = "</think>"
+PUBLIC = ""                      # the one tenant of a gateway without auth
 
 
 @dataclass(frozen=True)
@@ -55,19 +61,24 @@ class Controls:
         return self.thinking is not None or self.vote or self.mode is not None
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def parse_controls(data: dict, gw: GatewayConfig, stream: bool) -> Controls:
-    """Validate the governor's request fields; 400 names the bad one."""
+    """Validate the governor's request fields, whatever JSON type they arrive as; a 400
+    names the bad one."""
     mode = data.get("mode")
-    if mode not in (None, "fast", "deep"):
+    if mode is not None and (not isinstance(mode, str) or mode not in ("fast", "deep")):
         raise InvalidRequestError("`mode` must be 'fast' or 'deep'", param="mode")
     effort = data.get("reasoning_effort")
     if effort is None and mode == "deep":
         effort = "high"
-    if effort is not None and effort not in gw.thinking_budgets:
+    if effort is not None and (not isinstance(effort, str) or effort not in gw.thinking_budgets):
         raise InvalidRequestError(f"`reasoning_effort` must be one of {', '.join(gw.thinking_budgets)}",
                                   param="reasoning_effort")
     explicit = data.get("max_thinking_tokens")
-    if explicit is not None and (not isinstance(explicit, int) or isinstance(explicit, bool) or explicit < 0):
+    if explicit is not None and (not _is_int(explicit) or explicit < 0):
         raise InvalidRequestError("`max_thinking_tokens` must be an integer >= 0", param="max_thinking_tokens")
     caps = [c for c in (explicit, gw.thinking_budgets.get(effort) if effort else None,
                         0 if mode == "fast" else None) if c is not None]
@@ -77,7 +88,8 @@ def parse_controls(data: dict, gw: GatewayConfig, stream: bool) -> Controls:
     if vote and stream:
         raise InvalidRequestError("`hybridserve_vote` needs the whole answer: it cannot stream",
                                   param="hybridserve_vote")
-    if vote and data.get("n", 1) < 2:
+    n = data.get("n", 1)
+    if vote and (not _is_int(n) or n < 2):
         raise InvalidRequestError("`hybridserve_vote` needs `n` >= 2 samples", param="n")
     return Controls(min(caps) if caps else None, vote, mode, "cheapest" if mode == "fast" else None,
                     mode == "deep")
@@ -111,10 +123,18 @@ def answer_key(text: str) -> str:
     return re.sub(r"\s+", " ", tail).strip().strip(".").lower()
 
 
+def choice_text(choice: Any, chat: bool) -> str:
+    """A choice's answer text; '' for a choice of any other shape (an upstream's garbage)."""
+    if not isinstance(choice, dict):
+        return ""
+    msg = choice.get("message")
+    text = (msg.get("content") if isinstance(msg, dict) else None) if chat else choice.get("text")
+    return text if isinstance(text, str) else ""
+
+
 def vote(choices: list[dict], chat: bool) -> tuple[dict, dict]:
     """The majority choice (re-indexed 0) and the tally."""
-    texts = [(c["message"]["content"] or "") if chat else c["text"] for c in choices]
-    keys = [answer_key(t) for t in texts]
+    keys = [answer_key(choice_text(c, chat)) for c in choices]
     tally = Counter(keys)
     best = max(tally.values())
     winner = next(i for i, k in enumerate(keys) if tally[k] == best)
@@ -137,6 +157,7 @@ class Session:
     reserved_tokens: int = 0
     reserved_usd: float = 0.0
     backends: dict[str, int] = field(default_factory=dict)
+    owner: str = PUBLIC            # the tenant that opened it (never shown: it is a key's id)
 
     @property
     def tokens(self) -> int:
@@ -163,6 +184,7 @@ class SessionHold:
     limit: int | None = None       # max_tokens sent upstream (set whenever the session is capped)
     done: bool = False
     rid: str = ""                  # its id where sessions live in Redis
+    owner: str = PUBLIC            # the session's tenant (`sid` is the client's id within it)
 
 
 def session_exhausted(sid: str, tokens: int, usd: float, max_tokens: int | None,
@@ -175,26 +197,33 @@ def session_exhausted(sid: str, tokens: int, usd: float, max_tokens: int | None,
 
 
 class Sessions:
+    """The in-memory session book, keyed by (tenant, session id); the MAX_SESSIONS most
+    recently used are kept."""
+
     def __init__(self, max_tokens: int | None, max_usd: float | None):
         self.max_tokens = max_tokens
         self.max_usd = max_usd
-        self._by_id: OrderedDict[str, Session] = OrderedDict()
+        self._by_id: OrderedDict[tuple[str, str], Session] = OrderedDict()
 
-    def get(self, sid: str) -> Session | None:
-        return self._by_id.get(sid)
+    def get(self, sid: str, owner: str = PUBLIC) -> Session | None:
+        """The tenant's session `sid`, or None when this tenant has none by that id."""
+        return self._by_id.get((owner, sid))
 
-    def session(self, sid: str) -> Session:
-        s = self._by_id.get(sid)
+    def session(self, sid: str, owner: str = PUBLIC) -> Session:
+        key = (owner, sid)
+        s = self._by_id.get(key)
         if s is None:
-            s = self._by_id[sid] = Session(sid)
+            s = self._by_id[key] = Session(sid, owner=key[0])
             while len(self._by_id) > MAX_SESSIONS:
                 self._by_id.popitem(last=False)
-        self._by_id.move_to_end(sid)
+        self._by_id.move_to_end(key)
         return s
 
-    def hold(self, sid: str, prompt_upper: int, max_tokens: int, usd_for_max: float) -> SessionHold:
-        """Reserve the call's worst case, cutting max_tokens to what the session has left."""
-        s = self.session(sid)
+    def hold(self, sid: str, prompt_upper: int, max_tokens: int, usd_for_max: float,
+             owner: str = PUBLIC) -> SessionHold:
+        """Reserve the call's worst case against the tenant's session `sid`, cutting max_tokens
+        to what the session has left."""
+        s = self.session(sid, owner)
         cut = max_tokens
         if self.max_tokens is not None:
             cut = min(cut, self.max_tokens - s.tokens - s.reserved_tokens - prompt_upper)
@@ -209,7 +238,7 @@ class Sessions:
         s.reserved_usd += usd
         capped = self.max_tokens is not None or self.max_usd is not None
         return SessionHold(sid, s, prompt_upper + cut, usd, cut if cut < max_tokens else None,
-                           cut if capped else None)
+                           cut if capped else None, owner=s.owner)
 
     def release(self, hold: SessionHold) -> None:
         """Drop a hold whose call was refused after it (by a key budget): a budget hit, no call."""

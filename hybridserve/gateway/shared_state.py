@@ -21,7 +21,9 @@ N times its budget. With `gateway.state_url: redis://HOST:6379/0` on every repli
   queued writes.
 
 Keys live under `gateway.state_prefix`. Spend windows expire one period after
-they end; a session expires after `SESSION_TTL_S` without a call. The session
+they end; a session expires after `SESSION_TTL_S` without a call. A session's keys
+name its tenant (`{prefix}:session:{tenant}:{id}`, tenant `-` without auth), so each
+key's sessions are its own, as in `governor.Sessions`. The session
 gauges are totals over the whole deployment (every replica reports the same
 numbers, so aggregate them with max, not sum).
 """
@@ -36,7 +38,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from hybridserve.config import BudgetConfig
 from hybridserve.errors import StateUnavailableError
-from hybridserve.gateway.governor import SESSION_TOTALS, Session, SessionHold, session_exhausted
+from hybridserve.gateway.governor import PUBLIC, SESSION_TOTALS, Session, SessionHold, session_exhausted
 from hybridserve.gateway.ledger import ANONYMOUS, PERIOD_S, Budgets, Reservation, budget_exhausted, budget_row
 
 logger = logging.getLogger(__name__)
@@ -381,8 +383,9 @@ def _live_holds(held: dict[str, str], now: float) -> tuple[float, float]:
 
 
 class RedisSessions(_Store):
-    """`governor.Sessions`' contract shared through Redis; `hold`, `get` and `refresh_totals`
-    are coroutines, and `totals` reads what the last `refresh_totals` fetched."""
+    """`governor.Sessions`' contract shared through Redis (sessions keyed by tenant and id);
+    `hold`, `get` and `refresh_totals` are coroutines, and `totals` reads what the last
+    `refresh_totals` fetched."""
 
     def __init__(self, url: str, max_tokens: int | None, max_usd: float | None, *,
                  prefix: str = "hybridserve", timeout_s: float = 0.5, lease_s: float = 1260.0,
@@ -395,17 +398,23 @@ class RedisSessions(_Store):
         self.totals_key = f"{prefix}:sessions:totals"
         self._totals: dict[str, float] | None = None
 
-    def _keys(self, sid: str) -> list[str]:
-        base = f"{self.prefix}:session:{sid}"
-        return [base, base + ":held", self.totals_key]
+    def _keys(self, sid: str, owner: str) -> list[str]:
+        """The session's hash, its holds and the totals. A tenant (a key id, or '-') holds no
+        ':', so no two (tenant, id) pairs share a key, and the holds live apart from the
+        sessions, so no session id can name another session's holds."""
+        where = f"{owner or '-'}:{sid}"
+        return [f"{self.prefix}:session:{where}", f"{self.prefix}:session-held:{where}", self.totals_key]
 
-    async def hold(self, sid: str, prompt_upper: int, max_tokens: int, usd_for_max: float) -> SessionHold:
+    async def hold(self, sid: str, prompt_upper: int, max_tokens: int, usd_for_max: float,
+                   owner: str = PUBLIC) -> SessionHold:
+        """Reserve the call's worst case against the tenant's session `sid` (one script)."""
         rid = uuid.uuid4().hex
         args = [repr(self.clock()), rid, str(int(prompt_upper)), str(int(max_tokens)), repr(float(usd_for_max)),
                 "" if self.max_tokens is None else str(self.max_tokens),
                 "" if self.max_usd is None else repr(self.max_usd), repr(self.deadline()), str(SESSION_TTL_S)]
-        out = await self.call(lambda: self._hold(keys=[*self._keys(sid), self.done_key(rid)], args=args),
-                              undo=self._book_write(SessionHold(sid, None, 0, 0.0, rid=rid), None, {}))
+        keys = [*self._keys(sid, owner), self.done_key(rid)]
+        out = await self.call(lambda: self._hold(keys=keys, args=args),
+                              undo=self._book_write(SessionHold(sid, None, 0, 0.0, rid=rid, owner=owner), None, {}))
         cut = int(out[0])
         if cut == -2:
             raise StateUnavailableError("the admission was cancelled after a timeout; retry")
@@ -413,7 +422,7 @@ class RedisSessions(_Store):
             raise session_exhausted(sid, int(float(out[1])), float(out[2]), self.max_tokens, self.max_usd)
         capped = self.max_tokens is not None or self.max_usd is not None
         return SessionHold(sid, None, prompt_upper + cut, float(out[1]), cut if cut < max_tokens else None,
-                           cut if capped else None, rid=rid)
+                           cut if capped else None, rid=rid, owner=owner)
 
     def _book(self, hold: SessionHold, backend: str | None, incr: dict[str, float]) -> None:
         if hold.done:
@@ -427,7 +436,7 @@ class RedisSessions(_Store):
         args = [hold.rid, self.marker_ttl, str(SESSION_TTL_S), backend or ""]
         for name, value in incr.items():
             args += [name, repr(float(value))]
-        keys = [*self._keys(hold.sid), self.done_key(hold.rid)]
+        keys = [*self._keys(hold.sid, hold.owner), self.done_key(hold.rid)]
         return lambda: self._settle(keys=keys, args=args)
 
     def settle(self, hold: SessionHold, backend: str | None, usage: dict | None, usd: float,
@@ -440,9 +449,10 @@ class RedisSessions(_Store):
     def release(self, hold: SessionHold) -> None:
         self._book(hold, None, {"budget_hits": 1})
 
-    async def get(self, sid: str) -> Session | None:
+    async def get(self, sid: str, owner: str = PUBLIC) -> Session | None:
+        """The tenant's session `sid` (after this replica's queued writes), or None."""
         await self.writer.flush()
-        base, held, _ = self._keys(sid)
+        base, held, _ = self._keys(sid, owner)
 
         async def read():
             pipe = self.r.pipeline(transaction=False)
@@ -455,7 +465,7 @@ class RedisSessions(_Store):
         r_usd, r_tok = _live_holds(holds, self.clock())
         num = {k: float(fields.get(k) or 0) for k in SESSION_TOTALS}
         return Session(sid, **{k: (v if k == "usd" else int(v)) for k, v in num.items()},
-                       reserved_tokens=int(r_tok), reserved_usd=r_usd,
+                       reserved_tokens=int(r_tok), reserved_usd=r_usd, owner=owner,
                        backends={k.removeprefix("backend:"): int(v) for k, v in fields.items()
                                  if k.startswith("backend:")})
 

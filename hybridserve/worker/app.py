@@ -3,8 +3,10 @@
 The engine knows nothing of HTTP and this module knows nothing of scheduling: it
 validates the request (`protocol`), hands it to `serving`, and streams or returns
 the result. Errors raised on purpose (`HybridserveError`) become OpenAI error JSON
-here, in one place. A client that goes away aborts its engine requests: streams
-are cancelled by Starlette, non-streaming requests race a disconnect watcher.
+here, in one place; an unexpected one becomes a 500 in the same shape that keeps the
+connection open (`errors.ContainErrors`). A client that goes away aborts its engine
+requests: streams are cancelled by Starlette, non-streaming requests race a
+disconnect watcher.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hybridserve import protocol as P
 from hybridserve.cpu_binding import available_cores, format_cores
-from hybridserve.errors import HybridserveError, InvalidRequestError, http_error_body, internal_error_body
+from hybridserve.errors import (ContainErrors, HybridserveError, InvalidRequestError, error_bytes,
+                                http_error_body)
 from hybridserve.worker import serving as S
 from hybridserve.worker.metrics import WorkerMetrics
 
@@ -33,25 +36,33 @@ logger = logging.getLogger(__name__)
 CLIENT_CLOSED = 499  # nginx's convention: the client went away before the answer
 
 
-def error_response(err: HybridserveError, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(err.to_openai(), status_code=err.status_code, headers=headers)
+def json_error(body: dict, status: int, headers: dict[str, str] | None = None) -> Response:
+    """An OpenAI error body as ASCII JSON (`errors.error_bytes`)."""
+    return Response(error_bytes(body), status_code=status, headers=headers, media_type="application/json")
+
+
+def error_response(err: HybridserveError, headers: dict[str, str] | None = None) -> Response:
+    return json_error(err.to_openai(), err.status_code, headers)
+
+
+def log_unexpected(scope: dict, err: Exception) -> None:
+    rid = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"x-request-id"), "-")
+    logger.error("%s unexpected error", rid, exc_info=err)
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """OpenAI error JSON for our errors, unknown routes and anything unexpected."""
+    """OpenAI error JSON for our errors, unknown routes and anything unexpected (a 500 that
+    leaves the client's connection open)."""
 
     @app.exception_handler(HybridserveError)
-    async def _typed(_: Request, err: HybridserveError) -> JSONResponse:
+    async def _typed(_: Request, err: HybridserveError) -> Response:
         return error_response(err)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(http_error_body(err.status_code, str(err.detail)), status_code=err.status_code)
+    async def _http(_: Request, err: StarletteHTTPException) -> Response:
+        return json_error(http_error_body(err.status_code, str(err.detail)), err.status_code)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, err: Exception) -> JSONResponse:
-        logger.exception("%s unexpected error", request.headers.get("x-request-id", "-"))
-        return JSONResponse(internal_error_body(err), status_code=500)
+    app.add_middleware(ContainErrors, on_error=log_unexpected)
 
 
 async def wait_for_disconnect(request: Request) -> None:
@@ -121,7 +132,7 @@ class Worker:
 
     async def serve(self, request: Request, chat: bool) -> Response:
         rid = self.request_id(request)
-        data = P.parse_body(await request.body())
+        data = P.parse_body(await P.read_body(request))
         plan = self.plan_chat(rid, data) if chat else self.plan_completion(rid, data)
         headers = {"x-request-id": rid}
         if data.get("stream"):
