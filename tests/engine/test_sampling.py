@@ -40,17 +40,40 @@ def test_stop_token_id_and_stop_string(make_engine, tokenizer):
     assert by_str.text == text[:text.find(stop)]
 
 
+def _stream(engine, request_id, prompt, params):
+    engine.add_request(request_id, prompt, params)
+    outs = []
+    while engine.has_unfinished():
+        outs += [o for o in engine.step() if o.request_id == request_id]
+    return outs
+
+
 def test_streamed_deltas_add_up_and_hold_back_stop_prefix(make_engine, tokenizer):
     engine = make_engine()
-    engine.add_request("s", tokenizer.encode("stream"), SamplingParams(max_tokens=25, temperature=0.0,
-                                                                        ignore_eos=True, stop=["zzzz"]))
-    text, ids, last = "", [], None
-    while engine.has_unfinished():
-        for out in engine.step():
-            text += out.delta_text
-            ids += out.delta_token_ids
-            last = out
-    assert last.finished and text == last.text and ids == last.token_ids
+    prompt = tokenizer.encode("stream")
+    free = _stream(engine, "free", prompt, SamplingParams(max_tokens=25, temperature=0.0, ignore_eos=True))
+    text = free[-1].text
+    ends = {len(o.text) for o in free}  # where the text stood after each step (no stop: nothing held back)
+    # a 3-character stop string that first occurs at i and straddles a step: its head is generated a
+    # step before the whole of it, so only the hold-back keeps that head from being streamed
+    fits = [i for i in range(2, len(text) - 3) if text.find(text[i:i + 3]) == i
+            and text[i:i + 3].isprintable() and any(i < b < i + 3 for b in ends)]
+    fits.sort(key=lambda i: "\ufffd" in text[i:i + 3])  # rather whole characters than replacement ones
+    assert fits, f"no usable stop string in {text!r}"
+    i = fits[0]
+    stop, cut = text[i:i + 3], text[:i]
+    outs = _stream(engine, "stop", prompt, SamplingParams(max_tokens=25, temperature=0.0, ignore_eos=True,
+                                                          stop=[stop]))
+    sent, ids = "", []
+    for out in outs:
+        sent += out.delta_text
+        ids += out.delta_token_ids
+        assert out.text == sent
+        assert cut.startswith(sent), f"streamed {sent!r} runs past the cut {cut!r} (stop {stop!r})"
+    last = outs[-1]
+    assert last.finished and last.finish_reason is FinishReason.STOP
+    assert sent == last.text == cut and stop not in sent
+    assert ids == last.token_ids == free[-1].token_ids[:len(ids)]
 
 
 def test_logprobs(make_engine, tokenizer):

@@ -19,12 +19,25 @@ def test_env_var_forces_ref_and_rejects_unknown(monkeypatch):
         dispatch.use_triton(torch.zeros(1))
 
 
-def test_forcing_triton_on_cpu_needs_the_interpreter(monkeypatch):
+@pytest.mark.parametrize("has_triton", [True, False], ids=["triton-imports", "no-triton"])
+def test_forcing_triton_on_cpu_needs_the_interpreter(monkeypatch, has_triton):
+    # both cases run whether or not triton is installed here: the import's outcome is patched in
+    monkeypatch.setattr(_backend, "HAS_TRITON", has_triton)
     monkeypatch.setenv("HYBRIDSERVE_KERNELS", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    if _backend.HAS_TRITON:
-        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-            dispatch.use_triton(torch.zeros(1))
+    cpu = torch.zeros(1)
+    if has_triton:
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            dispatch.use_triton(cpu)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert dispatch.use_triton(cpu) is True  # the interpreter runs the kernels on CPU tensors
+    else:
+        for interpret in ("0", "1"):  # no interpreter helps when triton does not import
+            monkeypatch.setenv("TRITON_INTERPRET", interpret)
+            with pytest.raises(RuntimeError, match="triton does not import"):
+                dispatch.use_triton(cpu)
+    monkeypatch.delenv("HYBRIDSERVE_KERNELS")
+    assert dispatch.use_triton(cpu) is False  # unforced, CPU tensors take the reference either way
 
 
 def test_public_ops_run_on_cpu(monkeypatch):

@@ -56,11 +56,34 @@ def test_economics_respects_tier_health_and_context():
     assert none.backend is None and "no healthy backend" in none.reason
 
 
+def _loaded_snap(h_load):
+    # H measured at 1, 4 and 8 concurrent sequences: aggregate decode grows, per-sequence decode shrinks
+    table = EconomicsTable({"T": 1.0, "H": 1.0}, {
+        "T": [Entry(8192, 1, 1000, 20)],
+        "H": [Entry(8192, 1, 2500, 60), Entry(8192, 4, 2500, 120), Entry(8192, 8, 2500, 80)],
+    })
+    views = (BackendView("T", "transformer", "standard", 1.0, 16384),
+             BackendView("H", "hybrid", "standard", 1.0, 16384, load=h_load))
+    return Snapshot(views, table, tier_order=("standard",))
+
+
 def test_economics_prices_load():
-    # a loaded backend is predicted at higher concurrency; with no concurrency points it stays the same,
-    # so the choice must not flip on load alone here
-    d = Economics().choose(RouteRequest(6000, 100, tier="standard"), _snap(H={"load": 7}))
-    assert d.backend == "H"
+    # a loaded backend is predicted at its concurrency (load + 1 sequences): slower per request, and
+    # with a 12 s SLO the busy H (8 sequences: 10 tok/s each) misses it and the idle T is taken instead
+    req = RouteRequest(6000, 100, tier="standard", slo_e2e_s=12.0)
+    h = {}
+    for load in (0, 3, 7):
+        d = Economics().choose(req, _loaded_snap(load))
+        h[load] = next(e for e in d.estimates if e.backend == "H")
+        h[load, "pick"] = d.backend
+    assert h[0].e2e_s == pytest.approx(6000 / 2500 + 100 / 60)        # concurrency 1: 60 tok/s per seq
+    assert h[3].e2e_s == pytest.approx(6000 / 2500 + 100 / 30)        # concurrency 4: 120 / 4
+    assert h[7].e2e_s == pytest.approx(6000 / 2500 + 100 / 10)        # concurrency 8: 80 / 8
+    assert h[7].device_s == pytest.approx(6000 / 2500 + 100 / 80)     # device time shared over the batch
+    assert h[0, "pick"] == "H" and h[3, "pick"] == "H"
+    assert h[7, "pick"] == "T"
+    t = next(e for e in Economics().choose(req, _loaded_snap(7)).estimates if e.backend == "T")
+    assert t.e2e_s == pytest.approx(6000 / 1000 + 100 / 20) and t.e2e_s <= 12.0 < h[7].e2e_s
 
 
 def test_fastest_objective():

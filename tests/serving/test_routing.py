@@ -7,15 +7,25 @@ live corrections of a few requests cannot flip it); sessions are capped at
 SESSION_TOKENS tokens; agent step `plan` maps to the hybrid's tier, `polish` to the
 transformer; the cascade threshold is above any possible mean logprob or verifier score
 (always escalates); the hybrid judges drafts for `parallel_verify`.
+
+A second gateway (`lenient`) in front of the same two workers has a threshold below any
+greedy mean logprob (so a measured cascade draft never escalates) and a verifier that can
+say "yes": the tiny models' byte vocabulary has no "yes" token, so a stub in front of the
+hybrid answers the judge prompts itself (confident, or doubtful when the question says so)
+and passes every other request to the real worker.
 """
 from __future__ import annotations
 
 import json
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
+import yaml
 
-from tests.serving.conftest import engine_backends, log_tail, start_stack, stop_process
+from tests.serving.conftest import engine_backends, free_port, log_tail, start_stack, stop_process
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -47,6 +57,87 @@ def routed(tmp_path_factory):
     yield stack
     stop_process(stack.proc)
     assert stack.proc.returncode == 0, log_tail(stack.log)
+
+
+# greedy picks the most likely of the tiny models' 262 tokens, so its logprob is >= -ln 262 (about -5.57)
+GREEDY_FLOOR = -math.log(262)
+LENIENT_THRESHOLD = -6.0             # below GREEDY_FLOOR: a measured greedy answer never escalates
+JUDGE_CONFIDENT, JUDGE_DOUBTFUL = -0.25, -9.0   # the stub verifier's log P(yes), either side of it
+
+
+class _JudgeStub(BaseHTTPRequestHandler):
+    """Answers judge prompts (`verify.judge_prompt`, one token) with a chosen log P(" Yes");
+    forwards everything else to the worker behind it."""
+
+    upstream = ""
+    judged: list[str] = []
+
+    def log_message(self, *args):
+        pass
+
+    def _reply(self, status: int, body: bytes, ctype: str | None) -> None:
+        try:
+            self.send_response(status)
+            self.send_header("content-type", ctype or "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:
+            pass  # the gateway went away (teardown)
+
+    def _forward(self, method: str, raw: bytes | None = None) -> None:
+        headers = {k: v for k, v in self.headers.items() if k.lower() in ("content-type", "x-request-id")}
+        try:
+            r = httpx.request(method, self.upstream + self.path, content=raw, headers=headers, timeout=60,
+                              trust_env=False)
+        except httpx.HTTPError as err:
+            return self._reply(502, json.dumps({"error": {"message": str(err)}}).encode(), None)
+        self._reply(r.status_code, r.content, r.headers.get("content-type"))
+
+    def do_GET(self):
+        self._forward("GET")
+
+    def do_POST(self):
+        raw = self.rfile.read(int(self.headers.get("content-length") or 0))
+        req = json.loads(raw)
+        prompt = req.get("prompt")
+        if isinstance(prompt, str) and prompt.startswith("Question:") and prompt.endswith("Reply:"):
+            type(self).judged.append(prompt)
+            yes = JUDGE_DOUBTFUL if "doubtful" in prompt else JUDGE_CONFIDENT
+            top = {" Yes": yes, " No": -0.1 if yes < -1 else -2.0}
+            body = {"id": "cmpl-judge", "object": "text_completion", "created": 0, "model": req.get("model"),
+                    "choices": [{"index": 0, "text": " Yes", "finish_reason": "length",
+                                 "logprobs": {"tokens": [" Yes"], "token_logprobs": [yes],
+                                              "top_logprobs": [top], "text_offset": [0]}}],
+                    "usage": {"prompt_tokens": len(prompt), "completion_tokens": 1,
+                              "total_tokens": len(prompt) + 1, "device_seconds": 0.002}}
+            return self._reply(200, json.dumps(body).encode(), "application/json")
+        self._forward("POST", raw)
+
+
+@pytest.fixture(scope="module")
+def lenient(routed, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lenient")
+    (tmp / "profile.json").write_text(json.dumps(PROFILE))
+    handler = type("Judge", (_JudgeStub,), {"upstream": routed.workers["tiny-hybrid"], "judged": []})
+    stub = ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    backends = yaml.safe_load(routed.config.read_text())["backends"]
+    for b in backends:  # the routed stack's workers, reached as workers run elsewhere (not started here)
+        b["host"] = "127.0.0.1"
+        if b["name"] == "tiny-hybrid":
+            b["port"] = stub.server_address[1]
+    gateway = {"economics_profile": str(tmp / "profile.json"), "cascade_threshold": LENIENT_THRESHOLD,
+               "verifier": "tiny-hybrid", "ledger_path": str(tmp / "ledger.sqlite")}
+    try:
+        stack = start_stack(tmp, backends, gateway=gateway)
+        stack.extra["judged"] = handler.judged
+        yield stack
+        stop_process(stack.proc)
+        assert stack.proc.returncode == 0, log_tail(stack.log)
+    finally:
+        stub.shutdown()
+        stub.server_close()
 
 
 def post(stack, body, headers=None, path="/completions") -> httpx.Response:
@@ -132,11 +223,26 @@ def test_cascade_escalates_and_reports_every_tier(routed):
     tiers = body["usage"]["tiers"]
     assert [t["backend"] for t in tiers] == ["tiny-transformer", "tiny-hybrid"]  # standard tier first
     assert tiers[0]["escalated"] and not tiers[1]["escalated"]
-    assert all(t["mean_logprob"] < 0.5 and t["cost_usd"] > 0 for t in tiers)
+    # a measured confidence (not a missing one, which escalates too) that is below the 0.5 threshold
+    assert all(t["mean_logprob"] is not None and GREEDY_FLOOR - 1e-3 <= t["mean_logprob"] <= 0 for t in tiers)
+    assert all(t["cost_usd"] > 0 for t in tiers)
     assert body["usage"]["cost_usd"] == pytest.approx(sum(t["cost_usd"] for t in tiers), abs=1e-9)
     assert r.headers["x-hybridserve-backend"] == "tiny-hybrid"
     assert r.headers["x-hybridserve-tiers"] == "tiny-transformer,tiny-hybrid"
     assert body["choices"][0]["logprobs"] is None  # asked for the cascade, not by the client
+
+
+def test_cascade_keeps_a_confident_draft(lenient):
+    r = post(lenient, {"model": "auto:cascade", "prompt": SHORT, "max_tokens": 6})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    (tier,) = body["usage"]["tiers"]
+    assert tier["backend"] == "tiny-transformer" and not tier["escalated"]
+    assert tier["mean_logprob"] is not None and LENIENT_THRESHOLD < tier["mean_logprob"] <= 0
+    assert "x-hybridserve-tiers" not in r.headers  # the header names the tiers of an escalation only
+    assert r.headers["x-hybridserve-backend"] == "tiny-transformer"
+    assert body["usage"]["cost_usd"] == pytest.approx(tier["cost_usd"], abs=1e-9) and tier["cost_usd"] > 0
+    assert body["choices"][0]["logprobs"] is None
 
 
 def test_parallel_verify_books_the_verdict_and_escalates_on_a_weak_one(routed):
@@ -145,12 +251,32 @@ def test_parallel_verify_books_the_verdict_and_escalates_on_a_weak_one(routed):
     usage = r.json()["usage"]
     draft, final = usage["tiers"]
     assert draft["backend"] == "tiny-transformer" and draft["verified_by"] == "tiny-hybrid"
-    assert draft["verifier_cost_usd"] > 0 and draft["escalated"]  # log P(yes) <= 0 < threshold 0.5
-    assert draft["verifier_score"] is None or draft["verifier_score"] < 0.5
+    # the tiny models' byte vocabulary has no "yes" token: no score, and no score escalates
+    assert draft["verifier_cost_usd"] > 0 and draft["escalated"] and draft["verifier_score"] is None
     assert final == {"backend": "tiny-hybrid", "cost_usd": final["cost_usd"], "escalated": False}
     total = draft["cost_usd"] + draft["verifier_cost_usd"] + final["cost_usd"]
     assert usage["cost_usd"] == pytest.approx(total, abs=1e-9)
     assert r.headers["x-hybridserve-policy"] == "parallel_verify"
+    assert r.headers["x-hybridserve-tiers"] == "tiny-transformer,tiny-hybrid"
+
+
+@pytest.mark.parametrize("question, score, tried", [
+    (SHORT, JUDGE_CONFIDENT, ["tiny-transformer"]),
+    ("Hi there, doubtful one", JUDGE_DOUBTFUL, ["tiny-transformer", "tiny-hybrid"])])
+def test_parallel_verify_escalates_below_the_threshold_only(lenient, question, score, tried):
+    judged = len(lenient.extra["judged"])
+    r = post(lenient, {"model": "auto:parallel_verify", "prompt": question, "max_tokens": 5})
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert [t["backend"] for t in usage["tiers"]] == tried
+    assert r.headers.get("x-hybridserve-tiers") == (",".join(tried) if len(tried) > 1 else None)
+    assert r.headers["x-hybridserve-backend"] == tried[-1]
+    draft = usage["tiers"][0]
+    assert draft["verified_by"] == "tiny-hybrid" and draft["verifier_score"] == pytest.approx(score)
+    assert draft["escalated"] == (score < LENIENT_THRESHOLD) == (len(tried) == 2)
+    assert len(lenient.extra["judged"]) == judged + 1 and question in lenient.extra["judged"][-1]
+    total = sum(t["cost_usd"] + t.get("verifier_cost_usd", 0.0) for t in usage["tiers"])
+    assert draft["verifier_cost_usd"] > 0 and usage["cost_usd"] == pytest.approx(total, abs=1e-9)
 
 
 # ------------------------------------------------------------------ governor
@@ -169,12 +295,41 @@ def test_thinking_budget_is_forced_by_the_native_worker(routed):
     assert r.status_code == 400 and r.json()["error"]["param"] == "reasoning_effort"
 
 
-def test_self_consistency_vote(routed):
-    r = post(routed, {"model": "tiny-hybrid", "prompt": SHORT, "n": 4, "hybridserve_vote": True})
-    body = r.json()
-    assert len(body["choices"]) == 1 and body["choices"][0]["index"] == 0
-    assert body["hybridserve_vote"]["samples"] == 4 and body["hybridserve_vote"]["agreeing"] == 4  # greedy
-    assert body["usage"]["completion_tokens"] == 16  # every sample is paid for
+def _key(text: str) -> str:
+    return " ".join(text.split()).strip(".").lower()
+
+
+def test_self_consistency_vote_takes_the_majority_of_disagreeing_samples(routed):
+    # sampled answers (sample j gets seed + j); find, on the worker itself, a seed whose samples
+    # disagree, have one clear majority, and whose first sample is not in it
+    worker = routed.workers["tiny-hybrid"] + "/v1/completions"
+    n, found = 5, None
+    for temperature in (0.5, 1.0):
+        for seed in range(40):
+            body = {"model": "tiny-hybrid", "prompt": SHORT, "max_tokens": 1, "temperature": temperature,
+                    "n": n, "seed": seed}
+            got = httpx.post(worker, json=body, timeout=60, trust_env=False)
+            assert got.status_code == 200, got.text
+            texts = [c["text"] for c in sorted(got.json()["choices"], key=lambda c: c["index"])]
+            keys = [_key(t) for t in texts]
+            counts = sorted((keys.count(k) for k in set(keys)), reverse=True)
+            if len(set(texts)) == len(set(keys)) and 2 <= counts[0] < n and counts[1:2] != counts[:1] \
+                    and keys.count(keys[0]) < counts[0]:
+                found = body, texts, keys, counts
+                break
+        if found:
+            break
+    assert found, "no seed gave disagreeing samples with a clear majority"
+    body, texts, keys, counts = found
+    majority = next(k for k in keys if keys.count(k) == counts[0])
+    r = post(routed, {**body, "hybridserve_vote": True})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["hybridserve_vote"] == {"samples": n, "agreeing": counts[0], "distinct_answers": len(counts),
+                                       "winner_sample": keys.index(majority)}
+    assert len(out["choices"]) == 1 and out["choices"][0]["index"] == 0
+    assert out["choices"][0]["text"] == texts[keys.index(majority)] != texts[0]
+    assert out["usage"]["completion_tokens"] == n  # every sample is paid for
     r = post(routed, {"model": "tiny-hybrid", "prompt": SHORT, "n": 1, "hybridserve_vote": True})
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"
 

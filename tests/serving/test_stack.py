@@ -92,14 +92,18 @@ def test_n_logprobs_stop_and_auto(openai_client):
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == 5
     assert all(x <= 0 for x in lp.token_logprobs) and all(len(t) == 1 for t in lp.top_logprobs)
 
-    text = comp.choices[0].text
-    stop = text[2:4] if len(text) >= 4 else None
-    if stop:  # greedy is deterministic, so the same prompt must now stop before `stop`
-        again = openai_client.completions.create(model=comp.model, prompt=PROMPT, max_tokens=5,
-                                                 temperature=0.0, stop=[stop],
-                                                 extra_body={"ignore_eos": True})
-        assert again.choices[0].finish_reason == "stop"
-        assert stop not in again.choices[0].text
+    # greedy is deterministic: a stop string taken from a first answer must cut the second before it
+    kw = dict(model=comp.model, prompt=PROMPT, max_tokens=16, temperature=0.0, extra_body={"ignore_eos": True})
+    free = openai_client.completions.create(**kw)
+    text = free.choices[0].text
+    assert free.choices[0].finish_reason == "length" and free.usage.completion_tokens == 16
+    fits = [i for i in range(1, len(text) - 2) if text.find(text[i:i + 2]) == i and text[i:i + 2].isprintable()]
+    fits.sort(key=lambda i: "\ufffd" in text[i:i + 2])  # rather whole characters than replacement ones
+    assert fits, f"no usable stop string in {text!r}"
+    stop = text[fits[0]:fits[0] + 2]
+    again = openai_client.completions.create(**kw, stop=[stop])
+    assert again.choices[0].finish_reason == "stop"
+    assert again.choices[0].text == text[:fits[0]] and stop not in again.choices[0].text
 
 
 def test_models_lists_backends_and_aliases(openai_client):
