@@ -45,7 +45,8 @@ class Admitted:
     policy: str | None = None     # from `auto:<policy>`
     prompt_bytes: int = 0
     prompt_lower: int = 0
-    prompt_upper: int = 0
+    prompt_upper: int = 0         # upper bound of the largest prompt
+    prompts: int = 1              # prompts in a batch completion (each gets n completions)
 
 
 def prompt_bytes(req: Any, chat: bool) -> int:
@@ -100,4 +101,5 @@ def admit(raw: bytes, chat: bool, registry: Registry) -> Admitted:
     fits = _check_fit(candidates, lower, max_tokens)
     sure = frozenset(b.name for b in fits if upper + (max_tokens or 1) <= b.config.max_context)
     return Admitted(req.model, bool(req.stream), pinned, fits, sure, data, raw, chat,
-                    req.include_usage(), max_tokens, policy, prompt_bytes(req, chat), lower, upper)
+                    req.include_usage(), max_tokens, policy, prompt_bytes(req, chat), lower, upper,
+                    1 if chat else max(1, len(req.prompts())))

@@ -17,8 +17,17 @@ body, and the merged body is read by the governor again (so a rung's
 bodies are built once per (engine kind, rung). A voting rung's confidence is the
 mean token logprob of the winning sample, the answer the client gets.
 
-Fast path: a request with no controls, no gateway-only fields, no session cut, no
-cascade and (for streams) its own include_usage goes upstream byte for byte as the
+Reservations hold exactly (`Calls.worst_case`): tokens are every prompt the call may send
+(prompt upper bound × prompts × tiers, the verifier's judge prompts included) plus every
+completion it may generate (n × prompts × tiers, each up to the reserved max_tokens); and
+whenever a key budget or a session cap applies, the max_tokens sent upstream is the one
+reserved (the client's own smaller one wins), so measured tokens never exceed reserved ones.
+Dollars are measured (price × device seconds), so no request can bound them in advance: the
+reservation is the predicted worst case × USD_SAFETY, and a measured cost above it is booked in
+full, so the next admission sees it.
+
+Fast path: a request with no controls, no gateway-only fields, no key budget or session
+cap, no cascade and (for streams) its own include_usage goes upstream byte for byte as the
 client sent it.
 """
 from __future__ import annotations
@@ -40,6 +49,22 @@ from hybridserve.router.policies.cascade import mean_logprob
 logger = logging.getLogger(__name__)
 
 BUDGET_EXHAUSTED = "budget_exhausted"
+USD_SAFETY = 2.0                 # $ reserved = predicted worst case × this
+VERIFIER_OVERHEAD_TOKENS = 128   # judge_prompt's template (99 bytes) and its one answer token
+USAGE_COUNTS = ("prompt_tokens", "completion_tokens", "thinking_tokens")
+
+
+@dataclass(frozen=True)
+class WorstCase:
+    """What one call may spend at most: `fixed` tokens (prompts, verdicts) plus `samples`
+    completions of up to max_tokens each; `usd` is their predicted $ × USD_SAFETY."""
+
+    usd: float
+    fixed: int
+    samples: int
+
+    def tokens(self, max_tokens: int) -> int:
+        return self.fixed + self.samples * max_tokens
 
 
 @dataclass
@@ -56,6 +81,8 @@ class Call:
     device_s: float = 0.0
     usage: dict | None = None       # the last tier's usage (what the client is answered with)
     tokens: int = 0                  # all tiers' prompt + completion tokens
+    counts: dict[str, int] = field(default_factory=dict)  # all tiers' prompt/completion/thinking tokens
+    complete: bool = False           # the answer's final usage arrived (unary finish, stream usage)
     tried: list[dict] = field(default_factory=list)
     exhausted: bool = False
     settled: bool = False
@@ -68,6 +95,14 @@ class Call:
     @property
     def cut_to(self) -> int | None:
         return self.hold.cut_to if self.hold else None
+
+    @property
+    def reserved_cap(self) -> int | None:
+        """The max_tokens per completion that the reservations hold: sent upstream whenever a
+        key budget or a session cap applies (None: nothing to hold, the client's body goes)."""
+        if self.hold is not None and self.hold.limit is not None:
+            return self.hold.limit
+        return self.route.max_tokens if self.reservation is not None else None
 
     @property
     def wants_logprobs(self) -> bool:
@@ -97,13 +132,15 @@ class Call:
     def _build(self, native: bool, rung: RouteRung | None = None) -> bytes:
         d = {**self.adm.data, **rung.params} if rung else self.adm.data
         ctl = self.controls_for(rung)
-        rewrite = (ctl.active or (self.hold is not None and self.hold.limit is not None)
-                   or self.wants_confidence or bool(rung and rung.params)
+        limit = self.reserved_cap
+        rewrite = (ctl.active or limit is not None or self.wants_confidence or bool(rung and rung.params)
                    or G.has_gateway_fields(self.adm.data)
                    or (self.adm.stream and not self.adm.client_usage))
         if not rewrite:
             return self.adm.raw
-        limit = self.hold.limit if self.hold is not None else None
+        if limit is not None:
+            own = [v for v in (d.get("max_completion_tokens"), d.get("max_tokens")) if G._is_int(v)]
+            limit = min([limit, *own])
         out = G.upstream_fields(d, ctl, native, limit or self.adm.max_tokens)
         if self.adm.stream and not self.adm.client_usage:
             out["stream_options"] = {**(d.get("stream_options") or {}), "include_usage": True}
@@ -123,7 +160,10 @@ class Call:
         cost = self.router.observe(b, usage)
         self.usd += cost
         self.device_s += float(usage.get("device_seconds") or 0.0)
-        self.tokens += int(usage.get("total_tokens") or 0)
+        counts = {k: int(usage.get(k) or 0) for k in USAGE_COUNTS}
+        for k, v in counts.items():
+            self.counts[k] = self.counts.get(k, 0) + v
+        self.tokens += int(usage.get("total_tokens") or 0) or counts["prompt_tokens"] + counts["completion_tokens"]
         if answer:
             self.usage = usage
         return cost
@@ -138,22 +178,32 @@ class Call:
         return hit
 
     def settle(self, backend: str | None, ok: bool = True) -> None:
-        """Book the measured cost in the ledger and the session (once). A 200 that never reported
-        usage (the client left mid-stream) is charged its reservation: never a silent overrun."""
+        """Book the measured cost of every call made (all tiers, rungs and verdicts) in the ledger
+        and the session, once. Never less than measured: a 200 whose final usage never came (the
+        client left mid-stream or mid-cascade, or the upstream reported none) is charged, in each
+        store, the larger of what that store reserved and what was measured so far; a measured
+        cost above the reservation is booked in full (the next admission sees it)."""
         if self.settled:
             return
         self.settled = True
-        usd, tokens, usage = self.usd, self.tokens, self.usage
-        if ok and usage is None:
-            held = self.reservation or self.hold
-            usd, tokens = (held.usd, held.tokens) if held else (0.0, 0)
-            usage = {"prompt_tokens": min(tokens, self.adm.prompt_upper),
-                     "completion_tokens": max(0, tokens - self.adm.prompt_upper)}
         if self.ledger is not None and self.reservation is not None:
+            usd, tokens, _ = self._charge(self.reservation, ok)
             self.ledger.settle(self.reservation, usd, tokens)
         if self.hold is not None:
+            usd, _, usage = self._charge(self.hold, ok)
             self.sessions.settle(self.hold, backend, usage, usd, escalations=max(0, len(self.tried) - 1),
                                  exhausted=self.exhausted)
+
+    def _charge(self, held: Reservation | G.SessionHold, ok: bool) -> tuple[float, int, dict | None]:
+        """($, tokens, usage counts) to book against one store: what was measured, or, for a 200
+        whose final usage never came, the larger of that and what `held` reserved."""
+        usd, tokens, usage = self.usd, self.tokens, dict(self.counts) if self.usage else None
+        if ok and (not self.complete or self.usage is None):
+            if held.tokens > tokens or usage is None:
+                prompt = min(held.tokens, self.adm.prompt_upper * self.adm.prompts)
+                usage = {"prompt_tokens": prompt, "completion_tokens": max(0, held.tokens - prompt)}
+            usd, tokens = max(usd, held.usd), max(tokens, held.tokens)
+        return usd, tokens, usage
 
     # ---------------------------------------------------------------- receipts
 
@@ -200,6 +250,7 @@ class Call:
         """A finished non-streaming answer (of `rung`, for a configured cascade): vote, budget
         marks, logprobs stripped, receipt."""
         self.answered_by = rung or self.rung_of(b)
+        self.complete = True
         choices = body.get("choices") or []
         if self.check_exhausted(choices):
             for c in choices:
@@ -258,16 +309,16 @@ class Calls:
                                    floor=floor, task=task, deep=ctl.top_tier)
         call = Call(adm, route, ctl, self.router, self.ledger, self.sessions)
         call.rung_controls = self.rung_controls(adm, route)
-        usd_max, samples = self.worst_case(adm, route)
+        worst = self.worst_case(adm, route)
         sid = headers.get("x-session-id")
         if sid:
-            call.hold = await store_io(self.sessions.hold, sid[:128], adm.prompt_upper, route.max_tokens, usd_max,
-                                       owner)
+            call.hold = await store_io(self.sessions.hold, sid[:128], worst.fixed, route.max_tokens, worst.usd,
+                                       owner, worst.samples)
         if self.ledger is not None and self.ledger.budgets:
             cap = call.cut_to or route.max_tokens
-            prompts = adm.prompt_upper * max(1, len(route.rungs))
+            usd = worst.usd * cap / route.max_tokens
             try:
-                call.reservation = await store_io(self.ledger.reserve, key_id, usd_max, prompts + cap * samples)
+                call.reservation = await store_io(self.ledger.reserve, key_id, usd, worst.tokens(cap))
             except BaseException:
                 if call.hold is not None:
                     self.sessions.release(call.hold)
@@ -281,18 +332,31 @@ class Calls:
         rungs = route.rungs[:1] if adm.stream else route.rungs
         return {r.name: G.parse_controls({**adm.data, **r.params}, self.gw, adm.stream) for r in rungs}
 
-    def worst_case(self, adm: Admitted, route: Route) -> tuple[float, int]:
-        """Predicted $ and samples (n) to reserve: the chosen backend's, or every rung's together."""
-        n = int(adm.data.get("n") or 1)
-        if not route.rungs:
+    def worst_case(self, adm: Admitted, route: Route) -> WorstCase:
+        """Everything the call may spend, summed over every attempt that may produce usage: every
+        configured rung; for the tier cascade and parallel_verify every backend of the order and a
+        verdict on every tier but the last; else the chosen backend (failover happens only where
+        nothing was answered). Each attempt sends every prompt and generates n per prompt."""
+        n, prompts = int(adm.data.get("n") or 1), adm.prompts
+        prompt, cap = adm.prompt_upper * prompts, route.max_tokens
+        if route.rungs:
+            attempts = [(r.backend, int(r.params.get("n") or n)) for r in route.rungs]
+        elif route.threshold is not None and not adm.stream:
+            attempts = [(b, n) for b in route.order]
+        else:
             est = route.decision.estimate
-            return (est.usd if est else 0.0) * n, n
-        usd, samples = 0.0, 0
-        for r in route.rungs:
-            k = int(r.params.get("n") or n)
-            usd += self.router.predict_usd(r.backend.name, route.prompt_tokens, route.max_tokens) * k
-            samples += k
-        return usd, samples
+            return WorstCase((est.usd if est else 0.0) * n * prompts * USD_SAFETY, prompt, n * prompts)
+        usd, fixed, samples = 0.0, 0, 0
+        for b, k in attempts:
+            usd += self.router.predict_usd(b.name, route.prompt_tokens, cap) * k * prompts
+            fixed += prompt
+            samples += k * prompts
+        if route.verifier is not None and not route.rungs:
+            judged = adm.prompt_upper + cap + VERIFIER_OVERHEAD_TOKENS
+            verdicts = len(attempts) - 1
+            fixed += judged * verdicts
+            usd += self.router.predict_usd(route.verifier.name, judged, 1) * verdicts
+        return WorstCase(usd * USD_SAFETY, fixed, samples)
 
 
 async def store_io(method, *args):

@@ -220,13 +220,20 @@ class Sessions:
         return s
 
     def hold(self, sid: str, prompt_upper: int, max_tokens: int, usd_for_max: float,
-             owner: str = PUBLIC) -> SessionHold:
+             owner: str = PUBLIC, samples: int = 1) -> SessionHold:
         """Reserve the call's worst case against the tenant's session `sid`, cutting max_tokens
-        to what the session has left."""
+        to what the session has left.
+
+        `prompt_upper` is every prompt token the call may send (all prompts, all tiers),
+        `samples` how many completions of up to `max_tokens` each it may generate (n × prompts
+        × tiers) and `usd_for_max` the $ of all of them at `max_tokens`. The hold is
+        `prompt_upper + samples × cut` tokens, and `cut` (per completion) is what is sent
+        upstream as max_tokens, so no call can generate more tokens than it holds."""
         s = self.session(sid, owner)
+        samples = max(1, int(samples))
         cut = max_tokens
         if self.max_tokens is not None:
-            cut = min(cut, self.max_tokens - s.tokens - s.reserved_tokens - prompt_upper)
+            cut = min(cut, (self.max_tokens - s.tokens - s.reserved_tokens - prompt_upper) // samples)
         if self.max_usd is not None and usd_for_max > 0:
             left = self.max_usd - s.usd - s.reserved_usd
             cut = min(cut, int(max_tokens * left / usd_for_max))
@@ -234,10 +241,10 @@ class Sessions:
             s.budget_hits += 1
             raise session_exhausted(sid, s.tokens, s.usd, self.max_tokens, self.max_usd)
         usd = usd_for_max * cut / max_tokens if max_tokens else 0.0
-        s.reserved_tokens += prompt_upper + cut
+        s.reserved_tokens += prompt_upper + samples * cut
         s.reserved_usd += usd
         capped = self.max_tokens is not None or self.max_usd is not None
-        return SessionHold(sid, s, prompt_upper + cut, usd, cut if cut < max_tokens else None,
+        return SessionHold(sid, s, prompt_upper + samples * cut, usd, cut if cut < max_tokens else None,
                            cut if capped else None, owner=s.owner)
 
     def release(self, hold: SessionHold) -> None:

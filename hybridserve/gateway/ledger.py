@@ -6,7 +6,11 @@ against every budget that applies to the key; `settle` at completion replaces th
 reservation with the measured cost, which is what the database records.
 
 A request is admitted while spent + reserved is below the cap, so concurrent
-requests can overspend a cap by at most one reservation (the last one admitted).
+requests can overspend a cap by at most one reservation (the last one admitted), provided
+no settle books more than its reservation. For tokens that holds exactly (the gateway sends
+upstream the max_tokens it reserved, see `gateway.call`); measured dollars may exceed their
+reservation (predicted × `call.USD_SAFETY`), and `settle` books them in full, so the $
+overspend is one reservation plus what in-flight requests cost beyond their reservations.
 Reservations live in memory only: a request in flight when the gateway stops
 never completes, so it has nothing to record. All calls happen on the event-loop
 thread; the lock only guards against use from other threads.

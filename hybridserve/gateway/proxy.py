@@ -402,6 +402,7 @@ class Proxy:
 
         def on_usage(usage: dict) -> dict:
             call.add_usage(b, usage)
+            call.complete = True
             call.check_exhausted([{"finish_reason": "length"}])
             usage.update(call.usage_extension(b.name))
             call.settle(b.name)

@@ -107,12 +107,14 @@ return 1
 """
 
 # KEYS: session, held, totals, done.  ARGV: now, rid, prompt_upper, max_tokens, usd_for_max,
-# cap_tokens, cap_usd ('' for none), deadline, ttl. Returns {cut, held $}, {-1, tokens, $} when
+# cap_tokens, cap_usd ('' for none), deadline, ttl, samples (completions of up to the cut each,
+# as in `governor.Sessions.hold`). Returns {cut, held $}, {-1, tokens, $} when
 # nothing is left, or {-2} when the id is already done (cancelled after a timeout, as in _RESERVE).
 _HOLD = _HELD + """
 local now = tonumber(ARGV[1])
 if redis.call('EXISTS', KEYS[4]) == 1 then return {-2} end
 local prompt, maxt, ufm = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local samples = math.max(1, tonumber(ARGV[10] or '1'))
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('HINCRBY', KEYS[3], 'sessions', 1)
   redis.call('HSET', KEYS[1], 'calls', 0)
@@ -122,7 +124,7 @@ local tokens = tonumber(v[1] or '0') + tonumber(v[2] or '0')
 local usd = tonumber(v[3] or '0')
 local ru, rt = held(KEYS[2], now)
 local cut = maxt
-if ARGV[6] ~= '' then cut = math.min(cut, tonumber(ARGV[6]) - tokens - rt - prompt) end
+if ARGV[6] ~= '' then cut = math.min(cut, math.floor((tonumber(ARGV[6]) - tokens - rt - prompt) / samples)) end
 if ARGV[7] ~= '' and ufm > 0 then
   local left = tonumber(ARGV[7]) - usd - ru
   local afford = maxt * left / ufm
@@ -137,7 +139,7 @@ if cut < 1 then
 end
 local hu = 0
 if maxt > 0 then hu = ufm * cut / maxt end
-redis.call('HSET', KEYS[2], ARGV[2], tostring(hu) .. ' ' .. tostring(prompt + cut) .. ' ' .. ARGV[8])
+redis.call('HSET', KEYS[2], ARGV[2], tostring(hu) .. ' ' .. tostring(prompt + samples * cut) .. ' ' .. ARGV[8])
 redis.call('EXPIRE', KEYS[2], ARGV[9])
 return {cut, tostring(hu)}
 """
@@ -406,12 +408,15 @@ class RedisSessions(_Store):
         return [f"{self.prefix}:session:{where}", f"{self.prefix}:session-held:{where}", self.totals_key]
 
     async def hold(self, sid: str, prompt_upper: int, max_tokens: int, usd_for_max: float,
-                   owner: str = PUBLIC) -> SessionHold:
-        """Reserve the call's worst case against the tenant's session `sid` (one script)."""
+                   owner: str = PUBLIC, samples: int = 1) -> SessionHold:
+        """Reserve the call's worst case against the tenant's session `sid` (one script; the
+        arguments mean what they mean in `governor.Sessions.hold`)."""
         rid = uuid.uuid4().hex
+        samples = max(1, int(samples))
         args = [repr(self.clock()), rid, str(int(prompt_upper)), str(int(max_tokens)), repr(float(usd_for_max)),
                 "" if self.max_tokens is None else str(self.max_tokens),
-                "" if self.max_usd is None else repr(self.max_usd), repr(self.deadline()), str(SESSION_TTL_S)]
+                "" if self.max_usd is None else repr(self.max_usd), repr(self.deadline()), str(SESSION_TTL_S),
+                str(samples)]
         keys = [*self._keys(sid, owner), self.done_key(rid)]
         out = await self.call(lambda: self._hold(keys=keys, args=args),
                               undo=self._book_write(SessionHold(sid, None, 0, 0.0, rid=rid, owner=owner), None, {}))
@@ -421,7 +426,7 @@ class RedisSessions(_Store):
         if cut < 1:
             raise session_exhausted(sid, int(float(out[1])), float(out[2]), self.max_tokens, self.max_usd)
         capped = self.max_tokens is not None or self.max_usd is not None
-        return SessionHold(sid, None, prompt_upper + cut, float(out[1]), cut if cut < max_tokens else None,
+        return SessionHold(sid, None, prompt_upper + samples * cut, float(out[1]), cut if cut < max_tokens else None,
                            cut if capped else None, rid=rid, owner=owner)
 
     def _book(self, hold: SessionHold, backend: str | None, incr: dict[str, float]) -> None:

@@ -8,6 +8,12 @@ see that a disconnect at the gateway reaches the upstream, and holds the last re
 body (`last_body`), so tests can see what the gateway forwarded. With LOGPROB given,
 every answered token has that logprob when the request asks for logprobs.
 
+With `"mock_fill": true` a non-streaming answer generates as much as it is allowed: n
+choices per prompt (a list of prompts is a batch), each `max_tokens` completion tokens long
+(FILL_UNCAPPED when the request has none, an upstream's own long default), and usage counts
+one prompt token per prompt byte (a token-id prompt: one per id), so budget tests see the
+worst case a real engine could produce.
+
 Run: python tests/serving/mock_upstream.py PORT NAME [LOGPROB]
 """
 from __future__ import annotations
@@ -17,6 +23,8 @@ import json
 import sys
 
 import uvicorn
+
+FILL_UNCAPPED = 1000
 
 STATS = {"requests": 0, "streams_started": 0, "streams_finished": 0, "streams_cut": 0,
          "last_request_id": None, "last_authorization": None, "last_body": None}
@@ -76,12 +84,28 @@ def make_app(name: str, logprob: float | None = None):
             return await _stream(send, receive, name, int(req.get("max_tokens") or 4), delay,
                                  req.get("crash_after"))
         await asyncio.sleep(delay)
+        if req.get("mock_fill"):
+            return await _json(send, 200, _filled(name, req))
         await _json(send, 200, {
             "id": "cmpl-mock", "object": "text_completion", "created": 0, "model": name,
             "choices": [_choice(i, name, req, logprob) for i in range(int(req.get("n") or 1))],
             "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}})
 
     return app
+
+
+def _filled(name: str, req: dict) -> dict:
+    """The `mock_fill` answer: every choice as long as max_tokens allows."""
+    p = req.get("prompt", "")
+    prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+    per = int(req.get("max_tokens") or req.get("max_completion_tokens") or FILL_UNCAPPED)
+    choices = [{"index": i, "text": "x" * per, "logprobs": None, "finish_reason": "length"}
+               for i in range(len(prompts) * int(req.get("n") or 1))]
+    prompt = sum(len(q.encode()) if isinstance(q, str) else len(q) for q in prompts)
+    completion = per * len(choices)
+    return {"id": "cmpl-mock", "object": "text_completion", "created": 0, "model": name, "choices": choices,
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                      "total_tokens": prompt + completion}}
 
 
 async def _stream(send, receive, name: str, n: int, delay: float, crash_after: int | None) -> None:

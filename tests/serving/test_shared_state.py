@@ -209,6 +209,21 @@ def _sessions(kind, redis_url, prefix, max_tokens, max_usd):
 
 
 @pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_both_session_books_hold_every_sample(kind, redis_url, prefix):
+    """n completions hold n × the cut: max_tokens is cut so that all of them fit."""
+    async def go():
+        sessions = _sessions(kind, redis_url, prefix, 100, None)
+        h = await call(sessions.hold, "s", 10, 40, 0.0, G.PUBLIC, 3)
+        assert (h.cut_to, h.limit, h.tokens) == (30, 30, 100)    # (100 - 10) // 3; 3 × 40 would not fit
+        assert (await call(sessions.get, "s")).reserved_tokens == 100
+        with pytest.raises(BudgetExceededError):
+            await call(sessions.hold, "s", 1, 40, 0.0)
+        if kind == "redis":
+            await sessions.close()
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
 def test_both_session_books_keep_the_same_contract(kind, redis_url, prefix):
     async def go():
         sessions = _sessions(kind, redis_url, prefix, 100, None)
