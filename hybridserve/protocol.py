@@ -168,6 +168,11 @@ async def read_body(request: Any, limit: int = MAX_BODY_BYTES) -> bytes:
     return b"".join(parts)
 
 
+def is_int(v: Any) -> bool:
+    """A JSON integer (Python's bool is an int subclass, and JSON's true is not a number)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def parse_body(raw: bytes) -> dict[str, Any]:
     """Decode a JSON object body or raise a 400 that says what is wrong and where.
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hybridserve.protocol import is_int
+
 logger = logging.getLogger(__name__)
 
 GRADERS = ("answer", "answers", "contains", "regex", "number", "choices", "json_schema", "judge")
@@ -81,10 +83,6 @@ class Item:
         if self.params:
             out["params"] = self.params
         return {**out, **self.spec, **self.meta}
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_num(v) -> bool:
@@ -151,7 +149,7 @@ def _check_grader(name: str, obj: dict) -> str | None:
 
 
 def _check_fields(obj: dict) -> str | None:
-    if not (_is_int(obj.get("id")) or (isinstance(obj.get("id"), str) and obj["id"].strip())):
+    if not (is_int(obj.get("id")) or (isinstance(obj.get("id"), str) and obj["id"].strip())):
         return "no `id` (a non-empty string or an integer)"
     has_m, has_p = "messages" in obj, "prompt" in obj
     if has_m == has_p:
@@ -160,9 +158,9 @@ def _check_fields(obj: dict) -> str | None:
         return err
     if has_p and not isinstance(obj["prompt"], str):
         return "`prompt` must be a string"
-    if "max_tokens" in obj and not (_is_int(obj["max_tokens"]) and obj["max_tokens"] > 0):
+    if "max_tokens" in obj and not (is_int(obj["max_tokens"]) and obj["max_tokens"] > 0):
         return "`max_tokens` must be a positive integer"
-    if "context_tokens" in obj and not (_is_int(obj["context_tokens"]) and obj["context_tokens"] > 0):
+    if "context_tokens" in obj and not (is_int(obj["context_tokens"]) and obj["context_tokens"] > 0):
         return "`context_tokens` must be a positive integer"
     if "tags" in obj and not (isinstance(obj["tags"], list) and all(isinstance(t, str) for t in obj["tags"])):
         return "`tags` must be a list of strings"

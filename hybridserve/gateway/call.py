@@ -44,6 +44,7 @@ from hybridserve.gateway.admission import Admitted
 from hybridserve.gateway.ledger import Ledger, Reservation
 from hybridserve.gateway.registry import BackendState
 from hybridserve.gateway.routing import Route, Router, RouteRung, estimate_prompt_tokens, request_quality
+from hybridserve.protocol import is_int
 from hybridserve.router.policies.cascade import mean_logprob
 
 logger = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ class Call:
         if not rewrite:
             return self.adm.raw
         if limit is not None:
-            own = [v for v in (d.get("max_completion_tokens"), d.get("max_tokens")) if G._is_int(v)]
+            own = [v for v in (d.get("max_completion_tokens"), d.get("max_tokens")) if is_int(v)]
             limit = min([limit, *own])
         out = G.upstream_fields(d, ctl, native, limit or self.adm.max_tokens)
         if self.adm.stream and not self.adm.client_usage:

@@ -35,6 +35,7 @@ from typing import Any
 
 from hybridserve.config import GatewayConfig
 from hybridserve.errors import BudgetExceededError, InvalidRequestError
+from hybridserve.protocol import is_int
 
 # body fields the gateway reads and never forwards (routing's hybridserve_quality_floor and
 # hybridserve_task included): an upstream that refuses unknown fields would 400 on them
@@ -61,10 +62,6 @@ class Controls:
         return self.thinking is not None or self.vote or self.mode is not None
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def parse_controls(data: dict, gw: GatewayConfig, stream: bool) -> Controls:
     """Validate the governor's request fields, whatever JSON type they arrive as; a 400
     names the bad one."""
@@ -78,7 +75,7 @@ def parse_controls(data: dict, gw: GatewayConfig, stream: bool) -> Controls:
         raise InvalidRequestError(f"`reasoning_effort` must be one of {', '.join(gw.thinking_budgets)}",
                                   param="reasoning_effort")
     explicit = data.get("max_thinking_tokens")
-    if explicit is not None and (not _is_int(explicit) or explicit < 0):
+    if explicit is not None and (not is_int(explicit) or explicit < 0):
         raise InvalidRequestError("`max_thinking_tokens` must be an integer >= 0", param="max_thinking_tokens")
     caps = [c for c in (explicit, gw.thinking_budgets.get(effort) if effort else None,
                         0 if mode == "fast" else None) if c is not None]
@@ -89,7 +86,7 @@ def parse_controls(data: dict, gw: GatewayConfig, stream: bool) -> Controls:
         raise InvalidRequestError("`hybridserve_vote` needs the whole answer: it cannot stream",
                                   param="hybridserve_vote")
     n = data.get("n", 1)
-    if vote and (not _is_int(n) or n < 2):
+    if vote and (not is_int(n) or n < 2):
         raise InvalidRequestError("`hybridserve_vote` needs `n` >= 2 samples", param="n")
     return Controls(min(caps) if caps else None, vote, mode, "cheapest" if mode == "fast" else None,
                     mode == "deep")

@@ -20,21 +20,13 @@ from hybridserve.errors import BudgetExceededError
 from hybridserve.gateway import governor as G
 from hybridserve.gateway.auth import KeyChecker, hash_key
 from hybridserve.gateway.shared_state import RedisSessions
-from tests.serving.conftest import log_tail, start_mock_upstream, start_redis, start_stack, stop_process
+from tests.serving.conftest import log_tail, start_mock_upstream, start_stack, stop_process
 
 pytestmark = pytest.mark.timeout(90)
 
 KEY_A, KEY_B = "sk-tenant-a", "sk-tenant-b"
 A, B = hash_key(KEY_A), hash_key(KEY_B)
 CAP = 20
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    proc, url = start_redis(tmp_path_factory.mktemp("redis"))
-    yield url
-    proc.terminate()
-    proc.wait(10)
 
 
 async def call(method, *args, **kw):

@@ -29,14 +29,6 @@ pytestmark = pytest.mark.timeout(90)
 DAY0 = 86400.0 * 100 + 10
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    proc, url = start_redis(tmp_path_factory.mktemp("redis"))
-    yield url
-    proc.terminate()
-    proc.wait(10)
-
-
 @pytest.fixture()
 def prefix() -> str:
     return f"t{uuid.uuid4().hex[:8]}"
