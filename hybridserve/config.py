@@ -38,6 +38,21 @@ class NativeOptions(_Strict):
     max_num_batched_tokens: int = Field(2048, ge=16, description="token budget of one engine step")
     block_size: int = Field(16, ge=1, le=1024, description="tokens per KV-cache block")
     cache_memory_gb: float = Field(1.0, gt=0, description="memory for KV blocks + state slots")
+    enable_prefix_caching: bool = Field(True, description="reuse cached KV blocks and Mamba state "
+                                                          "snapshots of earlier prompts")
+    mamba_snapshot_interval: int | None = Field(
+        None, ge=1, description="tokens between a hybrid's periodic state snapshots (a multiple of "
+                                "block_size); default: the model's Mamba chunk size")
+    snapshot_memory_share: float = Field(0.25, ge=0, lt=1, description="share of cache_memory_gb left "
+                                         "after the running sequences' states, kept for Mamba snapshots")
+
+    @model_validator(mode="after")
+    def _interval_in_blocks(self) -> "NativeOptions":
+        i = self.mamba_snapshot_interval
+        if i is not None and i % self.block_size:
+            raise ValueError(f"native.mamba_snapshot_interval ({i}) must be a multiple of native.block_size "
+                             f"({self.block_size})")
+        return self
 
 
 class VllmOptions(_Strict):

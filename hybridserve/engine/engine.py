@@ -7,6 +7,7 @@ so every request leaves with its own device-seconds.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -36,6 +37,11 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     num_preemptions_total: int
+    num_cached_blocks: int = 0       # full KV blocks findable by hash (held or evictable)
+    num_cached_snapshots: int = 0    # Mamba state snapshots findable by hash
+    num_total_snapshots: int = 0
+    prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits_total: int = 0     # of which were found cached
 
 
 @dataclass
@@ -47,6 +53,21 @@ class EngineConfig:
     cache_memory_gb: float = 1.0
     device: str = "cpu"
     seed: int = 0
+    enable_prefix_caching: bool = True
+    mamba_snapshot_interval: int | None = None  # default: the Mamba chunk size, rounded up to whole blocks
+    snapshot_memory_share: float = 0.25  # of the cache left after the seats, for Mamba snapshots
+
+
+def snapshot_interval(config: EngineConfig, args) -> int:
+    """Tokens between a hybrid's periodic snapshots: a whole number of blocks (ValueError otherwise)."""
+    bs = config.block_size
+    if config.mamba_snapshot_interval is not None:
+        if config.mamba_snapshot_interval % bs:
+            raise ValueError(f"native.mamba_snapshot_interval ({config.mamba_snapshot_interval}) must be a "
+                             f"multiple of native.block_size ({bs})")
+        return config.mamba_snapshot_interval
+    chunk = args.mamba.chunk_size if args.mamba is not None else bs
+    return -(-chunk // bs) * bs
 
 
 class LLMEngine:
@@ -62,17 +83,24 @@ class LLMEngine:
             [tokenizer.eos_token_id] if getattr(tokenizer, "eos_token_id", None) is not None else [])
         dtype = next(model.parameters()).dtype
         specs = model.cache_specs()
+        share = config.snapshot_memory_share if config.enable_prefix_caching else 0.0
         layout = plan_layout(specs, dtype, config.block_size, config.max_num_seqs,
-                             int(config.cache_memory_gb * 2**30))
+                             int(config.cache_memory_gb * 2**30), snapshot_share=share)
         self.cache = CacheManager(specs, layout, dtype, config.device)
-        self.scheduler = Scheduler(self.cache, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.cache, config.max_num_seqs, config.max_num_batched_tokens,
+                                   prefix_caching=config.enable_prefix_caching,
+                                   snapshot_interval=snapshot_interval(config, args))
+        self.salt = hashlib.blake2b(f"{name}:{args.architecture}:{args.vocab_size}".encode(),
+                                    digest_size=16).digest()
         self.runner = ModelRunner(model, self.cache, config.device, config.seed)
         self.seqs: dict[str, Sequence] = {}
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._preemptions_total = 0
-        log.info("%s: %d KV blocks x %d tokens, %d state slots, %.1f MiB cache", name, layout.num_blocks,
-                 layout.block_size, layout.num_slots, layout.total_bytes / 2**20)
+        log.info("%s: %d KV blocks x %d tokens, %d state slots, %d snapshot slots, %.1f MiB cache, "
+                 "prefix caching %s", name, layout.num_blocks, layout.block_size, layout.num_slots,
+                 layout.num_snapshots, layout.total_bytes / 2**20,
+                 "on" if config.enable_prefix_caching else "off")
 
     @classmethod
     def from_backend(cls, backend) -> "LLMEngine":
@@ -88,7 +116,10 @@ class LLMEngine:
         opts = backend.native
         cfg = EngineConfig(max_context=backend.max_context, max_num_seqs=opts.max_num_seqs,
                            max_num_batched_tokens=opts.max_num_batched_tokens, block_size=opts.block_size,
-                           cache_memory_gb=opts.cache_memory_gb, device=backend.device)
+                           cache_memory_gb=opts.cache_memory_gb, device=backend.device,
+                           enable_prefix_caching=opts.enable_prefix_caching,
+                           mamba_snapshot_interval=opts.mamba_snapshot_interval,
+                           snapshot_memory_share=opts.snapshot_memory_share)
         return cls(model, tokenizer, cfg, name=backend.name)
 
     # ---- requests
@@ -117,10 +148,13 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     arrival_time: float | None = None) -> None:
+        """Queue a request; `params.cache_salt` (e.g. a tenant) keeps its prefix-cache entries its own."""
         if request_id in self.seqs:
             raise InvalidRequestError(f"request id {request_id!r} is already in flight")
         self.validate(prompt_ids, params)
-        seq = Sequence(request_id, prompt_ids, params, self.tokenizer, self.eos_ids, arrival_time)
+        salt = self.salt if not params.cache_salt else hashlib.blake2b(
+            self.salt + params.cache_salt.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        seq = Sequence(request_id, prompt_ids, params, self.tokenizer, self.eos_ids, arrival_time, salt=salt)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
         self._prompt_tokens_total += len(prompt_ids)
@@ -148,6 +182,7 @@ class LLMEngine:
         if self.config.device.startswith("cuda"):
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
+        self.scheduler.update_from_output(sched)
         total = sched.num_tokens
         for seq, n in sched.entries:
             seq.metrics.device_seconds += elapsed * n / total
@@ -186,4 +221,7 @@ class LLMEngine:
             num_total_blocks=lay.num_blocks, num_free_slots=self.cache.num_free_slots,
             num_total_slots=lay.num_slots, prompt_tokens_total=self._prompt_tokens_total,
             generation_tokens_total=self._generation_tokens_total,
-            num_preemptions_total=self._preemptions_total)
+            num_preemptions_total=self._preemptions_total,
+            num_cached_blocks=self.cache.num_cached_blocks, num_cached_snapshots=self.cache.num_cached_snapshots,
+            num_total_snapshots=lay.num_snapshots, prefix_cache_queries_total=self.scheduler.prefix_queries,
+            prefix_cache_hits_total=self.scheduler.prefix_hits)

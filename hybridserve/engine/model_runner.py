@@ -1,8 +1,10 @@
 """Turns a `SchedulerOutput` into a `ForwardBatch`, runs the model, and samples.
 
-The runner is the only engine module that touches tensors: it packs the
-scheduled tokens (decodes first), runs the model over the cache tensors, and
+The runner is the only engine module that touches tensors: it copies the Mamba
+snapshots of prefix hits into their seats, packs the scheduled tokens (decodes
+first), runs the model over the cache tensors, keeps the planned snapshots, and
 returns sampled tokens for the sequences whose chunk reached their last token.
+It changes no counter: the scheduler updates its sequences from the output.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import torch
 
 from hybridserve.engine.cache import CacheManager
 from hybridserve.engine.sampler import Sampler
-from hybridserve.engine.scheduler import SchedulerOutput
+from hybridserve.engine.scheduler import SchedulerOutput, Snapshot
 from hybridserve.models.batch import ForwardBatch
 
 
@@ -21,8 +23,11 @@ class ModelRunner:
         self.device = torch.device(device)
         self.sampler = Sampler(seed)
 
-    def prepare(self, entries) -> ForwardBatch:
-        """Pack (sequence, num_tokens) entries, which must already be ordered decodes first."""
+    def prepare(self, entries, snapshots: list[Snapshot] = ()) -> ForwardBatch:
+        """Pack (sequence, num_tokens) entries, which must already be ordered decodes first.
+
+        Snapshots strictly inside a prefill chunk go to the batch (the Mamba layers keep
+        them from the scan); those at a chunk's end are copied from the seat after the step."""
         bs = self.cache.block_size
         ids, starts, lens, ctx = [], [], [], []
         for seq, n in entries:
@@ -48,6 +53,10 @@ class ModelRunner:
         else:
             slot_mapping = torch.zeros_like(positions)
         slots = [seq.slot if seq.slot is not None else 0 for seq, _ in entries]
+        row_of = {id(seq): row for row, (seq, _) in enumerate(entries)}
+        inner = sorted((s for s in snapshots if s.position < ctx[row_of[id(s.seq)]]),
+                       key=lambda s: (row_of[id(s.seq)], s.position))
+        prefill_start = int(cu[num_decodes])
         dev = self.device
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
@@ -56,16 +65,24 @@ class ModelRunner:
             slot_mapping=slot_mapping.to(dev), state_indices=torch.tensor(slots, dtype=torch.int64, device=dev),
             has_initial_state=torch.tensor([s > 0 for s in starts], dtype=torch.bool, device=dev),
             logits_indices=(cu[1:] - 1).to(dev), max_context_len=max(ctx),
+            snapshot_rows=[row_of[id(s.seq)] - num_decodes for s in inner],
+            snapshot_offsets=[int(cu[row_of[id(s.seq)]]) - prefill_start + s.position - s.seq.num_computed
+                              for s in inner],
+            snapshot_slots=[s.slot for s in inner],
         )
 
     def run(self, sched: SchedulerOutput):
         """Run one step; returns [(seq, token, logprob)] for sequences that produced a token."""
+        if sched.state_copies:
+            self.cache.copy_states(*map(list, zip(*sched.state_copies)))
         entries = sorted(sched.entries, key=lambda e: not (e[1] == 1 and e[0].num_computed > 0))
-        batch = self.prepare(entries)
+        n_of = {id(seq): n for seq, n in entries}
+        batch = self.prepare(entries, sched.snapshots)
         logits = self.model(batch, self.cache.tensors)
-        for seq, n in entries:
-            seq.num_computed += n
-        done = [i for i, (seq, _) in enumerate(entries) if seq.num_uncomputed == 0]
+        ends = [(s.seq.slot, s.slot) for s in sched.snapshots if s.position == s.seq.num_computed + n_of[id(s.seq)]]
+        if ends:
+            self.cache.copy_states(*map(list, zip(*ends)))
+        done = [i for i, (seq, n) in enumerate(entries) if seq.num_computed + n == seq.num_tokens]
         if not done:
             return []
         seqs = [entries[i][0] for i in done]

@@ -32,6 +32,7 @@ class RequestMetrics:
     first_token_time: float | None = None
     finish_time: float | None = None
     device_seconds: float = 0.0  # share of each step's wall time, split by tokens processed
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (not computed)
 
     @property
     def queue_s(self) -> float | None:

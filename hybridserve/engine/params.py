@@ -23,6 +23,7 @@ class SamplingParams:
     think_start_id: int | None = None
     think_end_ids: list[int] = field(default_factory=list)
     starts_in_thinking: bool = False   # the prompt already opened <think> (chat templates that do)
+    cache_salt: str | None = None      # prefix-cache namespace (vLLM's `cache_salt`): equal salts share
 
     @property
     def greedy(self) -> bool:

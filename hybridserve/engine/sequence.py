@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from hybridserve.engine.block_pool import block_hashes
 from hybridserve.engine.outputs import FinishReason, RequestMetrics, RequestOutput, TokenLogprob
 from hybridserve.engine.params import SamplingParams
 
@@ -51,7 +52,7 @@ class IncrementalDetokenizer:
 
 class Sequence:
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, tokenizer,
-                 eos_ids: tuple[int, ...], arrival_time: float | None = None):
+                 eos_ids: tuple[int, ...], arrival_time: float | None = None, salt: bytes = b""):
         self.request_id = request_id
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
@@ -60,6 +61,10 @@ class Sequence:
         self.num_computed = 0
         self.block_ids: list[int] = []
         self.slot: int | None = None
+        self.salt = salt  # names this sequence's blocks in the prefix cache: the model's, maybe a tenant's
+        self._block_hashes: list[bytes] = []
+        self.num_named_blocks = 0  # leading blocks published in the prefix cache (hashed)
+        self.num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at first admission
         self.finish_reason: FinishReason | None = None
         self.metrics = RequestMetrics(prompt_tokens=len(prompt_ids), arrival_time=arrival_time or time.time())
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
@@ -92,6 +97,12 @@ class Sequence:
         if end <= p:
             return self.prompt_ids[start:end]
         return self.prompt_ids[start:] + self.output_ids[:end - p]
+
+    def block_hashes(self, num_blocks: int, block_size: int) -> list[bytes]:
+        """Chained hashes of the first `num_blocks` full blocks of prompt + output (computed once each)."""
+        if len(self._block_hashes) < num_blocks:
+            block_hashes(self.token_slice(0, num_blocks * block_size), block_size, self.salt, self._block_hashes)
+        return self._block_hashes[:num_blocks]
 
     @property
     def finished(self) -> bool:

@@ -8,6 +8,10 @@ starting from `initial_states[s]` (zeros when None),
 
 with dt_t = clamp(softplus(dt_t + dt_bias), *dt_limit). Returns y [T, H, P] in
 x.dtype and the state after each sequence's last token, [S, H, P, N] fp32.
+With `state_offsets` (packed token offsets, each strictly inside a sequence) it
+also returns the state after the first `o` packed tokens, [K, H, P, N] fp32, for
+each offset o: the chunks are cut there, so those states come from the state
+passing the scan does anyway (the prefix cache's Mamba snapshots).
 Head h reads B/C group h // (H // G). The result does not depend on
 `chunk_size` beyond rounding. `cu_seqlens` may live on the host (the Triton
 path reads it there once per call; on the device that costs a sync).
@@ -41,15 +45,19 @@ def ssd_scan(
     dt_limit: tuple[float, float] = (0.0, float("inf")),
     initial_states: torch.Tensor | None = None,  # [S, H, P, N] fp32
     cu_seqlens: torch.Tensor | None = None,  # [S + 1] int64
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunked selective scan; returns (y [T, H, P] x.dtype, final_states [S, H, P, N] fp32)."""
+    state_offsets: list[int] | None = None,  # K host ints in (cu[s], cu[s+1]) of some s
+):
+    """Chunked selective scan; returns (y [T, H, P] x.dtype, final_states [S, H, P, N] fp32),
+    plus the states at `state_offsets` [K, H, P, N] fp32 when those are given."""
     args = (x, dt, A, B, C, D)
     kwargs = dict(
         chunk_size=chunk_size, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
         dt_limit=dt_limit, initial_states=initial_states, cu_seqlens=cu_seqlens,
     )
+    if state_offsets is not None:
+        kwargs["state_offsets"] = state_offsets
     if use_triton(x):
-        if os.environ.get("HYBRIDSERVE_SSD_FUSED", "0") == "1":  # one-kernel variant, opt-in until timed on a GPU
+        if state_offsets is None and os.environ.get("HYBRIDSERVE_SSD_FUSED", "0") == "1":  # one-kernel variant, opt-in until timed on a GPU
             from hybridserve.kernels.ssd_fused_triton import ssd_scan_fused_triton
 
             return ssd_scan_fused_triton(*args, **kwargs)
@@ -78,7 +86,7 @@ def process_dt(
 
 def ssd_scan_ref(
     x, dt, A, B, C, D=None, *, chunk_size=256, z=None, dt_bias=None, dt_softplus=True,
-    dt_limit=(0.0, float("inf")), initial_states=None, cu_seqlens=None, chunk_fn=None,
+    dt_limit=(0.0, float("inf")), initial_states=None, cu_seqlens=None, chunk_fn=None, state_offsets=None,
 ):
     """Torch reference of `ssd_scan`: per sequence, chunk by chunk, fp32 inside.
 
@@ -104,12 +112,15 @@ def ssd_scan_ref(
     y = torch.empty(T, G, R, P, device=x.device, dtype=torch.float32)
     final_states = torch.empty(S, H, P, N, device=x.device, dtype=torch.float32)
 
+    cuts = set(state_offsets or ())
+    kept: dict[int, torch.Tensor] = {}
     for s in range(S):
         state = initial_states[s].float().reshape(G, R, P, N)
-        for start in range(bounds[s], bounds[s + 1], chunk_size):
-            end = min(start + chunk_size, bounds[s + 1])
+        for start, end in chunk_bounds(bounds[s], bounds[s + 1], chunk_size, cuts):
             sl = slice(start, end)
             y[sl], state = chunk_fn(xf[sl], dt[sl], Af, Bf[sl], Cf[sl], state)
+            if end in cuts and end < bounds[s + 1]:
+                kept[end] = state.reshape(H, P, N).clone()
         final_states[s] = state.reshape(H, P, N)
 
     y = y.view(T, H, P)
@@ -117,7 +128,24 @@ def ssd_scan_ref(
         y = y + D.float()[:, None] * x.float()
     if z is not None:
         y = y * F.silu(z.float())
-    return y.to(x.dtype), final_states
+    if state_offsets is None:
+        return y.to(x.dtype), final_states
+    return y.to(x.dtype), final_states, _stack_kept(kept, state_offsets, (H, P, N), x.device)
+
+
+def chunk_bounds(start: int, end: int, chunk_size: int, cuts: set[int]) -> list[tuple[int, int]]:
+    """[start, end) cut every `chunk_size` tokens and at each offset in `cuts` inside it."""
+    edges = sorted({*range(start, end, chunk_size), *(c for c in cuts if start < c < end)})
+    return list(zip(edges, edges[1:] + [end]))
+
+
+def _stack_kept(kept: dict[int, torch.Tensor], offsets: list[int], shape, device) -> torch.Tensor:
+    missing = [o for o in offsets if o not in kept]
+    if missing:
+        raise ValueError(f"state_offsets {missing[:4]} are not strictly inside a sequence")
+    if not offsets:
+        return torch.empty(0, *shape, device=device, dtype=torch.float32)
+    return torch.stack([kept[o] for o in offsets])
 
 
 def _chunk_ref(x, dt, A, B, C, state):

@@ -281,15 +281,19 @@ def tile_sizes(blocks: dict | None, chunk: int, P: int, N: int, small: bool) -> 
 _CHUNK_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
 
 
-def chunk_table(cu_seqlens: torch.Tensor | None, T: int, chunk: int, device: torch.device):
+def chunk_table(cu_seqlens: torch.Tensor | None, T: int, chunk: int, device: torch.device,
+                cuts: list[int] | None = None):
     """(chunks [3, nchunks] int32 = start/end/seq, seq_chunks [S + 1] int32, nchunks).
 
     Cached for the single-sequence case; with cu_seqlens it reads them on the host once.
+    `cuts` (packed offsets) also start chunks, so the state passing writes the state there.
     """
     key = (T, chunk, str(device))
-    if cu_seqlens is None and key in _CHUNK_TABLES:
+    if cu_seqlens is None and not cuts and key in _CHUNK_TABLES:
         return _CHUNK_TABLES[key]
     cu = torch.tensor([0, T]) if cu_seqlens is None else cu_seqlens.detach().to("cpu", torch.int64)
+    if cuts:
+        return _cut_chunk_table(cu.tolist(), chunk, set(cuts), device)
     lens = cu[1:] - cu[:-1]
     per_seq = (lens + chunk - 1) // chunk  # [S]
     seq_chunks = torch.cat([torch.zeros(1, dtype=torch.int64), per_seq.cumsum(0)])
@@ -304,11 +308,27 @@ def chunk_table(cu_seqlens: torch.Tensor | None, T: int, chunk: int, device: tor
     return result
 
 
+def _cut_chunk_table(bounds: list[int], chunk: int, cuts: set[int], device: torch.device):
+    from hybridserve.kernels.ssd import chunk_bounds
+
+    rows, seq_chunks = [], [0]
+    for s in range(len(bounds) - 1):
+        spans = chunk_bounds(bounds[s], bounds[s + 1], chunk, cuts)
+        rows += [(a, b, s) for a, b in spans]
+        seq_chunks.append(len(rows))
+    table = torch.tensor(rows, dtype=torch.int64).reshape(-1, 3).t().contiguous()
+    return (table.to(device=device, dtype=torch.int32),
+            torch.tensor(seq_chunks, dtype=torch.int32, device=device), len(rows))
+
+
 def ssd_scan_triton(
     x, dt, A, B, C, D=None, *, chunk_size=256, z=None, dt_bias=None, dt_softplus=True,
-    dt_limit=(0.0, float("inf")), initial_states=None, cu_seqlens=None, blocks=None,
+    dt_limit=(0.0, float("inf")), initial_states=None, cu_seqlens=None, blocks=None, state_offsets=None,
 ):
-    """Triton `ssd_scan`; `blocks` = dict(l=, m=, k=, p=) overrides tile sizes (tests, tuning)."""
+    """Triton `ssd_scan`; `blocks` = dict(l=, m=, k=, p=) overrides tile sizes (tests, tuning).
+
+    `state_offsets` start chunks, so the states there are the start states the state
+    passing already writes (kept in x.dtype when x is 16-bit, as the scan itself uses them)."""
     T, H, P = x.shape
     G, N = B.shape[1], B.shape[2]
     if H % G:
@@ -321,7 +341,7 @@ def ssd_scan_triton(
     if dt.stride(-1) != 1:
         dt = dt.contiguous()
     dev = x.device
-    table, seq_chunks, nchunks = chunk_table(cu_seqlens, T, chunk_size, dev)
+    table, seq_chunks, nchunks = chunk_table(cu_seqlens, T, chunk_size, dev, state_offsets)
     S = seq_chunks.shape[0] - 1
     y = torch.empty_like(x)
     if initial_states is not None:
@@ -377,4 +397,17 @@ def ssd_scan_triton(
         HAS_D=D is not None, HAS_Z=z is not None, IEEE=ieee, UPCAST=upcast, CHUNK=chunk_size,
         BLOCK_M=BM, BLOCK_K=BK, BLOCK_P=BP, BLOCK_N=BN, num_warps=4,
     )
-    return y, final
+    if state_offsets is None:
+        return y, final
+    return y, final, _start_states_at(table, start_states, state_offsets)
+
+
+def _start_states_at(table: torch.Tensor, start_states: torch.Tensor, offsets: list[int]) -> torch.Tensor:
+    """[K, H, P, N] fp32: the start state of the chunk beginning at each offset."""
+    starts, seqs = table[0].tolist(), table[2].tolist()
+    first = {o: i for i, o in enumerate(starts) if i and seqs[i - 1] == seqs[i]}  # not a sequence's start
+    missing = [o for o in offsets if o not in first]
+    if missing:
+        raise ValueError(f"state_offsets {missing[:4]} are not strictly inside a sequence")
+    idx = torch.tensor([first[o] for o in offsets], dtype=torch.int64, device=start_states.device)
+    return start_states.index_select(0, idx).float()

@@ -7,7 +7,7 @@ each, tokens [0, num_decodes)), then prefill chunks (several tokens each).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +26,12 @@ class ForwardBatch:
     logits_indices: torch.Tensor     # [S] int64, index in T of each sequence's last token
     max_context_len: int = 0         # host copy of max(context_lens): sizes kernel grids without a sync
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [T, 1, Dh]; set by the model per step
+    # Mamba snapshots inside prefill chunks (host lists, one entry per snapshot, ordered by row then offset):
+    # keep the state after prefill token `snapshot_offsets[k]` (counted from the first prefill token,
+    # exclusive end) of prefill row `snapshot_rows[k]` in state slot `snapshot_slots[k]`
+    snapshot_rows: list[int] = field(default_factory=list)
+    snapshot_offsets: list[int] = field(default_factory=list)
+    snapshot_slots: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

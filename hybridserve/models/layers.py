@@ -153,14 +153,36 @@ class MambaMixer(nn.Module):
         m, nd = self.m, batch.num_decodes
         slots, has_init = batch.state_indices[nd:], batch.has_initial_state[nd:]
         cu = batch.prefill_cu_seqlens()
+        keep = bool(batch.snapshot_slots)
+        if keep:  # the conv windows of the snapshots need the inputs before the conv overwrites its state
+            conv_keep = self._conv_windows(xbc, conv_states, slots, has_init, cu, batch)
         xbc = K.causal_conv1d(xbc, w, self.conv1d.bias, conv_states=conv_states, cu_seqlens=cu,
                               state_indices=slots, has_initial_state=has_init, activation="silu")
         x, b, c = self._split_xbc(xbc)
         init = ssm_states.index_select(0, slots).float() * has_init[:, None, None, None]  # [P, H, hd, N]
-        y, final = K.ssd_scan(x, dt, A, b, c, self.D, chunk_size=m.chunk_size, dt_bias=self.dt_bias,
-                              dt_softplus=True, dt_limit=m.dt_limit, initial_states=init, cu_seqlens=cu)
+        y, final, *kept = K.ssd_scan(x, dt, A, b, c, self.D, chunk_size=m.chunk_size, dt_bias=self.dt_bias,
+                                     dt_softplus=True, dt_limit=m.dt_limit, initial_states=init, cu_seqlens=cu,
+                                     state_offsets=batch.snapshot_offsets if keep else None)
         ssm_states.index_copy_(0, slots, final.to(ssm_states.dtype))
+        if keep:
+            dst = torch.tensor(batch.snapshot_slots, dtype=torch.int64, device=ssm_states.device)
+            ssm_states.index_copy_(0, dst, kept[0].to(ssm_states.dtype))
+            conv_states.index_copy_(0, dst, conv_keep)
         return y
+
+    @staticmethod
+    def _conv_windows(xbc, conv_states, slots, has_init, cu, batch: ForwardBatch) -> torch.Tensor:
+        """[K, conv_dim, d_conv-1]: the conv state after each snapshot offset (the last inputs before it)."""
+        width = conv_states.shape[-1]
+        rows = torch.tensor(batch.snapshot_rows, dtype=torch.int64, device=xbc.device)
+        prev = conv_states.index_select(0, slots.index_select(0, rows))  # [K, Dc, width]
+        prev = prev * has_init.index_select(0, rows)[:, None, None]
+        starts = cu.tolist()
+        out = []
+        for k, (row, end) in enumerate(zip(batch.snapshot_rows, batch.snapshot_offsets)):
+            recent = xbc[max(starts[row], end - width):end].t()  # [Dc, <= width]
+            out.append(torch.cat([prev[k], recent], dim=1)[:, -width:] if width else prev[k])
+        return torch.stack(out).to(conv_states.dtype)
 
 
 class MLP(nn.Module):

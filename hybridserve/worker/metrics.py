@@ -41,6 +41,10 @@ class _EngineStatsCollector:
         for name, doc, value in (
             ("vllm:prompt_tokens", "Prefill tokens processed.", s.prompt_tokens_total),
             ("vllm:generation_tokens", "Tokens generated.", s.generation_tokens_total),
+            ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+             getattr(s, "prefix_cache_queries_total", 0)),
+            ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+             getattr(s, "prefix_cache_hits_total", 0)),
         ):
             c = CounterMetricFamily(name, doc, labels=labels)
             c.add_metric([self.model_name], float(value))

@@ -168,10 +168,20 @@ class Renderer:
         return max_tokens
 
 
+def cache_salt_of(req: P._SamplingFields) -> str | None:
+    """vLLM's `cache_salt`: requests share cached prefixes only with requests of the same salt."""
+    salt = (req.model_extra or {}).get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt or len(salt) > 256):
+        raise InvalidRequestError("cache_salt must be a non-empty string of at most 256 characters",
+                                  param="cache_salt")
+    return salt
+
+
 def build_choices(request_id: str, prompts: list[list[int]], req: P._SamplingFields,
                   renderer: Renderer, params_cls: Any, num_logprobs: int | None) -> list[Choice]:
     choices = []
     cap = renderer.thinking_cap(req.max_thinking_tokens)
+    salt = cache_salt_of(req)
     for p_idx, ids in enumerate(prompts):
         max_tokens = renderer.check_fits(len(ids), req.requested_max_tokens())
         if cap is not None and cap < max_tokens:
@@ -186,7 +196,7 @@ def build_choices(request_id: str, prompts: list[list[int]], req: P._SamplingFie
                 top_p=1.0 if req.top_p is None else req.top_p,
                 top_k=max(req.top_k or 0, 0), seed=seed, stop=req.stop_list(),
                 stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
-                logprobs=num_logprobs, **renderer.thinking_fields(ids, req.max_thinking_tokens))
+                logprobs=num_logprobs, cache_salt=salt, **renderer.thinking_fields(ids, req.max_thinking_tokens))
             idx = p_idx * req.n + j
             choices.append(Choice(idx, f"{request_id}-{idx}", ids, params, p_idx))
     return choices
@@ -254,6 +264,7 @@ def _chat_logprobs(renderer: Renderer, entries: list[Any]) -> dict[str, Any]:
 
 def usage_of(plan: RequestPlan, renderer: Renderer | None = None) -> dict[str, Any]:
     prompt = {c.prompt_index: len(c.prompt_ids) for c in plan.choices}
+    cached: dict[int, int] = {}  # per prompt, as prompt_tokens counts each prompt once
     completion = thinking = 0
     device = 0.0
     ttft = queue = e2e = None
@@ -265,12 +276,15 @@ def usage_of(plan: RequestPlan, renderer: Renderer | None = None) -> dict[str, A
             thinking += renderer.count_thinking(c.prompt_ids, c.final.token_ids)
         m = getattr(c.final, "metrics", None)
         if m is not None:
+            cached[c.prompt_index] = max(cached.get(c.prompt_index, 0), getattr(m, "cached_tokens", 0) or 0)
             device += m.device_seconds or 0.0
             ttft = m.ttft_s if ttft is None else ttft
             queue = m.queue_s if queue is None else queue
             e2e = m.e2e_s if e2e is None or (m.e2e_s or 0) > e2e else e2e
-    return P.usage_dict(sum(prompt.values()), completion, device_seconds=round(device, 6),
-                        ttft_s=ttft, queue_s=queue, e2e_s=e2e, thinking_tokens=thinking or None)
+    usage = P.usage_dict(sum(prompt.values()), completion, device_seconds=round(device, 6),
+                         ttft_s=ttft, queue_s=queue, e2e_s=e2e, thinking_tokens=thinking or None)
+    usage["prompt_tokens_details"] = {"cached_tokens": sum(cached.values())}
+    return usage
 
 
 def full_body(plan: RequestPlan, renderer: Renderer) -> dict[str, Any]:

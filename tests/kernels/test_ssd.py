@@ -87,3 +87,42 @@ def test_ssd_reads_strided_views_of_one_projection(device, kernel):
     y, f = KERNELS[kernel](**{**d, **views}, chunk_size=16)
     assert_close("y from views", y, y_want, torch.float32)
     assert_close("final from views", f, f_want, torch.float32)
+
+
+def _prefix_state(d, seq, upto, chunk):
+    """The reference state of sequence `seq` after its first `upto` tokens, scanned on its own."""
+    cu = d["cu_seqlens"].tolist()
+    sl = slice(cu[seq], cu[seq] + upto)
+    part = {k: d[k][sl] for k in SEQ}
+    _, final = ssd_scan_ref(**part, A=d["A"], D=d["D"], dt_bias=d["dt_bias"], chunk_size=chunk,
+                            initial_states=d["initial_states"][seq:seq + 1])
+    return final[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ssd_states_at_offsets_are_prefix_states(device, dtype):
+    """The prefix cache's snapshots: the state after o packed tokens equals scanning that prefix alone,
+    for offsets on and off chunk boundaries, in several sequences; y and final states do not change."""
+    lens, chunk = [37, 5, 40], 16
+    d = inputs(lens, 4, 8, 2, 8, dtype, device, seed=3)
+    offsets = [8, 16, 33, 37 + 2, 42 + 16, 42 + 39]  # mid-chunk, on a chunk edge, last token but one
+    where = [(0, 8), (0, 16), (0, 33), (1, 2), (2, 16), (2, 39)]
+    y_plain, f_plain = ssd_scan_ref(**d, chunk_size=chunk)
+    y_ref, f_ref, kept_ref = ssd_scan_ref(**d, chunk_size=chunk, state_offsets=offsets)
+    assert_close("y (cut chunks)", y_ref, y_plain, dtype)
+    assert_close("final (cut chunks)", f_ref, f_plain, dtype)
+    for k, (seq, upto) in enumerate(where):
+        assert_close(f"state {k}", kept_ref[k], _prefix_state(d, seq, upto, chunk), dtype)
+    y, f, kept = ssd_scan_triton(**d, chunk_size=chunk, state_offsets=offsets, blocks=dict(l=8, m=8, k=8, p=8))
+    assert kept.shape == (len(offsets), 4, 8, 8) and kept.dtype == torch.float32
+    assert_close("triton y", y, y_ref, dtype)
+    assert_close("triton final", f, f_ref, dtype)
+    assert_close("triton kept", kept, kept_ref, dtype)
+
+
+@pytest.mark.parametrize("bad", [[0], [37], [82]])  # a sequence's start or end is not inside it
+def test_ssd_state_offsets_must_be_inside_a_sequence(bad):
+    d = inputs([37, 5, 40], 2, 4, 1, 4, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="strictly inside"):
+        ssd_scan_ref(**d, chunk_size=16, state_offsets=bad)

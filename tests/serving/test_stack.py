@@ -313,3 +313,28 @@ def test_workers_are_pinned_to_their_own_cores(engine_stack):
     log = engine_stack.log.read_text(errors="replace")
     for n in engine_stack.workers:
         assert f"cores {format_cores(cores[n])})" in log
+
+
+@pytest.mark.parametrize("model", list(TINY))
+def test_repeated_prefix_reports_cached_tokens(openai_client, engine_stack, model):
+    """OpenAI's usage.prompt_tokens_details.cached_tokens, unary and streamed, and the worker's
+    prefix-cache counters under vLLM's names."""
+    before = scrape(engine_stack.workers[model])
+    system = "You are a cautious agent with tools: search, calc, weather, calendar. " * 4
+    first = openai_client.completions.create(model=model, prompt=system + "Question one?", max_tokens=4,
+                                             temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    second = openai_client.completions.create(model=model, prompt=system + "A second, other question?",
+                                              max_tokens=4, temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert 16 <= cached < second.usage.prompt_tokens
+    stream = openai_client.completions.create(model=model, prompt=system + "Question one?", max_tokens=4,
+                                              temperature=0, stream=True,
+                                              stream_options={"include_usage": True})
+    usage = [c.usage for c in stream if c.usage is not None][-1]
+    assert usage.prompt_tokens_details.cached_tokens >= cached
+    after = scrape(engine_stack.workers[model])
+    queried = after["vllm:prefix_cache_queries_total"] - before.get("vllm:prefix_cache_queries_total", 0)
+    hits = after["vllm:prefix_cache_hits_total"] - before.get("vllm:prefix_cache_hits_total", 0)
+    assert queried >= first.usage.prompt_tokens + second.usage.prompt_tokens + usage.prompt_tokens
+    assert hits >= cached + usage.prompt_tokens_details.cached_tokens
