@@ -376,6 +376,7 @@ def vllm_argv(backend: BackendConfig, python: str | os.PathLike, model: str, por
     pc = prefix_caching(backend)
     if pc is not None:
         argv.append("--enable-prefix-caching" if pc else "--no-enable-prefix-caching")
+    argv.append("--enable-prompt-tokens-details")  # usage.prompt_tokens_details.cached_tokens, as native
     if o.enforce_eager:
         argv.append("--enforce-eager")
     if o.shim:

@@ -41,6 +41,7 @@ def test_argv_carries_every_setting_for_a_cpu_hybrid():
     assert "--no-enable-prefix-caching" in argv  # hybrids on CPU: required
     assert argv[-2:] == ["--seed", "1"]
     assert "--middleware" in argv and "--enforce-eager" not in argv
+    assert "--enable-prompt-tokens-details" in argv  # cached_tokens in usage, as the native engine
 
 
 def test_prefix_caching_defaults_and_refusal():
