@@ -1,15 +1,19 @@
 """One request's life in the gateway after admission: route, reservations, upstream body, receipt.
 
 `Calls.open` routes the admitted request, applies the governor's controls and
-session cut, and reserves the predicted worst case in the ledger (a 429 here
-reserves nothing). The proxy then asks the `Call` for each attempt's upstream
-body (`body_for`), hands back every measured `usage` (`add_usage`: the cost is
-price_per_hour × device_seconds, and the economics table learns from it) and ends
-with `settle`, exactly once, which books the measured cost in the ledger and the
-session. Receipts: headers (`receipt_headers`) and the `usage` extension
-(`usage_extension`): cost_usd, device_seconds, route_policy, route_backend,
-route_reason, predicted_cost_usd, `quality` when a quality floor applied, and for
-cascades every tier (or configured rung) tried.
+session cut, and reserves the predicted worst case in the key ledger and the session
+(`stores.BudgetStore`, `stores.SessionBook`; a 429 here reserves nothing). The proxy
+then asks the `Call` for each attempt's upstream body (`body_for`) and records what
+happened in the call's one `outcome.Outcome`: every call sent, every measured `usage`
+(`add_usage`: the cost is price_per_hour × device_seconds, and the economics table
+learns from it), the tiers tried, a disconnect, an error. `settle` books that outcome in
+the ledger and the session exactly once, whichever path the request took (a second call
+does nothing; the proxy settles after the answer, on any exception, or when a stream's
+relay closes). Receipts:
+headers (`receipt_headers`) and the `usage` extension (`usage_extension`): cost_usd,
+gateway_total_tokens (every call's tokens: what the key's ledger books), device_seconds,
+route_policy, route_backend, route_reason, predicted_cost_usd, `quality` when a quality
+floor applied, and for cascades every tier (or configured rung) tried.
 
 Cascade rungs (`gateway.cascade`): each rung's params are merged into the request
 body, and the merged body is read by the governor again (so a rung's
@@ -41,9 +45,11 @@ from typing import Any
 from hybridserve.config import HybridserveConfig
 from hybridserve.gateway import governor as G
 from hybridserve.gateway.admission import Admitted
-from hybridserve.gateway.ledger import Ledger, Reservation
+from hybridserve.gateway.ledger import Reservation
+from hybridserve.gateway.outcome import Outcome, Spend
 from hybridserve.gateway.registry import BackendState
 from hybridserve.gateway.routing import Route, Router, RouteRung, estimate_prompt_tokens, request_quality
+from hybridserve.gateway.stores import BudgetStore, SessionBook
 from hybridserve.protocol import is_int
 from hybridserve.router.policies.cascade import mean_logprob
 
@@ -52,7 +58,6 @@ logger = logging.getLogger(__name__)
 BUDGET_EXHAUSTED = "budget_exhausted"
 USD_SAFETY = 2.0                 # $ reserved = predicted worst case × this
 VERIFIER_OVERHEAD_TOKENS = 128   # judge_prompt's template (99 bytes) and its one answer token
-USAGE_COUNTS = ("prompt_tokens", "completion_tokens", "thinking_tokens")
 
 
 @dataclass(frozen=True)
@@ -74,18 +79,11 @@ class Call:
     route: Route
     controls: G.Controls
     router: Router
-    ledger: Ledger | None
-    sessions: G.Sessions
+    ledger: BudgetStore | None
+    sessions: SessionBook
     reservation: Reservation | None = None
     hold: G.SessionHold | None = None
-    usd: float = 0.0
-    device_s: float = 0.0
-    usage: dict | None = None       # the last tier's usage (what the client is answered with)
-    tokens: int = 0                  # all tiers' prompt + completion tokens
-    counts: dict[str, int] = field(default_factory=dict)  # all tiers' prompt/completion/thinking tokens
-    complete: bool = False           # the answer's final usage arrived (unary finish, stream usage)
-    tried: list[dict] = field(default_factory=list)
-    exhausted: bool = False
+    outcome: Outcome = field(default_factory=Outcome)
     settled: bool = False
     rung_controls: dict[str, G.Controls] = field(default_factory=dict)  # configured cascade rungs
     answered_by: RouteRung | None = None     # the rung whose answer the client gets
@@ -118,6 +116,15 @@ class Call:
     def rung_of(self, b: BackendState) -> RouteRung | None:
         """The first configured rung on this backend (streams and failover run one rung only)."""
         return next((r for r in self.route.rungs if r.backend is b), None)
+
+    def cascade_steps(self) -> list[tuple[BackendState, RouteRung | None]]:
+        """What a non-streaming cascade walks: the configured rungs, else every backend of the order."""
+        if self.route.rungs:
+            return [(r.backend, r) for r in self.route.rungs]
+        return [(b, None) for b in self.route.order]
+
+    def threshold_of(self, rung: RouteRung | None) -> float | None:
+        return rung.threshold if rung else self.route.threshold
 
     def controls_for(self, rung: RouteRung | None) -> G.Controls:
         return self.rung_controls.get(rung.name, self.controls) if rung else self.controls
@@ -154,71 +161,74 @@ class Call:
 
     # ---------------------------------------------------------------- accounting
 
-    def add_usage(self, b: BackendState, usage: dict | None, answer: bool = True) -> float:
-        """Book one call's measured usage (a tier's answer, or a verifier's verdict); returns its $."""
-        if not usage:
+    @property
+    def usd(self) -> float:
+        return self.outcome.usd
+
+    @property
+    def device_s(self) -> float:
+        return self.outcome.device_s
+
+    @property
+    def exhausted(self) -> bool:
+        return self.outcome.exhausted
+
+    def add_usage(self, b: BackendState, usage: Any, answer: bool = True) -> float:
+        """Record one sent call's measured usage (a tier's answer, or with `answer` false a
+        verifier's verdict) in the outcome; returns its $. A missing usage records nothing: that
+        call stays unmeasured (see `outcome`)."""
+        if not isinstance(usage, dict) or not usage:
             return 0.0
         cost = self.router.observe(b, usage)
-        self.usd += cost
-        self.device_s += float(usage.get("device_seconds") or 0.0)
-        counts = {k: int(usage.get(k) or 0) for k in USAGE_COUNTS}
-        for k, v in counts.items():
-            self.counts[k] = self.counts.get(k, 0) + v
-        self.tokens += int(usage.get("total_tokens") or 0) or counts["prompt_tokens"] + counts["completion_tokens"]
-        if answer:
-            self.usage = usage
+        self.outcome.measured(Spend.of(b.name, usage, cost, verdict=not answer), usage if answer else None)
         return cost
 
     def check_exhausted(self, choices: list[dict]) -> bool:
         """A choice cut by the session budget ran into the cut."""
-        if self.cut_to is None or not self.usage:
+        answer = self.outcome.answer
+        if self.cut_to is None or not answer:
             return False
-        per_choice = int(self.usage.get("completion_tokens") or 0) / max(1, len(choices) or 1)
+        per_choice = int(answer.get("completion_tokens") or 0) / max(1, len(choices) or 1)
         hit = any(c.get("finish_reason") == "length" for c in choices) and per_choice >= self.cut_to
-        self.exhausted = self.exhausted or hit
+        self.outcome.exhausted = self.outcome.exhausted or hit
         return hit
 
-    def settle(self, backend: str | None, ok: bool = True) -> None:
-        """Book the measured cost of every call made (all tiers, rungs and verdicts) in the ledger
-        and the session, once. Never less than measured: a 200 whose final usage never came (the
-        client left mid-stream or mid-cascade, or the upstream reported none) is charged, in each
-        store, the larger of what that store reserved and what was measured so far; a measured
+    def settle(self) -> None:
+        """Book the outcome of every call made (all tiers, rungs and verdicts) in the key ledger
+        and the session, once; later calls do nothing. Each store is charged what was measured,
+        or at least what it reserved when a call never reported (`Outcome.charge`); a measured
         cost above the reservation is booked in full (the next admission sees it)."""
         if self.settled:
             return
         self.settled = True
+        o, prompt_bound = self.outcome, self.adm.prompt_upper * self.adm.prompts
         if self.ledger is not None and self.reservation is not None:
-            usd, tokens, _ = self._charge(self.reservation, ok)
-            self.ledger.settle(self.reservation, usd, tokens)
+            usd, tokens, _ = o.charge(self.reservation.tokens, self.reservation.usd, prompt_bound)
+            self.ledger.settle(self.reservation, usd, tokens, o.request_id)
         if self.hold is not None:
-            usd, _, usage = self._charge(self.hold, ok)
-            self.sessions.settle(self.hold, backend, usage, usd, escalations=max(0, len(self.tried) - 1),
-                                 exhausted=self.exhausted)
-
-    def _charge(self, held: Reservation | G.SessionHold, ok: bool) -> tuple[float, int, dict | None]:
-        """($, tokens, usage counts) to book against one store: what was measured, or, for a 200
-        whose final usage never came, the larger of that and what `held` reserved."""
-        usd, tokens, usage = self.usd, self.tokens, dict(self.counts) if self.usage else None
-        if ok and (not self.complete or self.usage is None):
-            if held.tokens > tokens or usage is None:
-                prompt = min(held.tokens, self.adm.prompt_upper * self.adm.prompts)
-                usage = {"prompt_tokens": prompt, "completion_tokens": max(0, held.tokens - prompt)}
-            usd, tokens = max(usd, held.usd), max(tokens, held.tokens)
-        return usd, tokens, usage
+            usd, _, usage = o.charge(self.hold.tokens, self.hold.usd, prompt_bound)
+            self.sessions.settle(self.hold, o.backend, usage, usd, escalations=o.escalations,
+                                 exhausted=o.exhausted)
+        if o.disconnected or o.error or o.unmeasured:
+            logger.info("%s settled: %d tokens, $%.6g measured; %d call(s) unmeasured%s%s", o.request_id,
+                        o.tokens, o.usd, o.unmeasured, ", client left" if o.disconnected else "",
+                        f", ended by {o.error}" if o.error else "")
 
     # ---------------------------------------------------------------- receipts
 
     def receipt_headers(self, final: bool) -> dict[str, str]:
         h = self.route.headers()
+        tried = self.outcome.tried
         if final:
             h["x-hybridserve-cost-usd"] = f"{self.usd:.10g}"
+            h["x-hybridserve-total-tokens"] = str(self.outcome.tokens)
             h["x-hybridserve-device-seconds"] = f"{self.device_s:.6f}"
             if self.exhausted:
                 h["x-hybridserve-budget"] = "exhausted"
         elif self.cut_to is not None:
             h["x-hybridserve-budget"] = f"capped; max_tokens cut to {self.cut_to}"
-        if len(self.tried) > 1:
-            h["x-hybridserve-tiers"] = ",".join(t["backend"] for t in self.tried)
+        if len(tried) > 1:
+            h["x-hybridserve-tiers"] = ",".join(t["backend"] for t in tried)
         q = self.route.decision.quality
         if q is not None:
             fig = "unmeasured" if q.accuracy is None else f"{q.accuracy:.2f}"
@@ -231,9 +241,10 @@ class Call:
         ext: dict[str, Any] = {"cost_usd": round(self.usd, 10), "route_policy": self.route.policy,
                                "route_backend": backend, "route_reason": self.route.decision.reason,
                                "predicted_cost_usd": round(est.usd, 10) if est else None,
+                               "gateway_total_tokens": self.outcome.tokens,
                                "gateway_device_seconds": round(self.device_s, 6)}
-        if self.tried:
-            ext["tiers"] = self.tried
+        if self.outcome.tried:
+            ext["tiers"] = self.outcome.tried
         q = self.route.decision.quality
         if q is not None:
             ext["quality"] = {"floor": q.floor, "task": q.task, "accuracy": q.accuracy, "source": q.source,
@@ -251,7 +262,6 @@ class Call:
         """A finished non-streaming answer (of `rung`, for a configured cascade): vote, budget
         marks, logprobs stripped, receipt."""
         self.answered_by = rung or self.rung_of(b)
-        self.complete = True
         choices = body.get("choices") or []
         if self.check_exhausted(choices):
             for c in choices:
@@ -289,11 +299,12 @@ def confidence(body: dict, chat: bool, vote: bool = False) -> float | None:
 class Calls:
     """Opens a `Call` per admitted request (routing, governor, ledger and sessions together)."""
 
-    def __init__(self, cfg: HybridserveConfig, router: Router, ledger: Ledger | None, sessions: G.Sessions):
+    def __init__(self, cfg: HybridserveConfig, router: Router, ledger: BudgetStore | None,
+                 sessions: SessionBook):
         self.gw = cfg.gateway
         self.router = router
-        self.ledger = ledger
-        self.sessions = sessions   # in memory, or RedisSessions (gateway.app.budget_stores)
+        self.ledger = ledger       # SQLite or Redis (gateway.app.budget_stores)
+        self.sessions = sessions   # in memory or Redis
 
     async def open(self, adm: Admitted, headers: Any, key_id: str | None, owner: str = G.PUBLIC) -> Call:
         """Route, apply controls and reserve; `owner` is the caller's tenant (`KeyChecker.tenant`),
@@ -313,19 +324,18 @@ class Calls:
         worst = self.worst_case(adm, route)
         sid = headers.get("x-session-id")
         if sid:
-            call.hold = await store_io(self.sessions.hold, sid[:128], worst.fixed, route.max_tokens, worst.usd,
-                                       owner, worst.samples)
+            call.hold = await self.sessions.hold(sid[:128], worst.fixed, route.max_tokens, worst.usd, owner,
+                                                 worst.samples)
         if self.ledger is not None and self.ledger.budgets:
             cap = call.cut_to or route.max_tokens
             usd = worst.usd * cap / route.max_tokens
             try:
-                call.reservation = await store_io(self.ledger.reserve, key_id, usd, worst.tokens(cap))
+                call.reservation = await self.ledger.reserve(key_id, usd, worst.tokens(cap))
             except BaseException:
                 if call.hold is not None:
                     self.sessions.release(call.hold)
                 raise
         return call
-
 
     def rung_controls(self, adm: Admitted, route: Route) -> dict[str, G.Controls]:
         """The governor's controls of each rung's merged body (a stream runs only the first rung);
@@ -361,8 +371,8 @@ class Calls:
 
 
 async def store_io(method, *args):
-    """Call a budget store: local ones (memory, SQLite) answer at once, shared ones (Redis)
-    return a coroutine that waits on the network."""
+    """Call a store method and await what it returns if that is awaitable (gateway.app's reads
+    go through this; the `stores` protocols make every admission and read a coroutine)."""
     out = method(*args)
     return await out if inspect.isawaitable(out) else out
 

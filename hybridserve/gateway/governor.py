@@ -25,6 +25,10 @@ A session belongs to its tenant, the key that opened it (`auth.KeyChecker.tenant
 book is keyed by (tenant, id), so the same id sent with another key is another session,
 and another key reading it finds nothing. With auth disabled every caller is the one
 `PUBLIC` tenant. The gateway passes the caller's tenant as `owner` to `hold` and `get`.
+
+The memory book keeps at most `MAX_SESSIONS` sessions per tenant (the least recently used
+go first), so no tenant's sessions can push out another's. It satisfies `stores.SessionBook`:
+`hold`, `get` and `close` are coroutines (that answer at once), `settle` and `release` are not.
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ from hybridserve.protocol import is_int
 GATEWAY_FIELDS = ("mode", "reasoning_effort", "hybridserve_vote", "max_thinking_tokens",
                   "hybridserve_quality_floor", "hybridserve_task")
 ANSWER_BUDGET_TOKENS = 256   # non-native engines: thinking cap + this many answer tokens
-MAX_SESSIONS = 10_000
+MAX_SESSIONS = 10_000            # sessions the memory book keeps per tenant (`Sessions(max_sessions=)`)
 SESSION_TOTALS = ("calls", "prompt_tokens", "completion_tokens", "thinking_tokens", "usd", "escalations",
                   "budget_hits")
 THINK_END = "</think>"
@@ -194,30 +198,38 @@ def session_exhausted(sid: str, tokens: int, usd: float, max_tokens: int | None,
 
 
 class Sessions:
-    """The in-memory session book, keyed by (tenant, session id); the MAX_SESSIONS most
-    recently used are kept."""
+    """The in-memory session book: one least-recently-used book per tenant, each keeping at
+    most `max_sessions` (default MAX_SESSIONS) sessions by id."""
 
-    def __init__(self, max_tokens: int | None, max_usd: float | None):
+    def __init__(self, max_tokens: int | None, max_usd: float | None, max_sessions: int | None = None):
         self.max_tokens = max_tokens
         self.max_usd = max_usd
-        self._by_id: OrderedDict[tuple[str, str], Session] = OrderedDict()
+        self.max_sessions = MAX_SESSIONS if max_sessions is None else max_sessions
+        if self.max_sessions < 1:
+            raise ValueError(f"max_sessions must be >= 1 (sessions kept per tenant), got {self.max_sessions}")
+        self._books: dict[str, OrderedDict[str, Session]] = {}
 
-    def get(self, sid: str, owner: str = PUBLIC) -> Session | None:
+    async def get(self, sid: str, owner: str = PUBLIC) -> Session | None:
         """The tenant's session `sid`, or None when this tenant has none by that id."""
-        return self._by_id.get((owner, sid))
+        return self._books.get(owner, {}).get(sid)
 
     def session(self, sid: str, owner: str = PUBLIC) -> Session:
-        key = (owner, sid)
-        s = self._by_id.get(key)
+        """The tenant's session `sid`, opened if new; the tenant's least recently used session
+        goes when it has more than `max_sessions` (other tenants' books are not touched)."""
+        book = self._books.setdefault(owner, OrderedDict())
+        s = book.get(sid)
         if s is None:
-            s = self._by_id[key] = Session(sid, owner=key[0])
-            while len(self._by_id) > MAX_SESSIONS:
-                self._by_id.popitem(last=False)
-        self._by_id.move_to_end(key)
+            s = book[sid] = Session(sid, owner=owner)
+            while len(book) > self.max_sessions:
+                book.popitem(last=False)
+        book.move_to_end(sid)
         return s
 
-    def hold(self, sid: str, prompt_upper: int, max_tokens: int, usd_for_max: float,
-             owner: str = PUBLIC, samples: int = 1) -> SessionHold:
+    async def close(self) -> None:
+        """Nothing to close: the book lives in this process."""
+
+    async def hold(self, sid: str, prompt_upper: int, max_tokens: int, usd_for_max: float,
+                   owner: str = PUBLIC, samples: int = 1) -> SessionHold:
         """Reserve the call's worst case against the tenant's session `sid`, cutting max_tokens
         to what the session has left.
 
@@ -255,13 +267,14 @@ class Sessions:
 
     def totals(self) -> dict[str, float]:
         """Sums over the tracked sessions, for the gateway's gauges."""
-        live = list(self._by_id.values())
+        live = [s for book in self._books.values() for s in book.values()]
         out = {name: float(sum(getattr(s, name) for s in live)) for name in SESSION_TOTALS}
         out["sessions"] = float(len(live))
         return out
 
     def settle(self, hold: SessionHold, backend: str | None, usage: dict | None, usd: float,
                escalations: int = 0, exhausted: bool = False) -> None:
+        """Replace the hold with the call's counts (once; later calls do nothing)."""
         if hold.done:
             return
         hold.done = True

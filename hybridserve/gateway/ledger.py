@@ -3,7 +3,9 @@
 Contract: `reserve` at admission books the request's predicted worst case (the
 predicted cost of its max_tokens, and prompt upper bound + max_tokens tokens)
 against every budget that applies to the key; `settle` at completion replaces the
-reservation with the measured cost, which is what the database records.
+reservation with what the request is charged (`gateway.outcome`: the measured cost, or at
+least the reservation when an upstream call never reported its usage), which is what the
+database records.
 
 A request is admitted while spent + reserved is below the cap, so concurrent
 requests can overspend a cap by at most one reservation (the last one admitted), provided
@@ -13,7 +15,13 @@ reservation (predicted × `call.USD_SAFETY`), and `settle` books them in full, s
 overspend is one reservation plus what in-flight requests cost beyond their reservations.
 Reservations live in memory only: a request in flight when the gateway stops
 never completes, so it has nothing to record. All calls happen on the event-loop
-thread; the lock only guards against use from other threads.
+thread; the lock only guards against use from other threads. `reserve`, `status` and
+`close` are coroutines that answer at once, as `stores.BudgetStore` asks of every ledger.
+
+Every settle also writes one receipt row (`receipts`): the request id, the key, what was
+booked and what had been reserved, so what a request was charged can be read back when
+its client never saw a receipt (it left mid-stream). Rows older than the longest budget
+period (at least RECEIPT_KEEP_S) are pruned at startup and every RECEIPT_PRUNE_EVERY settles.
 
 Budgets come from `gateway.budgets`: `key: '*'` gives every key its own cap,
 `key: <sha256 hex>` caps one key. Periods are aligned windows (a `day` budget
@@ -33,11 +41,17 @@ from hybridserve.errors import BudgetExceededError
 
 PERIOD_S = {"minute": 60, "hour": 3600, "day": 86400, "week": 7 * 86400, "month": 30 * 86400}
 ANONYMOUS = "anonymous"
+RECEIPT_KEEP_S = 86400
+RECEIPT_PRUNE_EVERY = 10_000
 
-_SCHEMA = """CREATE TABLE IF NOT EXISTS spend (
+_SCHEMA = ("""CREATE TABLE IF NOT EXISTS spend (
     budget TEXT NOT NULL, key TEXT NOT NULL, period_start INTEGER NOT NULL,
     usd REAL NOT NULL DEFAULT 0, tokens INTEGER NOT NULL DEFAULT 0, requests INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (budget, key, period_start))"""
+    PRIMARY KEY (budget, key, period_start))""",
+           """CREATE TABLE IF NOT EXISTS receipts (
+    request_id TEXT NOT NULL, key TEXT NOT NULL, settled_at REAL NOT NULL, usd REAL NOT NULL,
+    tokens INTEGER NOT NULL, reserved_usd REAL NOT NULL, reserved_tokens INTEGER NOT NULL)""",
+           "CREATE INDEX IF NOT EXISTS receipts_by_request ON receipts (request_id)")
 
 
 @dataclass
@@ -96,11 +110,14 @@ class Ledger(Budgets):
         self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute(_SCHEMA)
+        for statement in _SCHEMA:
+            self.db.execute(statement)
         self._reserved: dict[tuple[str, str, int], list[float]] = {}  # (budget, key, start) -> [usd, tokens]
         self._lock = threading.Lock()
+        self._settles = 0
+        self.prune_receipts()
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self.db.close()
 
     def spent(self, budget: str, key: str, start: int) -> tuple[float, int]:
@@ -118,7 +135,7 @@ class Ledger(Budgets):
                     or (b.tokens is not None and tokens + r_tok >= b.tokens)):
                 raise budget_exhausted(b, end, usd, tokens, r_usd, r_tok)
 
-    def reserve(self, key: str | None, usd: float, tokens: int) -> Reservation:
+    async def reserve(self, key: str | None, usd: float, tokens: int) -> Reservation:
         key = key or ANONYMOUS
         with self._lock:
             self.can_reserve(key)
@@ -131,12 +148,15 @@ class Ledger(Budgets):
                 res.slots.append((b.name, start))
             return res
 
-    def settle(self, res: Reservation, usd: float, tokens: int) -> None:
-        """Replace the reservation with the measured cost (once; later calls do nothing)."""
+    def settle(self, res: Reservation, usd: float, tokens: int, request_id: str = "") -> None:
+        """Replace the reservation with what the request is charged (once; later calls do nothing),
+        and write its receipt row."""
         with self._lock:
             if res.settled:
                 return
             res.settled = True
+            if res.slots:
+                self._receipt(res, usd, tokens, request_id)
             for name, start in res.slots:
                 slot = self._reserved.get((name, res.key, start))
                 if slot is not None:
@@ -151,7 +171,26 @@ class Ledger(Budgets):
                         "usd = usd + excluded.usd, tokens = tokens + excluded.tokens, "
                         "requests = requests + 1", (name, res.key, start, usd, tokens))
 
-    def status(self, key: str | None) -> list[dict]:
+    def _receipt(self, res: Reservation, usd: float, tokens: int, request_id: str) -> None:
+        self.db.execute("INSERT INTO receipts VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (request_id, res.key, self.clock(), usd, tokens, res.usd, res.tokens))
+        self._settles += 1
+        if self._settles % RECEIPT_PRUNE_EVERY == 0:
+            self.prune_receipts()
+
+    def prune_receipts(self) -> None:
+        """Drop receipt rows older than the longest budget period (at least RECEIPT_KEEP_S)."""
+        keep = max([RECEIPT_KEEP_S, *(PERIOD_S[b.period] for b in self.budgets)])
+        self.db.execute("DELETE FROM receipts WHERE settled_at < ?", (self.clock() - keep,))
+
+    def receipts(self, request_id: str) -> list[dict]:
+        """The receipt rows of one request id (a client may reuse an id: one row per settle)."""
+        rows = self.db.execute("SELECT key, settled_at, usd, tokens, reserved_usd, reserved_tokens FROM receipts "
+                               "WHERE request_id=? ORDER BY settled_at", (request_id,)).fetchall()
+        names = ("key", "settled_at", "usd", "tokens", "reserved_usd", "reserved_tokens")
+        return [dict(zip(names, row)) for row in rows]
+
+    async def status(self, key: str | None) -> list[dict]:
         """Every budget that applies to the key: cap, spent, reserved, reset time."""
         key = key or ANONYMOUS
         out = []

@@ -13,15 +13,20 @@ tier answers; `usage.tiers` lists every tier tried with its cost. `parallel_veri
 runs the same loop but scores each draft by asking `gateway.verifier` whether it is
 right (log P("yes"), see router/policies/verify.py); the verdict's cost is booked too.
 With `gateway.cascade` the loop runs the configured rungs instead: each rung's params go
-into its upstream body, each rung escalates below its own threshold, an unreachable rung
-is skipped (and recorded), and `usage.tiers` names every rung tried (`name`, `backend`,
-`cost_usd`, `mean_logprob`, `threshold`, `escalated`). A stream runs the first rung only.
+into its upstream body, each rung escalates below its own threshold, and `usage.tiers`
+names every rung tried (`name`, `backend`, `cost_usd`, `mean_logprob`, `threshold`,
+`escalated`). Either way each step is asked once, and an unreachable one is marked down,
+skipped and recorded (`error`). A stream runs the first tier or rung only.
 
 Failure map: cannot connect (or the connection died before any answer) → the backend
 is marked down and `auto`/aliases try the next one, a pinned request gets 503; a
 backend that breaks mid-answer → 502 (or an error event inside the stream); no
 answer within `gateway.request_timeout_s` → 504. A client that goes away closes the
 upstream connection, which makes the worker abort the sequence.
+
+Settlement: every path records what happened in the call's `Outcome` (each call sent, each
+usage measured, the tiers tried, a disconnect, an error), and `forward` settles it once:
+after the answer or the exception, or for a stream when its relay closes.
 """
 from __future__ import annotations
 
@@ -121,34 +126,44 @@ class Proxy:
             pool.close()
 
     async def forward(self, request: Request, call: Call, path: str) -> Response:
+        """Run the call, then settle its outcome once: here for an answer, an error answer or an
+        exception, and for a stream when its relay closes (`_stream`)."""
+        call.outcome.request_id = request.state.request_id
         try:
-            return await self._forward(request, call, path)
-        except BaseException:
-            call.settle(None, ok=False)
+            out = await self._forward(request, call, path)
+        except BaseException as err:
+            call.outcome.error = type(err).__name__
+            self._settle(call)
             raise
+        if not isinstance(out, RelayResponse):
+            self._settle(call)
+        return out
+
+    def _settle(self, call: Call) -> None:
+        """Book the call's outcome (once) and count an answered call in the metrics."""
+        if call.settled:
+            return
+        call.settle()
+        if call.outcome.answered and not call.outcome.error:
+            self.metrics.account(call.outcome.backend, call)
 
     async def _forward(self, request: Request, call: Call, path: str) -> Response:
-        state = request.state
-        adm = call.adm
-        state.receipt = call.receipt_headers(final=False)
-        if call.route.rungs and not adm.stream:
-            return await self._rungs(request, path, call)
+        request.state.receipt = call.receipt_headers(final=False)
+        if call.route.cascade and not call.adm.stream:
+            return await self._cascade(request, path, call)
         tried = []
-        order = call.route.order
-        for i, b in enumerate(order):
-            state.backend = b.name
+        for b in call.route.order:
+            request.state.backend = b.name
             try:
-                if adm.stream:
+                if call.adm.stream:
                     return await self._stream(request, b, path, call)
-                if call.route.cascade:
-                    return await self._cascade(request, order[i:], path, call)
                 return await self._unary(request, b, path, call)
             except _Unreachable as err:
                 b.mark_down(str(err))
                 tried.append(f"{b.name}: {err}")
-                logger.warning("%s backend %s unreachable: %s", state.request_id, b.name, err)
-        if adm.pinned:
-            raise BackendUnavailableError(f"backend '{adm.model}' is unavailable ({tried[0]}); "
+                logger.warning("%s backend %s unreachable: %s", request.state.request_id, b.name, err)
+        if call.adm.pinned:
+            raise BackendUnavailableError(f"backend '{call.adm.model}' is unavailable ({tried[0]}); "
                                           "it may be restarting, retry shortly or use model 'auto'")
         raise BackendUnavailableError("no backend could take the request: " + "; ".join(tried))
 
@@ -183,20 +198,28 @@ class Proxy:
 
     async def _call_once(self, request: Request, b: BackendState, path: str, call: Call,
                          rung: RouteRung | None = None) -> tuple[int, str | None, bytes, float, float] | None:
-        """One upstream exchange (as `rung`, when given); None when the client left (the call is
-        settled then)."""
+        """One upstream exchange (as `rung`, when given), recorded in the outcome; None when the
+        client left."""
         b.inflight += 1
+        call.outcome.sent()
+        call.outcome.backend = b.name
         t_send = time.perf_counter()
         try:
             status, ctype, body = await self._exchange_unless_client_leaves(request, b, path,
                                                                             call.body_for(b, rung))
+        except _Unreachable:
+            call.outcome.produced_nothing()
+            call.outcome.backend = None
+            raise
         except _ClientGone:
-            logger.info("%s client left; upstream %s request closed", request.state.request_id,
-                        b.name)
-            call.settle(b.name)
+            logger.info("%s client left; upstream %s request closed", request.state.request_id, b.name)
+            call.outcome.disconnected = True
             return None
         finally:
             b.inflight -= 1
+        call.outcome.status = status
+        if status != 200:
+            call.outcome.produced_nothing()
         return status, ctype, body, t_send, time.perf_counter()
 
     async def _unary(self, request: Request, b: BackendState, path: str, call: Call) -> Response:
@@ -208,8 +231,6 @@ class Proxy:
             answer = self._parse(b, body)
             call.add_usage(b, answer.get("usage"))
             body = self._finish(request, b, call, answer)
-        else:
-            call.settle(b.name, ok=False)
         out = Response(body, status_code=status, media_type=ctype)
         self._observe(request, b, path, status, t_send, t_recv)
         return out
@@ -217,91 +238,85 @@ class Proxy:
     async def _tier_answer(self, request: Request, b: BackendState, path: str, call: Call,
                            rung: RouteRung | None = None) -> tuple[dict, str | None] | Response:
         """One cascade step's answer and content type, or the Response that ends the cascade
-        (the client left, or the backend answered with an error, which the call settles)."""
+        (the client left, or the backend answered with an error)."""
         got = await self._call_once(request, b, path, call, rung)
         if got is None:
             return Response(status_code=CLIENT_CLOSED)
         status, ctype, body, t_send, t_recv = got
         self._observe(request, b, path, status, t_send, t_recv)
         if status != 200:
-            call.settle(b.name, ok=False)
             return Response(body, status_code=status, media_type=ctype)
         return self._parse(b, body), ctype
 
-    async def _cascade(self, request: Request, order: list[BackendState], path: str,
-                       call: Call) -> Response:
-        """Cheapest tier first; the next tier while mean token logprob is below the threshold."""
-        for j, b in enumerate(order):
+    async def _cascade(self, request: Request, path: str, call: Call) -> Response:
+        """Step after step (`Call.cascade_steps`: configured rungs, else the tiers cheapest first)
+        while the answer's confidence is below the step's threshold: its mean token logprob (the
+        winning sample's, for a voting rung), or under parallel_verify the verifier's score. Each
+        step is asked once; an unreachable one is marked down, recorded and skipped, and the last
+        answer stands."""
+        steps, kept = call.cascade_steps(), None
+        for j, (b, rung) in enumerate(steps):
             request.state.backend = b.name
-            got = await self._tier_answer(request, b, path, call)
-            if isinstance(got, Response):
-                return got
-            answer, ctype = got
-            tier = {"backend": b.name, "cost_usd": round(call.add_usage(b, answer.get("usage")), 10)}
-            last = j + 1 == len(order)
-            if call.route.verifier is None:
-                conf = confidence(answer, call.adm.chat, call.controls.vote)
-                tier["mean_logprob"] = None if conf is None else round(conf, 4)
-            elif not last:
-                conf, cost = await self._verify(request, call, answer)
-                tier.update(verified_by=call.route.verifier.name, verifier_cost_usd=round(cost, 10),
-                            verifier_score=None if conf is None else round(conf, 4))
-            up = not last and should_escalate(conf, call.route.threshold)
-            tier["escalated"] = up
-            call.tried.append(tier)
-            if not up:
-                return Response(self._finish(request, b, call, answer), media_type=ctype)
-            self.metrics.escalations.labels(b.name, order[j + 1].name).inc()
-        raise AssertionError("unreachable: the last tier never escalates")
-
-    async def _rungs(self, request: Request, path: str, call: Call) -> Response:
-        """Configured cascade: rung after rung while the answer's mean token logprob (the winning
-        sample's, for a voting rung) is below that rung's threshold."""
-        rungs, kept = call.route.rungs, None
-        for j, rung in enumerate(rungs):
-            b = rung.backend
-            request.state.backend = b.name
+            step: dict = {"name": rung.name, "backend": b.name} if rung else {"backend": b.name}
             try:
                 got = await self._tier_answer(request, b, path, call, rung)
             except _Unreachable as err:
                 b.mark_down(str(err))
-                call.tried.append({"name": rung.name, "backend": b.name, "error": f"unreachable: {err}"})
-                logger.warning("%s rung %s (%s) unreachable: %s", request.state.request_id, rung.name, b.name, err)
+                call.outcome.tried.append({**step, "error": f"unreachable: {err}"})
+                logger.warning("%s cascade step %s unreachable: %s", request.state.request_id, b.name, err)
                 continue
             if isinstance(got, Response):
                 return got
             answer, ctype = got
-            conf = confidence(answer, call.adm.chat, call.controls_for(rung).vote)
-            up = j + 1 < len(rungs) and should_escalate(conf, rung.threshold)
-            call.tried.append({"name": rung.name, "backend": b.name,
-                               "cost_usd": round(call.add_usage(b, answer.get("usage")), 10),
-                               "mean_logprob": None if conf is None else round(conf, 4),
-                               "threshold": rung.threshold, "escalated": up})
+            last, conf = j + 1 == len(steps), None
+            step["cost_usd"] = round(call.add_usage(b, answer.get("usage")), 10)
+            if rung is not None or call.route.verifier is None:
+                conf = confidence(answer, call.adm.chat, call.controls_for(rung).vote)
+                step["mean_logprob"] = None if conf is None else round(conf, 4)
+            elif not last:
+                conf, cost = await self._verify(request, call, answer)
+                step.update(verified_by=call.route.verifier.name, verifier_cost_usd=round(cost, 10),
+                            verifier_score=None if conf is None else round(conf, 4))
+            if rung is not None:
+                step["threshold"] = rung.threshold
+            up = not last and should_escalate(conf, call.threshold_of(rung))
+            step["escalated"] = up
+            call.outcome.tried.append(step)
             kept = (b, rung, answer, ctype)
             if not up:
                 break
-            self.metrics.escalations.labels(b.name, rungs[j + 1].backend.name).inc()
+            self.metrics.escalations.labels(b.name, steps[j + 1][0].name).inc()
         if kept is None:
-            errors = "; ".join(f"{t['name']}: {t['error']}" for t in call.tried)
-            raise BackendUnavailableError(f"no cascade rung could take the request: {errors}")
-        b, rung, answer, ctype = kept   # an unreachable rung above it leaves the last answer standing
+            errors = "; ".join(f"{t.get('name', t['backend'])}: {t['error']}" for t in call.outcome.tried)
+            what = "cascade rung" if call.route.rungs else "backend"
+            raise BackendUnavailableError(f"no {what} could take the request: {errors}")
+        b, rung, answer, ctype = kept   # an unreachable step above it leaves the last answer standing
         request.state.backend = b.name
         return Response(self._finish(request, b, call, answer, rung), media_type=ctype)
 
     async def _verify(self, request: Request, call: Call, answer: dict) -> tuple[float | None, float]:
-        """Ask the verifier to judge a draft: (log P(yes) or None, the verdict's cost)."""
+        """Ask the verifier to judge a draft: (log P(yes) or None, the verdict's cost). A verdict
+        that broke off or timed out stays unmeasured in the outcome (it may have been generated)."""
         v = call.route.verifier
         qa = question_and_answer(call.adm.data, answer, call.adm.chat)
         if qa is None or v is None or not v.healthy:
             return None, 0.0
         body = json.dumps({"model": v.name, "prompt": judge_prompt(*qa), "max_tokens": 1,
                            "temperature": 0.0, "logprobs": 20}).encode()
+        call.outcome.sent()
         try:
             async with asyncio.timeout(self.timeout_s):
                 status, _, raw = await self._exchange(v, "/v1/completions", body, request.state.request_id)
-            verdict = self._parse(v, raw) if status == 200 else {}
-        except (_Unreachable, UpstreamError, TimeoutError) as err:
+            verdict = self._parse(v, raw) if status == 200 else None
+        except _Unreachable as err:
+            call.outcome.produced_nothing()
+            logger.warning("%s verifier %s unreachable: %s", request.state.request_id, v.name, err)
+            return None, 0.0
+        except (UpstreamError, TimeoutError) as err:
             logger.warning("%s verifier %s failed: %s", request.state.request_id, v.name, err)
+            return None, 0.0
+        if verdict is None:
+            call.outcome.produced_nothing()
             return None, 0.0
         cost = call.add_usage(v, verdict.get("usage"), answer=False)
         choices = verdict.get("choices") or [{}]
@@ -321,8 +336,6 @@ class Proxy:
     def _finish(self, request: Request, b: BackendState, call: Call, answer: dict,
                 rung: RouteRung | None = None) -> bytes:
         answer = call.finish_body(b, answer, rung)
-        call.settle(b.name)
-        self.metrics.account(b.name, call)
         request.state.receipt = call.receipt_headers(final=True)
         return json.dumps(answer, separators=(",", ":")).encode()
 
@@ -362,11 +375,19 @@ class Proxy:
             watcher.cancel()
 
     async def _stream(self, request: Request, b: BackendState, path: str, call: Call) -> Response:
+        """Relay a stream; it settles when the relay closes (finished, broken or left by the client)."""
         b.inflight += 1
+        call.outcome.sent()
+        call.outcome.backend = b.name
         t_send = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout_s):
                 resp = await self._send(b, path, call.body_for(b), request.state.request_id)
+        except _Unreachable:
+            b.inflight -= 1
+            call.outcome.produced_nothing()
+            call.outcome.backend = None
+            raise
         except TimeoutError:
             b.inflight -= 1
             raise self._timeout() from None
@@ -374,7 +395,22 @@ class Proxy:
             b.inflight -= 1
             raise
         t_recv = time.perf_counter()
-        closed = False
+        call.outcome.status = resp.status
+        if resp.status != 200:  # an error answer: relay it whole (`forward` settles it)
+            call.outcome.produced_nothing()
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    body = await resp.read()
+            except (BrokenResponse, TimeoutError) as err:
+                raise UpstreamError(f"backend '{b.name}' broke off its answer ({err})") from None
+            finally:
+                b.inflight -= 1
+                resp.aclose_now()
+            self._observe(request, b, path, resp.status, t_send, t_recv)
+            return Response(body, status_code=resp.status, media_type=resp.content_type)
+        deadline = time.monotonic() + self.timeout_s
+        rid = request.state.request_id
+        closed = ended = False
 
         async def close() -> None:
             nonlocal closed
@@ -382,33 +418,17 @@ class Proxy:
                 closed = True
                 b.inflight -= 1
                 resp.aclose_now()
-                if resp.status == 200:
-                    call.settle(b.name)
-                    self.metrics.account(b.name, call)
-
-        if resp.status != 200:  # an error answer: relay it whole
-            try:
-                async with asyncio.timeout(self.timeout_s):
-                    body = await resp.read()
-            except (BrokenResponse, TimeoutError) as err:
-                raise UpstreamError(f"backend '{b.name}' broke off its answer ({err})") from None
-            finally:
-                await close()
-                call.settle(b.name, ok=False)
-            self._observe(request, b, path, resp.status, t_send, t_recv)
-            return Response(body, status_code=resp.status, media_type=resp.content_type)
-        deadline = time.monotonic() + self.timeout_s
-        rid = request.state.request_id
+                call.outcome.disconnected = call.outcome.disconnected or not (ended or call.outcome.error)
+                self._settle(call)
 
         def on_usage(usage: dict) -> dict:
             call.add_usage(b, usage)
-            call.complete = True
             call.check_exhausted([{"finish_reason": "length"}])
             usage.update(call.usage_extension(b.name))
-            call.settle(b.name)
             return usage
 
         async def relay():
+            nonlocal ended
             try:
                 upstream = resp.iter_raw(read_timeout_s=self.timeout_s)
                 async for chunk in tap_usage(upstream, on_usage, call.adm.client_usage):
@@ -416,10 +436,14 @@ class Proxy:
                     if time.monotonic() > deadline:
                         yield P.sse(GatewayTimeoutError("stream exceeded the gateway's request "
                                                         "timeout").to_openai())
-                        return
+                        break
             except (BrokenResponse, TimeoutError) as err:
                 logger.warning("%s stream from %s broke: %s", rid, b.name, err)
                 yield P.sse(UpstreamError(f"backend stream broke: {err}").to_openai())
+            except Exception as err:
+                call.outcome.error = type(err).__name__
+                raise
+            ended = True
 
         self._observe(request, b, path, 200, t_send, t_recv)
         return RelayResponse(relay(), close, media_type="text/event-stream",

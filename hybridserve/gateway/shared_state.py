@@ -187,11 +187,12 @@ class _Writer:
         self.q: asyncio.Queue | None = None
         self.task: asyncio.Task | None = None
 
-    def put(self, write: Write) -> None:
+    def put(self, write: Write, what: str = "a write") -> None:
+        """Queue `write`; `what` names it in the log line should it have to be dropped."""
         if self.task is None:
             self.q = asyncio.Queue()
             self.task = asyncio.get_running_loop().create_task(self._run())
-        self.q.put_nowait((time.monotonic(), write))
+        self.q.put_nowait((time.monotonic(), write, what))
 
     async def flush(self, timeout_s: float = 5.0) -> None:
         """Wait (bounded) until every write queued so far is done."""
@@ -218,7 +219,7 @@ class _Writer:
         from redis.exceptions import ConnectionError, TimeoutError
 
         while True:
-            queued, write = await self.q.get()
+            queued, write, what = await self.q.get()
             delay = 0.05
             while True:
                 try:
@@ -228,13 +229,13 @@ class _Writer:
                     # the age limit counts from when the write was queued, so a long outage
                     # drains the backlog instead of waiting it out item by item
                     if time.monotonic() - queued > WRITE_RETRY_S:
-                        logger.error("shared state %s unreachable for %.0f s; a write was dropped: %s",
-                                     self.where, WRITE_RETRY_S, e)
+                        logger.error("shared state %s unreachable for %.0f s; %s was dropped: %s",
+                                     self.where, WRITE_RETRY_S, what, e)
                         break
                     await asyncio.sleep(delay)
                     delay = min(1.0, delay * 2)
                 except Exception:
-                    logger.exception("shared state %s: a write failed", self.where)
+                    logger.exception("shared state %s: %s failed", self.where, what)
                     break
 
 
@@ -259,7 +260,7 @@ class _Store:
             return await op()
         except RedisError as e:
             if undo is not None:
-                self.writer.put(undo)
+                self.writer.put(undo, "the cancellation of a timed-out admission")
             raise StateUnavailableError(
                 f"the gateway's shared budget store ({self.where}) did not answer ({type(e).__name__}: "
                 f"{e}); requests that need a budget check are refused until it does") from None
@@ -289,8 +290,7 @@ class _Store:
 
 
 class RedisLedger(_Store, Budgets):
-    """`Ledger`'s contract (reserve at admission, settle at completion) with Redis as the book;
-    `reserve` and `status` are coroutines."""
+    """`stores.BudgetStore` (reserve at admission, settle at completion) with Redis as the book."""
 
     def __init__(self, url: str, budgets: list[BudgetConfig], *, prefix: str = "hybridserve",
                  timeout_s: float = 0.5, lease_s: float = 1260.0, clock=time.time, client=None):
@@ -329,13 +329,16 @@ class RedisLedger(_Store, Budgets):
                                    scope=", across every gateway replica")
         return res
 
-    def settle(self, res: Reservation, usd: float, tokens: int) -> None:
-        """Queue the booking of the measured cost (once; later calls do nothing)."""
+    def settle(self, res: Reservation, usd: float, tokens: int, request_id: str = "") -> None:
+        """Queue the booking of what the request is charged (once; later calls do nothing).
+        Unlike the SQLite ledger it keeps no receipt rows: `request_id` names the write in the
+        log should Redis stay away past WRITE_RETRY_S."""
         if res.settled or not res.slots:
             res.settled = True
             return
         res.settled = True
-        self.writer.put(self._settle_write(res, usd, tokens))
+        self.writer.put(self._settle_write(res, usd, tokens),
+                        f"the settle of request {request_id or res.rid} ({tokens} tokens, ${usd:.6g})")
 
     def _settle_write(self, res: Reservation, usd: float, tokens: int) -> Write:
         """The write that books a reservation's cost (zero: cancels it) and marks it done."""
@@ -385,9 +388,8 @@ def _live_holds(held: dict[str, str], now: float) -> tuple[float, float]:
 
 
 class RedisSessions(_Store):
-    """`governor.Sessions`' contract shared through Redis (sessions keyed by tenant and id);
-    `hold`, `get` and `refresh_totals` are coroutines, and `totals` reads what the last
-    `refresh_totals` fetched."""
+    """`stores.SessionBook` shared through Redis (sessions keyed by tenant and id); `totals`
+    reads what the last `refresh_totals` (a coroutine) fetched."""
 
     def __init__(self, url: str, max_tokens: int | None, max_usd: float | None, *,
                  prefix: str = "hybridserve", timeout_s: float = 0.5, lease_s: float = 1260.0,
@@ -433,7 +435,7 @@ class RedisSessions(_Store):
         if hold.done:
             return
         hold.done = True
-        self.writer.put(self._book_write(hold, backend, incr))
+        self.writer.put(self._book_write(hold, backend, incr), f"the booking of a call in session {hold.sid}")
 
     def _book_write(self, hold: SessionHold, backend: str | None, incr: dict[str, float]) -> Write:
         """The write that adds a call's counts to its session and marks its hold done
@@ -446,6 +448,7 @@ class RedisSessions(_Store):
 
     def settle(self, hold: SessionHold, backend: str | None, usage: dict | None, usd: float,
                escalations: int = 0, exhausted: bool = False) -> None:
+        """Queue the call's counts for its session (once; later calls do nothing)."""
         usage = usage or {}
         self._book(hold, backend, {
             "calls": 1, "usd": usd, "escalations": escalations, "budget_hits": int(exhausted),

@@ -8,11 +8,14 @@ see that a disconnect at the gateway reaches the upstream, and holds the last re
 body (`last_body`), so tests can see what the gateway forwarded. With LOGPROB given,
 every answered token has that logprob when the request asks for logprobs.
 
-With `"mock_fill": true` a non-streaming answer generates as much as it is allowed: n
-choices per prompt (a list of prompts is a batch), each `max_tokens` completion tokens long
+With `"mock_fill": true` an answer generates as much as it is allowed: n choices per
+prompt (a list of prompts is a batch), each `max_tokens` completion tokens long
 (FILL_UNCAPPED when the request has none, an upstream's own long default), and usage counts
-one prompt token per prompt byte (a token-id prompt: one per id), so budget tests see the
-worst case a real engine could produce.
+one prompt token per prompt byte (a token-id prompt: one per id) and FILL_DEVICE_S
+device-seconds per completion token, so budget tests see the worst case a real engine could
+produce. A filled stream sends FILL_ROUNDS events per choice (`delay_s` apart), then, when
+`stream_options.include_usage` asks, one usage event with the same counts. With
+`"mock_logprob": x` a filled answer that asks for logprobs gets tokens of logprob x.
 
 Run: python tests/serving/mock_upstream.py PORT NAME [LOGPROB]
 """
@@ -25,6 +28,8 @@ import sys
 import uvicorn
 
 FILL_UNCAPPED = 1000
+FILL_DEVICE_S = 1e-4
+FILL_ROUNDS = 3
 
 STATS = {"requests": 0, "streams_started": 0, "streams_finished": 0, "streams_cut": 0,
          "last_request_id": None, "last_authorization": None, "last_body": None}
@@ -80,6 +85,8 @@ def make_app(name: str, logprob: float | None = None):
         STATS["last_request_id"] = headers.get(b"x-request-id", b"").decode()
         STATS["last_authorization"] = headers.get(b"authorization", b"").decode() or None
         delay = float(req.get("delay_s", 0.0))
+        if req.get("stream") and req.get("mock_fill"):
+            return await _filled_stream(send, receive, name, req, delay)
         if req.get("stream"):
             return await _stream(send, receive, name, int(req.get("max_tokens") or 4), delay,
                                  req.get("crash_after"))
@@ -99,13 +106,47 @@ def _filled(name: str, req: dict) -> dict:
     p = req.get("prompt", "")
     prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
     per = int(req.get("max_tokens") or req.get("max_completion_tokens") or FILL_UNCAPPED)
-    choices = [{"index": i, "text": "x" * per, "logprobs": None, "finish_reason": "length"}
+    lp = req.get("mock_logprob")
+    logprobs = None
+    if lp is not None and req.get("logprobs") is not None:
+        logprobs = {"tokens": ["x"] * 4, "token_logprobs": [lp] * 4, "top_logprobs": None, "text_offset": [0, 1, 2, 3]}
+    choices = [{"index": i, "text": "x" * per, "logprobs": logprobs, "finish_reason": "length"}
                for i in range(len(prompts) * int(req.get("n") or 1))]
     prompt = sum(len(q.encode()) if isinstance(q, str) else len(q) for q in prompts)
     completion = per * len(choices)
     return {"id": "cmpl-mock", "object": "text_completion", "created": 0, "model": name, "choices": choices,
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                      "total_tokens": prompt + completion}}
+                      "total_tokens": prompt + completion, "device_seconds": completion * FILL_DEVICE_S}}
+
+
+async def _filled_stream(send, receive, name: str, req: dict, delay: float) -> None:
+    """The `mock_fill` answer as a stream: FILL_ROUNDS events per choice, then its usage."""
+    answer = _filled(name, req)
+    events = []
+    for r in range(FILL_ROUNDS):
+        for c in answer["choices"]:
+            events.append({"id": "cmpl-mock", "object": "text_completion", "created": 0, "model": name,
+                           "choices": [{"index": c["index"], "text": "x", "logprobs": None,
+                                        "finish_reason": "length" if r + 1 == FILL_ROUNDS else None}]})
+    if (req.get("stream_options") or {}).get("include_usage"):
+        events.append({"id": "cmpl-mock", "object": "text_completion", "created": 0, "model": name,
+                       "choices": [], "usage": answer["usage"]})
+    STATS["streams_started"] += 1
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")]})
+    disconnected = asyncio.ensure_future(receive())
+    try:
+        for event in events:
+            body = b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+            await send({"type": "http.response.body", "more_body": True, "body": body})
+            done, _ = await asyncio.wait({disconnected}, timeout=delay or 0)
+            if done and disconnected.result()["type"] == "http.disconnect":
+                STATS["streams_cut"] += 1
+                return
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+        STATS["streams_finished"] += 1
+    finally:
+        disconnected.cancel()
 
 
 async def _stream(send, receive, name: str, n: int, delay: float, crash_after: int | None) -> None:

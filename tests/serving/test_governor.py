@@ -52,18 +52,46 @@ def test_vote_takes_the_majority_answer_after_thinking():
 
 
 def test_session_holds_never_exceed_the_cap_together():
-    sessions = G.Sessions(max_tokens=100, max_usd=None)
-    holds = []
-    with pytest.raises(BudgetExceededError):
-        for _ in range(10):  # concurrent calls: nothing settles in between
-            holds.append(sessions.hold("s", prompt_upper=10, max_tokens=30, usd_for_max=0.0))
-    assert sum(h.tokens for h in holds) <= 100
-    assert [h.cut_to for h in holds] == [None, None, 10]   # 40 + 40, then what is left: 100 - 80 - 10
-    sessions.settle(holds[0], "b", {"prompt_tokens": 5, "completion_tokens": 3}, 0.01)
-    s = sessions.get("s")
-    assert (s.calls, s.tokens, s.budget_hits, s.reserved_tokens) == (1, 8, 1, 60)
-    usd = G.Sessions(max_tokens=None, max_usd=1.0)
-    assert usd.hold("u", 1, 100, usd_for_max=4.0).cut_to == 25  # $1 left buys a quarter of $4
+    async def go():
+        sessions = G.Sessions(max_tokens=100, max_usd=None)
+        holds = []
+        with pytest.raises(BudgetExceededError):
+            for _ in range(10):  # concurrent calls: nothing settles in between
+                holds.append(await sessions.hold("s", prompt_upper=10, max_tokens=30, usd_for_max=0.0))
+        assert sum(h.tokens for h in holds) <= 100
+        assert [h.cut_to for h in holds] == [None, None, 10]   # 40 + 40, then what is left: 100 - 80 - 10
+        sessions.settle(holds[0], "b", {"prompt_tokens": 5, "completion_tokens": 3}, 0.01)
+        s = await sessions.get("s")
+        assert (s.calls, s.tokens, s.budget_hits, s.reserved_tokens) == (1, 8, 1, 60)
+        usd = G.Sessions(max_tokens=None, max_usd=1.0)
+        assert (await usd.hold("u", 1, 100, usd_for_max=4.0)).cut_to == 25  # $1 left buys a quarter of $4
+    asyncio.run(go())
+
+
+def test_the_session_cap_is_per_tenant():
+    """Tenant A opening more sessions than the book keeps pushes out only A's own oldest ones:
+    tenant B's session keeps its spend and still admits B."""
+    async def go():
+        sessions = G.Sessions(max_tokens=100, max_usd=None, max_sessions=5)
+        h = await sessions.hold("b-agent", 10, 30, 0.0, owner="B")
+        sessions.settle(h, "x", {"prompt_tokens": 10, "completion_tokens": 30}, 0.0)
+        for i in range(50):
+            await sessions.hold(f"a-{i}", 1, 1, 0.0, owner="A")
+        b = await sessions.get("b-agent", "B")
+        assert b is not None and (b.calls, b.tokens) == (1, 40)          # neither evicted nor reset
+        assert (await sessions.hold("b-agent", 10, 30, 0.0, owner="B")).cut_to is None
+        assert await sessions.get("a-44", "A") is None                   # A keeps its 5 newest
+        assert all([await sessions.get(f"a-{i}", "A") for i in range(45, 50)])
+        assert sessions.totals()["sessions"] == 5 + 1
+    asyncio.run(go())
+
+
+def test_the_per_tenant_cap_defaults_to_max_sessions(monkeypatch):
+    assert G.Sessions(None, None).max_sessions == G.MAX_SESSIONS == 10_000
+    monkeypatch.setattr(G, "MAX_SESSIONS", 3)     # the old module-level setting still works
+    assert G.Sessions(None, None).max_sessions == 3
+    with pytest.raises(ValueError, match="max_sessions"):
+        G.Sessions(None, None, max_sessions=0)
 
 
 def _events(*objs) -> bytes:

@@ -139,7 +139,7 @@ def test_a_retried_settle_books_once(redis_url, prefix):
         ledger = RedisLedger(redis_url, [BudgetConfig(name="daily", tokens=100)], prefix=prefix, clock=Clock())
         queued = []
         put = ledger.writer.put
-        ledger.writer.put = lambda write: (queued.append(write), put(write))
+        ledger.writer.put = lambda write, what="": (queued.append(write), put(write, what))
         ledger.settle(await ledger.reserve("k", 0.0, 8), 0.0, 6)
         await ledger.writer.flush()
         assert await queued[0]() == 0               # the retry: already booked
