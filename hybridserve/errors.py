@@ -41,6 +41,16 @@ def http_error_body(status_code: int, detail: str) -> dict[str, Any]:
     return openai_error_body(detail, kind)
 
 
+def params_error_body(problems: list[dict[str, Any]]) -> dict[str, Any]:
+    """FastAPI's own parameter validation (pydantic's error list) as a 400 naming the first one;
+    no route declares typed parameters today, so this only guards future ones."""
+    first = problems[0] if problems else {}
+    loc = [str(p) for p in first.get("loc", ())]
+    msg = str(first.get("msg", "invalid request"))
+    return openai_error_body(f"{'.'.join(loc)}: {msg}" if loc else msg, "invalid_request_error",
+                             loc[-1] if loc else None)
+
+
 def internal_error_body(err: BaseException) -> dict[str, Any]:
     """An unexpected exception, named but not detailed (the log has the traceback)."""
     return openai_error_body(f"internal error: {type(err).__name__}", "server_error")

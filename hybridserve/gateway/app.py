@@ -3,7 +3,8 @@
 Read-only: /v1/models, /v1/economics (the live economics table and each backend's
 load), /v1/sessions/{id} (an agent session's calls, tokens, $, escalations, budget
 hits; only the key that opened a session can read it), /v1/budgets (the caller's key
-budgets), /health, /metrics.
+budgets), /health, /metrics, and the OpenAPI document (/openapi.json, Swagger UI at /docs;
+both open without a key, see `hybridserve.openapi`).
 
 Every malformed body is a 400 in OpenAI's error shape naming the field (protocol.parse_body
 bounds depth, sizes and text before validation); an unexpected exception is a 500 in the
@@ -25,12 +26,15 @@ from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hybridserve.config import GatewayConfig, HybridserveConfig
+from hybridserve import openapi as O
 from hybridserve import protocol as P
-from hybridserve.errors import ContainErrors, HybridserveError, error_bytes, http_error_body
+from hybridserve.errors import (ContainErrors, HybridserveError, error_bytes, http_error_body,
+                                params_error_body)
 from hybridserve.gateway.admission import admit
 from hybridserve.gateway.call import Calls, store_io
 from hybridserve.gateway.governor import Sessions
@@ -46,10 +50,20 @@ logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = P.MAX_BODY_BYTES  # a larger body is a 413 before anything else happens
 _RID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_NOT_IN_HEADERS = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]+")   # what h11 refuses in a header value
+
+
+def header_value(v: str | bytes) -> bytes:
+    """A header value h11 will send: latin-1 ('?' for the rest), control characters (CR, LF,
+    NUL, ...) as one space, no surrounding whitespace. A value it refuses would fail the
+    response after uvicorn counts it as started: no answer, and the connection closed."""
+    raw = v.encode("latin-1", "replace") if isinstance(v, str) else v
+    return _NOT_IN_HEADERS.sub(b" ", raw).strip(b" \t")
 
 
 class RequestContext:
-    """Raw ASGI middleware: request id and start time in, hybridserve headers out."""
+    """Raw ASGI middleware: request id and start time in, hybridserve headers out (every
+    header value made sendable, since receipts echo request text such as a task tag)."""
 
     def __init__(self, app):
         self.app = app
@@ -69,11 +83,11 @@ class RequestContext:
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
-                headers = list(message.get("headers", ()))
+                headers = [(k, header_value(v)) for k, v in message.get("headers", ())]
                 headers.append((b"x-hybridserve-request-id", rid.encode()))
-                headers.append((b"x-hybridserve-backend", state["backend"].encode()))
+                headers.append((b"x-hybridserve-backend", header_value(state["backend"])))
                 for k, v in (state.get("receipt") or {}).items():
-                    headers.append((k.encode(), v.encode("latin-1", "replace")))
+                    headers.append((k.encode(), header_value(v)))
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -144,9 +158,13 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
                 await sessions.close()
                 await sessions.r.aclose()
 
-    app = FastAPI(title="hybridserve gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = FastAPI(title="hybridserve gateway", lifespan=lifespan, redoc_url=None,
+                  description="OpenAI-compatible gateway: auth, validation, routing, budgets, proxy.")
     app.state.registry = registry
+    completion_body, chat_body = O.gateway_bodies(list(cfg.gateway.thinking_budgets))
+    O.install(app, [completion_body, chat_body], bearer=keys.required)
+    v1_errors = O.errors(401, 500) if keys.required else O.errors(500)
+    gen_errors = (400, *((401,) if keys.required else ()), 404, 413, 429, 500, 502, 503, 504)
 
     def error_json(request: Request, err: HybridserveError) -> Response:
         backend = getattr(request.state, "backend", "gateway")
@@ -164,6 +182,10 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
     async def _http(_: Request, err: StarletteHTTPException) -> Response:
         return json_error(http_error_body(err.status_code, str(err.detail)), err.status_code)
 
+    @app.exception_handler(RequestValidationError)
+    async def _params(_: Request, err: RequestValidationError) -> Response:
+        return json_error(params_error_body(err.errors()), 400)
+
     def unexpected(scope: dict, err: Exception) -> None:
         state = scope.get("state") or {}
         backend = state.get("backend", "gateway")
@@ -180,25 +202,32 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
         call = await calls.open(adm, request.headers, key_id, keys.tenant(key_id))
         return await holder["proxy"].forward(request, call, path)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=O.answers(O.Completion, *gen_errors),
+              openapi_extra=O.request_body(completion_body, parameters=O.GATEWAY_HEADERS))
     async def completions(request: Request) -> Response:
+        """Complete a prompt on the backend the model name, the routing policy and the budgets choose."""
         return await handle(request, "/v1/completions", chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=O.answers(O.ChatCompletion, *gen_errors),
+              openapi_extra=O.request_body(chat_body, parameters=O.GATEWAY_HEADERS))
     async def chat_completions(request: Request) -> Response:
+        """Answer a chat on the backend the model name, the routing policy and the budgets choose."""
         return await handle(request, "/v1/chat/completions", chat=True)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={200: {"model": O.ModelList, "description": "every backend and alias"},
+                                      **v1_errors})
     async def models(request: Request) -> dict:
+        """The backends and aliases a request may name as `model`."""
         keys.check(request.headers.get("authorization"))
         return {"object": "list", "data": registry.cards()}
 
-    @app.get("/v1/economics")
+    @app.get("/v1/economics", responses=v1_errors)
     async def economics(request: Request) -> dict:
+        """The live economics table (price, speed, cost per token) and each backend's load."""
         keys.check(request.headers.get("authorization"))
         return router.economics()
 
-    @app.get("/v1/sessions/{session_id}")
+    @app.get("/v1/sessions/{session_id}", responses={**v1_errors, **O.errors(404)})
     async def session(request: Request, session_id: str) -> dict:
         """A session as its own key sees it; to every other key it does not exist (404)."""
         key_id = keys.check(request.headers.get("authorization"))
@@ -207,13 +236,15 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
             raise StarletteHTTPException(404, f"no session '{session_id}' has made a call here")
         return s.as_json(calls.sessions.max_tokens, calls.sessions.max_usd)
 
-    @app.get("/v1/budgets")
+    @app.get("/v1/budgets", responses=v1_errors)
     async def budgets(request: Request) -> dict:
+        """The caller's key budgets: caps, spent and reserved, and when each resets."""
         key_id = keys.check(request.headers.get("authorization"))
         return {"object": "list", "data": await store_io(ledger.status, key_id) if ledger is not None else []}
 
     @app.get("/health")
     async def health() -> Response:
+        """`ok` while any backend is healthy, else `degraded`; each backend's health and load."""
         backends = {b.name: {"healthy": b.healthy, "url": b.url, "load": b.load(),
                              **({"error": b.last_error} if not b.healthy else {})}
                     for b in registry.backends.values()}
@@ -225,8 +256,9 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
         """Prometheus `http_sd_configs` endpoint: every worker, labelled (deploy/prometheus)."""
         return JSONResponse(registry.prometheus_targets())
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
+        """Prometheus text exposition: requests, errors, latency, tokens, $, sessions."""
         if isinstance(sessions, RedisSessions):
             try:
                 await sessions.refresh_totals()

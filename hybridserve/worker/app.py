@@ -1,5 +1,7 @@
 """The worker's HTTP server: OpenAI endpoints, /health and /metrics over one AsyncEngine.
 
+Its OpenAPI document is at /openapi.json (Swagger UI at /docs; `hybridserve.openapi`).
+
 The engine knows nothing of HTTP and this module knows nothing of scheduling: it
 validates the request (`protocol`), hands it to `serving`, and streams or returns
 the result. Errors raised on purpose (`HybridserveError`) become OpenAI error JSON
@@ -21,13 +23,15 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from hybridserve import openapi as O
 from hybridserve import protocol as P
 from hybridserve.cpu_binding import available_cores, format_cores
 from hybridserve.errors import (ContainErrors, HybridserveError, InvalidRequestError, error_bytes,
-                                http_error_body)
+                                http_error_body, params_error_body)
 from hybridserve.worker import serving as S
 from hybridserve.worker.metrics import WorkerMetrics
 
@@ -61,6 +65,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, err: StarletteHTTPException) -> Response:
         return json_error(http_error_body(err.status_code, str(err.detail)), err.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _params(_: Request, err: RequestValidationError) -> Response:
+        return json_error(params_error_body(err.errors()), 400)
 
     app.add_middleware(ContainErrors, on_error=log_unexpected)
 
@@ -223,34 +231,42 @@ def create_app(engine: Any, params_cls: Any = None) -> FastAPI:
             worker.ready = False
             await engine.shutdown()
 
-    app = FastAPI(title=f"hybridserve worker: {worker.model}", lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title=f"hybridserve worker: {worker.model}", lifespan=lifespan, redoc_url=None,
+                  description="OpenAI's completions and chat over one native engine.")
     app.state.worker = worker
     install_error_handlers(app)
+    O.install(app, [O.CompletionBody, O.ChatCompletionBody])
     started = time.time()
     cpu = cpu_report()
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=O.answers(O.Completion, 400, 413, 500),
+              openapi_extra=O.request_body(O.CompletionBody))
     async def completions(request: Request) -> Response:
+        """Complete a prompt (text, token ids, or a batch of either)."""
         return await worker.serve(request, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=O.answers(O.ChatCompletion, 400, 413, 500),
+              openapi_extra=O.request_body(O.ChatCompletionBody))
     async def chat_completions(request: Request) -> Response:
+        """Answer a chat through the model's chat template."""
         return await worker.serve(request, chat=True)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={200: {"model": O.ModelList, "description": "this worker's model"}})
     async def models() -> dict:
+        """The one model this worker serves, with its context length (`max_model_len`)."""
         card = P.model_card(worker.model, max_model_len=engine.max_context)
         return {"object": "list", "data": [card]}
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "the engine is still starting"}})
     async def health() -> Response:
+        """Liveness and readiness: the model, pid, uptime and the cores this worker runs on."""
         body = {"status": "ok" if worker.ready else "starting", "model": worker.model,
                 "pid": os.getpid(), "uptime_s": round(time.time() - started, 3), **cpu}
         return JSONResponse(body, status_code=200 if worker.ready else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
+        """Prometheus text exposition of the engine's counters and histograms."""
         return Response(worker.metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app
