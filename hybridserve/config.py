@@ -269,6 +269,11 @@ class GatewayConfig(_Strict):
     verifier: str | None = Field(None, description="backend that judges drafts (parallel_verify)")
     step_tiers: dict[str, str] = Field(default_factory=dict,
                                        description="X-Step-Kind -> tier or backend name")
+    prefix_affinity: bool = Field(True, description="price the expected prefix-cache hit on the backend "
+                                  "that served the same session, prompt_cache_key or prefix")
+    prefix_affinity_max_extra_load: float = Field(
+        4.0, ge=0, description="a backend holding the prefix keeps its expected hit only while its load "
+                               "(running + waiting) is at most this much above the least-loaded candidate's")
     # budgets (hybridserve/gateway/ledger.py, governor.py)
     budgets: list[BudgetConfig] = Field(default_factory=list)
     ledger_path: str = "hybridserve-ledger.sqlite"

@@ -87,6 +87,7 @@ class Call:
     settled: bool = False
     rung_controls: dict[str, G.Controls] = field(default_factory=dict)  # configured cascade rungs
     answered_by: RouteRung | None = None     # the rung whose answer the client gets
+    affinity_keys: list = field(default_factory=list)  # where this request's prefix will be cached
     _bodies: dict[tuple[bool, str | None], bytes] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- upstream body
@@ -181,6 +182,9 @@ class Call:
             return 0.0
         cost = self.router.observe(b, usage)
         self.outcome.measured(Spend.of(b.name, usage, cost, verdict=not answer), usage if answer else None)
+        if answer and self.affinity_keys and self.router.affinity is not None:
+            self.router.affinity.record(self.affinity_keys, b.name, int(usage.get("prompt_tokens") or 0),
+                                        int(usage.get("completion_tokens") or 0))
         return cost
 
     def check_exhausted(self, choices: list[dict]) -> bool:
@@ -223,6 +227,7 @@ class Call:
             h["x-hybridserve-cost-usd"] = f"{self.usd:.10g}"
             h["x-hybridserve-total-tokens"] = str(self.outcome.tokens)
             h["x-hybridserve-device-seconds"] = f"{self.device_s:.6f}"
+            h["x-hybridserve-cached-tokens"] = str(self.outcome.cached)
             if self.exhausted:
                 h["x-hybridserve-budget"] = "exhausted"
         elif self.cut_to is not None:
@@ -242,6 +247,7 @@ class Call:
                                "route_backend": backend, "route_reason": self.route.decision.reason,
                                "predicted_cost_usd": round(est.usd, 10) if est else None,
                                "gateway_total_tokens": self.outcome.tokens,
+                               "gateway_cached_tokens": self.outcome.cached,
                                "gateway_device_seconds": round(self.device_s, 6)}
         if self.outcome.tried:
             ext["tiers"] = self.outcome.tried
@@ -316,10 +322,13 @@ class Calls:
         if ctl.top_tier and not adm.pinned and self.router.tier_order:
             top = self.router.tier_order[-1]
             cands = [b for b in cands if b.config.tier == top] or cands
+        aff = self.router.affinity
+        keys = aff.keys(owner, adm.data, headers, adm.chat) if aff is not None and not adm.pinned else []
         route = self.router.decide(adm.model, adm.pinned, cands, adm.preferred, prompt, adm.max_tokens,
                                    adm.policy or ctl.policy, headers.get("x-step-kind"), key_id,
-                                   floor=floor, task=task, deep=ctl.top_tier)
-        call = Call(adm, route, ctl, self.router, self.ledger, self.sessions)
+                                   floor=floor, task=task, deep=ctl.top_tier,
+                                   hints=aff.hints(keys, prompt) if keys else None)
+        call = Call(adm, route, ctl, self.router, self.ledger, self.sessions, affinity_keys=keys)
         call.rung_controls = self.rung_controls(adm, route)
         worst = self.worst_case(adm, route)
         sid = headers.get("x-session-id")

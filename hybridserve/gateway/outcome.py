@@ -19,6 +19,13 @@ from dataclasses import dataclass, field
 USAGE_COUNTS = ("prompt_tokens", "completion_tokens", "thinking_tokens")
 
 
+def cached_tokens(usage: dict) -> int:
+    """OpenAI's usage.prompt_tokens_details.cached_tokens (0 when absent or malformed)."""
+    details = usage.get("prompt_tokens_details")
+    n = details.get("cached_tokens") if isinstance(details, dict) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0
+
+
 @dataclass(frozen=True)
 class Spend:
     """One upstream answer's measured usage: a tier's, a rung's or a verifier's verdict."""
@@ -29,12 +36,14 @@ class Spend:
     usd: float                      # price_per_hour × device_seconds
     device_s: float
     verdict: bool = False           # a verifier's verdict, not an answer
+    cached: int = 0                 # prompt tokens its backend served from the prefix cache
 
     @classmethod
     def of(cls, backend: str, usage: dict, usd: float, verdict: bool = False) -> Spend:
         counts = {k: int(usage.get(k) or 0) for k in USAGE_COUNTS}
         tokens = int(usage.get("total_tokens") or 0) or counts["prompt_tokens"] + counts["completion_tokens"]
-        return cls(backend, counts, tokens, usd, float(usage.get("device_seconds") or 0.0), verdict)
+        return cls(backend, counts, tokens, usd, float(usage.get("device_seconds") or 0.0), verdict,
+                   cached_tokens(usage))
 
 
 @dataclass
@@ -80,6 +89,10 @@ class Outcome:
     @property
     def tokens(self) -> int:
         return sum(s.tokens for s in self.spends)
+
+    @property
+    def cached(self) -> int:
+        return sum(s.cached for s in self.spends)
 
     @property
     def counts(self) -> dict[str, int]:

@@ -36,6 +36,8 @@ from typing import Any
 
 from hybridserve.config import BackendConfig, ConfigError, HybridserveConfig
 from hybridserve.errors import BackendUnavailableError, InvalidRequestError
+from hybridserve.gateway.affinity import Hint, PrefixAffinity
+from hybridserve.gateway.outcome import cached_tokens
 from hybridserve.gateway.registry import BackendState, Registry
 from hybridserve.router.economics import context_bucket, load_profile
 from hybridserve.router.estimate import config_params, file_params, safetensors_params, seed_entries
@@ -52,7 +54,7 @@ AUTO = "auto"
 WALKS_TIERS = ("cascade", "parallel_verify")   # policies that escalate across tiers themselves
 FLOOR_FIELD, FLOOR_HEADER = "hybridserve_quality_floor", "x-hybridserve-quality-floor"
 TASK_FIELD, TASK_HEADER = "hybridserve_task", "x-hybridserve-task"
-_TASK_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_TASK_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # whole string (fullmatch): no trailing newline
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,7 @@ def request_quality(data: dict, headers: Any) -> tuple[float | None, str | None]
         floor, floor_param = headers.get(FLOOR_HEADER), FLOOR_HEADER
     if task is None and headers.get(TASK_HEADER) is not None:
         task, task_param = headers.get(TASK_HEADER), TASK_HEADER
-    if task is not None and (not isinstance(task, str) or not _TASK_RE.match(task)):
+    if task is not None and (not isinstance(task, str) or not _TASK_RE.fullmatch(task)):
         raise InvalidRequestError(f"`{task_param}` must be a task tag of letters, digits, '.', '_' or '-' "
                                   f"(1-64 chars), e.g. 'arith' (got {task!r})", param=task_param)
     return (None if floor is None else _floor_value(floor, floor_param)), task
@@ -192,6 +194,9 @@ class Router:
         self.step_rules = [Rule(target, step_kind=kind) for kind, target in gw.step_tiers.items()]
         self.policies["rules"] = Rules(self.step_rules, self.policies["economics"])
         self.tier_order = tier_order(cfg, self.quality)
+        self.affinity = PrefixAffinity() if gw.prefix_affinity else None
+        self.affinity_slack = gw.prefix_affinity_max_extra_load
+        self.prefix_stats: dict[str, list[int]] = {}  # backend -> [prompt tokens, of which cached]
 
     # ---------------------------------------------------------------- startup
 
@@ -240,10 +245,27 @@ class Router:
 
     # ---------------------------------------------------------------- per request
 
-    def view(self, b: BackendState) -> BackendView:
+    def view(self, b: BackendState, cached_tokens: int = 0) -> BackendView:
         c = b.config
         return BackendView(b.name, c.arch, c.tier, c.price_per_hour, c.max_context, b.healthy,
-                           b.load(), b.cache_usage)
+                           b.load(), b.cache_usage, cached_tokens)
+
+    def views(self, pool: list[BackendState], hints: dict[str, Hint]) -> tuple[tuple[BackendView, ...], dict[str, str]]:
+        """Backend views with the expected prefix hit where a hint names the backend and its load is
+        within `prefix_affinity_max_extra_load` of the least loaded one; a note per hinted backend."""
+        least = min((b.load() for b in pool if b.healthy), default=0.0)
+        views, notes = [], {}
+        for b in pool:
+            h = hints.get(b.name)
+            if h is None or h.tokens <= 0:
+                views.append(self.view(b))
+            elif b.load() > least + self.affinity_slack:
+                views.append(self.view(b))
+                notes[b.name] = f"{b.name} holds this {h.via}'s prefix but is busy (load {b.load():g})"
+            else:
+                views.append(self.view(b, h.tokens))
+                notes[b.name] = f"{b.name} holds ~{h.tokens} tokens of this {h.via}'s prefix"
+        return tuple(views), notes
 
     def group_tier(self, model: str, policy: str, deep: bool = False) -> tuple[str | None, bool]:
         """The tier a model name routes within, and whether it is `gateway.default_tier` (plain
@@ -268,7 +290,7 @@ class Router:
                preferred: frozenset[str], prompt_tokens: int, max_tokens: int | None,
                policy: str | None = None, step_kind: str | None = None,
                api_key_id: str | None = None, *, floor: float | None = None,
-               task: str | None = None, deep: bool = False) -> Route:
+               task: str | None = None, deep: bool = False, hints: dict[str, Hint] | None = None) -> Route:
         cap = max_tokens or DEFAULT_OUTPUT_TOKENS
         if pinned:
             b = candidates[0]
@@ -282,7 +304,8 @@ class Router:
         if step_kind and any(r.step_kind == step_kind for r in self.step_rules):
             pol = Rules(self.step_rules, pol)
         pool = [b for b in candidates if b.name in preferred] or candidates
-        snap = Snapshot(tuple(self.view(b) for b in pool), self.table, self.tier_order, self.quality)
+        views, notes = self.views(pool, hints or {})
+        snap = Snapshot(views, self.table, self.tier_order, self.quality)
         tier, by_default = self.group_tier(model, name, deep)
         req = RouteRequest(prompt_tokens, cap, tier=tier, api_key_id=api_key_id, step_kind=step_kind,
                            slo_ttft_s=self.slo[0], slo_e2e_s=self.slo[1],
@@ -297,6 +320,9 @@ class Router:
                                           "retry shortly")
         if not d.estimates:  # baselines do not price: price the choice for the receipt and ledger
             d = replace(d, estimates=(self.table.predict(d.backend, prompt_tokens, cap),))
+        said = [note for name, note in notes.items() if name == d.backend or "busy" in note]
+        if said:
+            d = replace(d, reason="; ".join([d.reason, *said]))
         return self._route(d, candidates, prompt_tokens, cap)
 
     def _route(self, d: Decision, candidates: list[BackendState], prompt_tokens: int, cap: int) -> Route:
@@ -318,16 +344,25 @@ class Router:
     def observe(self, b: BackendState, usage: dict) -> float:
         """Fold one finished request into the table; return its measured cost in USD."""
         device_s = float(usage.get("device_seconds") or 0.0)
-        self.table.observe(b.name, int(usage.get("prompt_tokens") or 0),
-                           int(usage.get("completion_tokens") or 0), device_s,
-                           concurrency=int(b.load()) + 1)
+        prompt, cached = int(usage.get("prompt_tokens") or 0), cached_tokens(usage)
+        self.table.observe(b.name, prompt, int(usage.get("completion_tokens") or 0), device_s,
+                           concurrency=int(b.load()) + 1, cached_tokens=cached)
+        stats = self.prefix_stats.setdefault(b.name, [0, 0])
+        stats[0] += prompt
+        stats[1] += min(cached, prompt)
         return b.config.price_per_hour / 3600.0 * device_s
+
+    def hit_rate(self, backend: str) -> float | None:
+        """Cached / prompt tokens over the answers this gateway saw from `backend` (None before any)."""
+        prompt, cached = self.prefix_stats.get(backend, (0, 0))
+        return round(cached / prompt, 4) if prompt else None
 
     def economics(self) -> dict:
         """The body of GET /v1/economics."""
         live = {b.name: {"healthy": b.healthy, "load": b.load(), "inflight": b.inflight,
                          "cache_usage": b.cache_usage, "price_per_hour": b.config.price_per_hour,
-                         "tier": b.config.tier, "seeded": self.seeds.get(b.name)}
+                         "tier": b.config.tier, "seeded": self.seeds.get(b.name),
+                         "prefix_cache_hit_rate": self.hit_rate(b.name)}
                 for b in self.registry.backends.values()}
         rungs = [{"name": r.name, "backend": r.backend.name, "params": r.params, "threshold": r.threshold,
                   "threshold_source": r.source} for r in self.rungs]

@@ -106,10 +106,13 @@ class EconomicsTable:
         w = 0.5 ** (age / self.half_life_s)
         return 1.0 + (c.factor - 1.0) * w
 
-    def predict(self, backend: str, prompt_tokens: int, output_tokens: int, concurrency: int = 1) -> Estimate:
+    def predict(self, backend: str, prompt_tokens: int, output_tokens: int, concurrency: int = 1,
+                cached_tokens: int = 0) -> Estimate:
+        """Cost and latency of a request; `cached_tokens` of its prompt are expected from the backend's
+        prefix cache (not prefilled), while the context it decodes against stays the whole prompt."""
         e = self.entry(backend, prompt_tokens + output_tokens, concurrency)
         corr = self.correction(backend, prompt_tokens + output_tokens)
-        prefill_s = prompt_tokens / e.prefill_tok_s
+        prefill_s = max(1, prompt_tokens - cached_tokens) / e.prefill_tok_s
         device_s = (prefill_s + output_tokens / e.decode_tok_s) * corr
         e2e = (prefill_s + output_tokens / e.decode_tok_s_per_seq) * corr
         usd = self.prices.get(backend, 0.0) / 3600.0 * device_s
@@ -121,12 +124,14 @@ class EconomicsTable:
 
     # ---- live updates
     def observe(self, backend: str, prompt_tokens: int, completion_tokens: int, device_seconds: float,
-                concurrency: int = 1) -> None:
-        """Fold one finished request's measured device-seconds into the table."""
+                concurrency: int = 1, cached_tokens: int = 0) -> None:
+        """Fold one finished request's measured device-seconds into the table (its cached prompt
+        tokens cost no prefill, so a cache hit does not read as a faster backend)."""
         if device_seconds <= 0 or prompt_tokens + completion_tokens <= 0:
             return
         e = self.entry(backend, prompt_tokens + completion_tokens, concurrency)
-        predicted = prompt_tokens / e.prefill_tok_s + completion_tokens / e.decode_tok_s
+        computed = max(0, prompt_tokens - cached_tokens)
+        predicted = computed / e.prefill_tok_s + completion_tokens / e.decode_tok_s
         ratio = min(100.0, max(0.01, device_seconds / predicted))
         key = self._key(backend, prompt_tokens + completion_tokens)
         with self._lock:

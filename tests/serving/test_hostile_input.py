@@ -1,8 +1,9 @@
 """A hostile client against a live gateway (auth required) and a live native worker.
 
-Over ONE kept-alive connection per target it sends the four bodies once seen to draw a
-500 (a deeply nested array, a lone surrogate, a list where a governor control wants a
-scalar, the UTF-8 bytes of a surrogate), then seeded-random mutations of valid chat and
+Over ONE kept-alive connection per target it sends the bodies once seen to draw a 500 or
+drop the connection (a deeply nested array, a lone surrogate, a list where a governor
+control wants a scalar, the UTF-8 bytes of a surrogate; on the gateway a task tag ending in
+a newline, which its receipt header echoed), then seeded-random mutations of valid chat and
 completion bodies: wrong types, missing and unknown fields, deep nesting, surrogates,
 NaN/Infinity/1e999/huge-integer literals, raw-byte damage, odd content types. After
 every case the same connection must serve a good request. Asserted for every answer:
@@ -115,7 +116,7 @@ class Case:
 
 
 def seen_cases(model: str, gateway: bool) -> list[Case]:
-    """The four bodies that drew a 500 before (issue 15), on both endpoints."""
+    """The bodies that drew a 500 or a dropped connection before (issue 15), on both endpoints."""
     out = []
     for path in PATHS:
         chat = path == PATHS[0]
@@ -134,6 +135,10 @@ def seen_cases(model: str, gateway: bool) -> list[Case]:
                 Case("list for a scalar control", path, encode(listy), seen=True, want_400=gateway,
                      param="reasoning_effort" if gateway else None),
                 Case("surrogate bytes ED A0 80", path, raw, seen=True, want_400=True)]
+        if gateway:   # the task tag is echoed in a receipt header: a newline there dropped the connection
+            tagged = base_body(chat, "auto") | {"hybridserve_quality_floor": 0.5, "hybridserve_task": "arith\n"}
+            out.append(Case("task tag ending in a newline", path, encode(tagged), seen=True, want_400=True,
+                            param="hybridserve_task"))
     return out
 
 

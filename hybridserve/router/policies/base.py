@@ -46,6 +46,7 @@ class BackendView:
     healthy: bool = True
     load: float = 0.0          # running + waiting requests
     cache_usage: float = 0.0   # 0..1
+    cached_tokens: int = 0     # prompt tokens expected from its prefix cache (it served this prefix)
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,8 @@ class Snapshot:
         return fit
 
     def estimate(self, b: BackendView, req: RouteRequest) -> Estimate:
-        return self.table.predict(b.name, req.prompt_tokens, req.output_tokens, concurrency=int(b.load) + 1)
+        return self.table.predict(b.name, req.prompt_tokens, req.output_tokens, concurrency=int(b.load) + 1,
+                                  cached_tokens=b.cached_tokens)
 
     def accuracy(self, b: BackendView, req: RouteRequest) -> Measured:
         return self.quality.accuracy(b.name, req.task_kind)
