@@ -89,12 +89,13 @@ async def one_turn(client: httpx.AsyncClient, url: str, model: str, prompt: list
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            if ttft is None and any(c.get("text") for c in chunk.get("choices") or []):
-                ttft = time.perf_counter() - t0
+            if ttft is None and chunk.get("choices"):  # the first token's chunk (its text may be a
+                ttft = time.perf_counter() - t0          # partial character, so possibly empty)
             if chunk.get("usage"):
                 usage = chunk["usage"]
     details = usage.get("prompt_tokens_details") or {}
-    return {"ttft_s": ttft, "e2e_s": time.perf_counter() - t0, "prompt_tokens": usage.get("prompt_tokens", len(prompt)),
+    e2e = time.perf_counter() - t0
+    return {"ttft_s": e2e if ttft is None else ttft, "e2e_s": e2e, "prompt_tokens": usage.get("prompt_tokens", len(prompt)),
             "cached_tokens": int(details.get("cached_tokens") or 0),
             "device_s": usage.get("device_seconds")}
 
@@ -233,9 +234,15 @@ def main() -> int:
                 asyncio.run(run_sessions(w.url, name, _warmup(a), seed=1000 + seed))  # nothing it caches is reused
                 records, wall = asyncio.run(run_sessions(w.url, name, a, seed=0))
                 results[m][eng] = summarize(records, wall, a.sessions)
+                s = results[m][eng]
+                print(f"  {name}: hit rate turns 2+ {s['hit_rate_turn2plus']:.1%}, TTFT p50 turn 1 "
+                      f"{s['ttft_p50_turn1_s']:.3f} s, turns 2+ {s['ttft_p50_turn2plus_s']:.3f} s", flush=True)
+            except Exception as err:  # one engine failing must not lose the others' figures
+                print(f"  {name}: failed ({type(err).__name__}: {err}); see {folder / (name + '.log')}", flush=True)
             finally:
                 w.stop()
-        ratios[m] = report(m, results[m], {k: v for k, v in notes.items() if k in results[m]})
+        if results[m]:
+            ratios[m] = report(m, results[m], {k: v for k, v in notes.items() if k in results[m]})
         notes.pop("vllm", None)
     print(json.dumps({"bench": "prefix_cache", "sessions": a.sessions, "turns": a.turns,
                       "concurrency": a.concurrency, "system_tokens": a.system_tokens, "user_tokens": a.user_tokens,
