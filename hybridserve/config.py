@@ -43,6 +43,8 @@ class NativeOptions(_Strict):
     mamba_snapshot_interval: int | None = Field(
         None, ge=1, description="tokens between a hybrid's periodic state snapshots (a multiple of "
                                 "block_size); default: the model's Mamba chunk size")
+    max_num_waiting: int = Field(256, ge=1, description="waiting requests beyond which a new one gets "
+                                 "429 with Retry-After")
     snapshot_memory_share: float = Field(0.25, ge=0, lt=1, description="share of cache_memory_gb left "
                                          "after the running sequences' states, kept for Mamba snapshots")
 

@@ -10,6 +10,7 @@ would close the client's kept-alive connection.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Awaitable, Callable
 
 
@@ -28,6 +29,10 @@ class HybridserveError(Exception):
     def to_openai(self) -> dict[str, Any]:
         """The body OpenAI returns for an error: {"error": {message, type, param, code}}."""
         return openai_error_body(self.message, self.error_type, self.param, self.code)
+
+    def headers(self) -> dict[str, str]:
+        """Response headers the error carries (Retry-After for overload)."""
+        return {}
 
 
 def openai_error_body(message: str, error_type: str, param: str | None = None,
@@ -138,6 +143,18 @@ class AuthenticationError(HybridserveError):
 class RateLimitError(HybridserveError):
     status_code = 429
     error_type = "rate_limit_error"
+
+
+class OverloadedError(RateLimitError):
+    """No capacity now (429): a full queue, or every candidate backend saturated. `Retry-After`
+    says when to come back; `code` names the cause (`queue_full`, `all_backends_saturated`)."""
+
+    def __init__(self, message: str, retry_after_s: float, *, code: str = "queue_full"):
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
 
 class BackendUnavailableError(HybridserveError):

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hybridserve.errors import InvalidRequestError, PayloadTooLargeError
 
 MAX_N = 16
+PRIORITIES = ("interactive", "batch")  # `hybridserve_priority`: batch runs on what interactive work leaves
 MAX_LOGPROBS = 20
 
 # What a request body may hold (`parse_body`); beyond these it is a 400 that says which limit
@@ -292,6 +293,26 @@ def validate_request(model_cls: type[_Model], data: dict[str, Any]) -> Any:
 
 def new_id(prefix: str, request_id: str) -> str:
     return f"{prefix}-{request_id}"
+
+
+def check_priority(value: Any) -> str:
+    """`hybridserve_priority` (default interactive), or a 400 naming the field."""
+    if value is None:
+        return "interactive"
+    if value not in PRIORITIES:
+        raise InvalidRequestError(f"hybridserve_priority must be one of {', '.join(PRIORITIES)}",
+                                  param="hybridserve_priority")
+    return value
+
+
+def check_cache_salt(salt: Any) -> None:
+    """vLLM's rule for `cache_salt` (a prefix-cache namespace): None, or 1-128 characters without
+    '@', '/', '\\' or NUL; anything else is a 400 naming the field."""
+    if salt is None:
+        return
+    if not isinstance(salt, str) or not 0 < len(salt) <= 128 or any(c in salt for c in "@/\\\0"):
+        raise InvalidRequestError("cache_salt must be a string of 1-128 characters without '@', '/', "
+                                  "'\\' or NUL", param="cache_salt")
 
 
 def usage_dict(prompt_tokens: int, completion_tokens: int, **extra: float | None) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from hybridserve.engine.outputs import FinishReason, RequestOutput
 from hybridserve.engine.params import SamplingParams
 from hybridserve.engine.scheduler import Scheduler
 from hybridserve.engine.sequence import Sequence
-from hybridserve.errors import ContextLengthExceededError, EngineCapacityError, InvalidRequestError
+from hybridserve.errors import ContextLengthExceededError, EngineCapacityError, InvalidRequestError, OverloadedError
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,11 @@ class EngineStats:
     num_total_snapshots: int = 0
     prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits_total: int = 0     # of which were found cached
+    num_waiting_batch: int = 0
+    num_running_batch: int = 0
+    batch_tokens_total: int = 0          # tokens computed for batch-priority requests
+    interactive_tokens_total: int = 0
+    requests_shed_total: int = 0         # refused with 429: the waiting queue was full
 
 
 @dataclass
@@ -56,6 +61,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     mamba_snapshot_interval: int | None = None  # default: the Mamba chunk size, rounded up to whole blocks
     snapshot_memory_share: float = 0.25  # of the cache left after the seats, for Mamba snapshots
+    max_num_waiting: int = 256  # more waiting requests than this: a new one gets 429 + Retry-After
 
 
 def snapshot_interval(config: EngineConfig, args) -> int:
@@ -97,6 +103,9 @@ class LLMEngine:
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._preemptions_total = 0
+        self._tokens_by_priority = {"interactive": 0, "batch": 0}
+        self._shed_total = 0
+        self._tok_s = 0.0  # recent computed tokens per second (an EMA over steps), for Retry-After
         log.info("%s: %d KV blocks x %d tokens, %d state slots, %d snapshot slots, %.1f MiB cache, "
                  "prefix caching %s", name, layout.num_blocks, layout.block_size, layout.num_slots,
                  layout.num_snapshots, layout.total_bytes / 2**20,
@@ -119,7 +128,8 @@ class LLMEngine:
                            cache_memory_gb=opts.cache_memory_gb, device=backend.device,
                            enable_prefix_caching=opts.enable_prefix_caching,
                            mamba_snapshot_interval=opts.mamba_snapshot_interval,
-                           snapshot_memory_share=opts.snapshot_memory_share)
+                           snapshot_memory_share=opts.snapshot_memory_share,
+                           max_num_waiting=opts.max_num_waiting)
         return cls(model, tokenizer, cfg, name=backend.name)
 
     # ---- requests
@@ -152,12 +162,23 @@ class LLMEngine:
         if request_id in self.seqs:
             raise InvalidRequestError(f"request id {request_id!r} is already in flight")
         self.validate(prompt_ids, params)
+        if self.scheduler.num_waiting >= self.config.max_num_waiting:
+            self._shed_total += 1
+            raise OverloadedError(f"{self.name}: {self.scheduler.num_waiting} requests are already waiting "
+                                  f"(native.max_num_waiting); retry later", self.retry_after_s())
         salt = self.salt if not params.cache_salt else hashlib.blake2b(
             self.salt + params.cache_salt.encode("utf-8", "surrogatepass"), digest_size=16).digest()
         seq = Sequence(request_id, prompt_ids, params, self.tokenizer, self.eos_ids, arrival_time, salt=salt)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
         self._prompt_tokens_total += len(prompt_ids)
+
+    def retry_after_s(self) -> float:
+        """When the waiting queue should have room: its work at the recent token rate (1-300 s)."""
+        work = sum(s.num_uncomputed + s.params.max_tokens - len(s.output_ids)
+                   for q in (self.scheduler.waiting, self.scheduler.waiting_batch) for s in q)
+        work //= max(1, len(self.scheduler.waiting) + len(self.scheduler.waiting_batch))  # the next one's wait
+        return min(300.0, max(1.0, work / self._tok_s if self._tok_s > 0 else 1.0))
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its blocks and slot now; returns its final output, if it existed."""
@@ -184,8 +205,10 @@ class LLMEngine:
         elapsed = time.perf_counter() - t0
         self.scheduler.update_from_output(sched)
         total = sched.num_tokens
+        self._tok_s = total / elapsed if self._tok_s == 0 else 0.9 * self._tok_s + 0.1 * total / max(elapsed, 1e-6)
         for seq, n in sched.entries:
             seq.metrics.device_seconds += elapsed * n / total
+            self._tokens_by_priority[seq.params.priority] += n
         now = time.time()
         outputs = []
         for seq, token, record in results:
@@ -216,7 +239,7 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         lay = self.cache.layout
         return EngineStats(
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running), num_waiting=self.scheduler.num_waiting,
             kv_cache_usage=self.cache.usage(), num_free_blocks=self.cache.num_free_blocks,
             num_total_blocks=lay.num_blocks, num_free_slots=self.cache.num_free_slots,
             num_total_slots=lay.num_slots, prompt_tokens_total=self._prompt_tokens_total,
@@ -224,4 +247,9 @@ class LLMEngine:
             num_preemptions_total=self._preemptions_total,
             num_cached_blocks=self.cache.num_cached_blocks, num_cached_snapshots=self.cache.num_cached_snapshots,
             num_total_snapshots=lay.num_snapshots, prefix_cache_queries_total=self.scheduler.prefix_queries,
-            prefix_cache_hits_total=self.scheduler.prefix_hits)
+            prefix_cache_hits_total=self.scheduler.prefix_hits,
+            num_waiting_batch=len(self.scheduler.waiting_batch),
+            num_running_batch=sum(1 for s in self.scheduler.running if s.is_batch),
+            batch_tokens_total=self._tokens_by_priority["batch"],
+            interactive_tokens_total=self._tokens_by_priority["interactive"],
+            requests_shed_total=self._shed_total)

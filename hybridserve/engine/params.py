@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hybridserve.errors import InvalidRequestError
+from hybridserve.protocol import PRIORITIES
 
 
 @dataclass
@@ -24,6 +25,7 @@ class SamplingParams:
     think_end_ids: list[int] = field(default_factory=list)
     starts_in_thinking: bool = False   # the prompt already opened <think> (chat templates that do)
     cache_salt: str | None = None      # prefix-cache namespace (vLLM's `cache_salt`): equal salts share
+    priority: str = "interactive"      # or "batch": runs on what interactive work leaves, preempted first
 
     @property
     def greedy(self) -> bool:
@@ -51,6 +53,9 @@ class SamplingParams:
             if not self.think_end_ids:
                 raise InvalidRequestError("this model has no end-of-thinking token, so max_thinking_tokens "
                                           "cannot be enforced", param="max_thinking_tokens")
+        if self.priority not in PRIORITIES:
+            raise InvalidRequestError(f"hybridserve_priority must be one of {', '.join(PRIORITIES)}",
+                                      param="hybridserve_priority")
         bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
         if bad:
             raise InvalidRequestError(f"stop_token_ids {bad} are outside the vocabulary [0, {vocab_size})",

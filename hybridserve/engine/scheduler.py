@@ -65,44 +65,80 @@ class Scheduler:
         if self.snapshot_interval % bs:
             raise ValueError(f"mamba_snapshot_interval ({self.snapshot_interval}) must be a multiple of "
                              f"block_size ({bs})")
-        self.waiting: deque[Sequence] = deque()
+        self.waiting: deque[Sequence] = deque()        # interactive
+        self.waiting_batch: deque[Sequence] = deque()  # batch: admitted only after interactive work
         self.running: list[Sequence] = []
+        self._budget = 0  # tokens left in the step being scheduled
         self.prefix_queries = 0  # prompt tokens looked up at first admission
         self.prefix_hits = 0     # of which found cached
 
     @property
     def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.waiting_batch) + len(self.running)
 
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + len(self.waiting_batch)
 
     def schedule(self) -> SchedulerOutput:
+        """Interactive work first: its running sequences, then its waiting ones (preempting batch
+        sequences for seats or memory they need), then running batch work, then waiting batch work."""
         out = SchedulerOutput()
-        budget = self.max_num_batched_tokens
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_uncomputed, budget)
-            if not self._reserve(seq, n, out):
-                continue  # seq itself was preempted; the list shrank
-            out.entries.append((seq, n))
-            budget -= n
-            i += 1
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            hit = self._lookup(seq)
-            n = min(seq.num_tokens - hit.num_tokens, budget)
-            need = self.cache.blocks_needed(hit.num_tokens + n, len(hit.blocks))
-            if not self.cache.can_allocate(need, need_slot=True, hit=hit):
-                break
-            self.waiting.popleft()
-            self._admit(seq, hit, need, out)
-            out.entries.append((seq, n))
-            budget -= n
+        self._budget = self.max_num_batched_tokens
+        self._make_room(out)
+        for batch in (False, True):
+            self._run_running(batch, out)
+            self._admit_waiting(self.waiting_batch if batch else self.waiting, out)
         if self.prefix_caching and self.cache.uses_slots:
             self._plan_snapshots(out)
         return out
+
+    def _run_running(self, batch: bool, out: SchedulerOutput) -> None:
+        for seq in [s for s in self.running if s.is_batch == batch]:
+            if self._budget <= 0:
+                return
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # preempted by an earlier sequence of this step
+            n = min(seq.num_uncomputed, self._budget)
+            if self._reserve(seq, n, out):
+                out.entries.append((seq, n))
+                self._budget -= n
+
+    def _admit_waiting(self, queue: deque[Sequence], out: SchedulerOutput) -> None:
+        while queue and self._budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = queue[0]
+            hit = self._lookup(seq)
+            n = min(seq.num_tokens - hit.num_tokens, self._budget)
+            need = self.cache.blocks_needed(hit.num_tokens + n, len(hit.blocks))
+            if not self.cache.can_allocate(need, need_slot=True, hit=hit):
+                return
+            queue.popleft()
+            self._admit(seq, hit, need, out)
+            out.entries.append((seq, n))
+            self._budget -= n
+
+    def _make_room(self, out: SchedulerOutput) -> None:
+        """An interactive request is waiting for a seat or memory that running batch work holds:
+        preempt batch sequences, newest first, until it fits (they resume from the cache later)."""
+        if not self.waiting:
+            return
+        head = self.waiting[0]
+        hit = self._lookup(head)
+        n = min(head.num_tokens - hit.num_tokens, self.max_num_batched_tokens)
+        need = self.cache.blocks_needed(hit.num_tokens + n, len(hit.blocks))
+        batch = [s for s in self.running if s.is_batch]
+        refs = self.cache.blocks.ref_count
+        freeable = sum(1 for s in batch for b in s.block_ids if refs[b] == 1)
+        if (not batch or len(self.running) - len(batch) >= self.max_num_seqs
+                or need + self.cache.blocks.num_free_among(hit.blocks) > self.cache.num_free_blocks + freeable):
+            return  # preempting batch work would not let it in: leave that work running
+        while batch and (len(self.running) >= self.max_num_seqs
+                         or not self.cache.can_allocate(need, need_slot=True, hit=hit)):
+            self._preempt(batch.pop())
+            out.num_preempted += 1
+
+    def add(self, seq: Sequence) -> None:
+        (self.waiting_batch if seq.is_batch else self.waiting).append(seq)
 
     def _lookup(self, seq: Sequence) -> PrefixHit:
         """The longest cached prefix of seq's tokens, leaving at least one token to compute."""
@@ -162,10 +198,12 @@ class Scheduler:
             self.cache.states.name(snap.slot, snap.name)
 
     def _reserve(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
-        """Give `seq` the blocks for n more tokens, preempting the newest sequences if needed."""
+        """Give `seq` the blocks for n more tokens, preempting others if needed: batch sequences
+        first, newest first, never one already scheduled this step, and batch work never preempts
+        interactive work. False when `seq` itself had to go."""
         need = self.cache.blocks_needed(seq.num_computed + n, len(seq.block_ids))
         while not self.cache.can_allocate(need, need_slot=False):
-            victim = self.running[-1]
+            victim = self._victim(seq, out)
             self._preempt(victim)
             out.num_preempted += 1
             if victim is seq:
@@ -173,13 +211,22 @@ class Scheduler:
         seq.block_ids += self.cache.allocate_blocks(need)
         return True
 
+    def _victim(self, seq: Sequence, out: SchedulerOutput) -> Sequence:
+        scheduled = {id(s) for s, _ in out.entries}
+        others = [s for s in self.running if s is not seq and id(s) not in scheduled]
+        batch = [s for s in others if s.is_batch]
+        if batch:
+            return batch[-1]
+        return others[-1] if others and not seq.is_batch else seq
+
     def _preempt(self, seq: Sequence) -> None:
-        log.info("request %s preempted (cache full); it will be recomputed", seq.request_id)
+        log.info("request %s preempted (%s); it will be recomputed", seq.request_id,
+                 "batch work yields" if seq.is_batch else "cache full")
         self.running.remove(seq)
         self._release(seq)
         seq.status = SeqStatus.WAITING
         seq.num_computed = 0
-        self.waiting.appendleft(seq)
+        (self.waiting_batch if seq.is_batch else self.waiting).appendleft(seq)
 
     def _release(self, seq: Sequence) -> None:
         self.cache.free(seq.block_ids, seq.slot)
@@ -191,4 +238,6 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        elif seq in self.waiting_batch:
+            self.waiting_batch.remove(seq)
         self._release(seq)

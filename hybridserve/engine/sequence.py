@@ -86,6 +86,10 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
+    def is_batch(self) -> bool:
+        return self.params.priority == "batch"
+
+    @property
     def num_uncomputed(self) -> int:
         return self.num_tokens - self.num_computed
 

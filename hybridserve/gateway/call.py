@@ -36,12 +36,14 @@ client sent it.
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from hybridserve import protocol as P
 from hybridserve.config import HybridserveConfig
 from hybridserve.gateway import governor as G
 from hybridserve.gateway.admission import Admitted
@@ -88,6 +90,7 @@ class Call:
     rung_controls: dict[str, G.Controls] = field(default_factory=dict)  # configured cascade rungs
     answered_by: RouteRung | None = None     # the rung whose answer the client gets
     affinity_keys: list = field(default_factory=list)  # where this request's prefix will be cached
+    cache_salt: str | None = None  # the tenant's prefix-cache namespace on the backends (see tenant_salt)
     _bodies: dict[tuple[bool, str | None], bytes] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- upstream body
@@ -144,13 +147,19 @@ class Call:
         limit = self.reserved_cap
         rewrite = (ctl.active or limit is not None or self.wants_confidence or bool(rung and rung.params)
                    or G.has_gateway_fields(self.adm.data)
+                   or (self.cache_salt is not None and "cache_salt" in self.adm.data)
+                   or (not native and "hybridserve_priority" in self.adm.data)
                    or (self.adm.stream and not self.adm.client_usage))
         if not rewrite:
-            return self.adm.raw
+            return self._salted(self.adm.raw)
         if limit is not None:
             own = [v for v in (d.get("max_completion_tokens"), d.get("max_tokens")) if is_int(v)]
             limit = min([limit, *own])
         out = G.upstream_fields(d, ctl, native, limit or self.adm.max_tokens)
+        if not native:  # a native worker's scheduling class; other engines do not know the field
+            out.pop("hybridserve_priority", None)
+        if self.cache_salt is not None:
+            out["cache_salt"] = self.cache_salt
         if self.adm.stream and not self.adm.client_usage:
             out["stream_options"] = {**(d.get("stream_options") or {}), "include_usage": True}
         if self.wants_confidence:
@@ -159,6 +168,18 @@ class Call:
             elif out.get("logprobs") is None:
                 out["logprobs"] = 0
         return json.dumps(out, separators=(",", ":")).encode()
+
+    def _salted(self, raw: bytes) -> bytes:
+        """The client's bytes with the tenant's cache_salt as the first member (the body has none:
+        a client's own salt goes through `_build`, folded into the tenant's)."""
+        if self.cache_salt is None:
+            return raw
+        body = raw.lstrip()
+        if not body.startswith(b"{"):
+            return raw
+        rest = body[1:].lstrip()
+        sep = b"" if rest.startswith(b"}") else b","
+        return b'{"cache_salt":"' + self.cache_salt.encode() + b'"' + sep + rest
 
     # ---------------------------------------------------------------- accounting
 
@@ -318,6 +339,7 @@ class Calls:
         ctl = G.parse_controls(adm.data, self.gw, adm.stream)
         floor, task = request_quality(adm.data, headers)
         prompt = estimate_prompt_tokens(adm.prompt_bytes, adm.prompt_lower, adm.prompt_upper)
+        P.check_priority(adm.data.get("hybridserve_priority"))
         cands = adm.candidates
         if ctl.top_tier and not adm.pinned and self.router.tier_order:
             top = self.router.tier_order[-1]
@@ -328,7 +350,8 @@ class Calls:
                                    adm.policy or ctl.policy, headers.get("x-step-kind"), key_id,
                                    floor=floor, task=task, deep=ctl.top_tier,
                                    hints=aff.hints(keys, prompt) if keys else None)
-        call = Call(adm, route, ctl, self.router, self.ledger, self.sessions, affinity_keys=keys)
+        call = Call(adm, route, ctl, self.router, self.ledger, self.sessions, affinity_keys=keys,
+                    cache_salt=tenant_salt(owner, adm.data.get("cache_salt")))
         call.rung_controls = self.rung_controls(adm, route)
         worst = self.worst_case(adm, route)
         sid = headers.get("x-session-id")
@@ -377,6 +400,17 @@ class Calls:
             fixed += judged * verdicts
             usd += self.router.predict_usd(route.verifier.name, judged, 1) * verdicts
         return WorstCase(usd * USD_SAFETY, fixed, samples)
+
+
+def tenant_salt(owner: str, client_salt: Any) -> str | None:
+    """The backends' prefix-cache namespace of a tenant: one tenant's cached prefixes never speed up
+    (or reveal themselves to) another's requests. A client's own `cache_salt` narrows it further.
+    None for the public tenant of an open gateway, whose requests share one cache as before."""
+    if owner == G.PUBLIC and client_salt is None:
+        return None
+    P.check_cache_salt(client_salt)
+    text = f"{owner}\x1f{client_salt if isinstance(client_salt, str) else ''}"
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
 async def store_io(method, *args):

@@ -39,7 +39,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from hybridserve import protocol as P
-from hybridserve.errors import BackendUnavailableError, GatewayTimeoutError, UpstreamError
+from hybridserve.errors import BackendUnavailableError, GatewayTimeoutError, OverloadedError, UpstreamError
 from hybridserve.gateway.call import Call, confidence, question_and_answer
 from hybridserve.gateway.metrics import GatewayMetrics
 from hybridserve.gateway.registry import BackendState, Registry
@@ -60,6 +60,34 @@ class _Unreachable(Exception):
 
 class _ClientGone(Exception):
     pass
+
+
+class Saturated(OverloadedError):
+    """A backend refused with 429 `queue_full`: the next candidate is tried; left uncaught (a
+    cascade step, a pinned backend) it is the client's 429 with the backend's Retry-After."""
+
+    def __init__(self, backend: str, retry_after_s: float):
+        super().__init__(f"backend '{backend}' is saturated (its queue is full); retry later",
+                         retry_after_s, code="queue_full")
+        self.backend = backend
+
+
+def saturation(b: BackendState, status: int, headers: dict[bytes, bytes], body: bytes) -> Saturated | None:
+    """A worker's (or vLLM's) overload answer as `Saturated`; None for any other answer,
+    a budget 429 included."""
+    if status != 429:
+        return None
+    try:
+        code = (json.loads(body).get("error") or {}).get("code")
+    except (ValueError, AttributeError):
+        return None
+    if code != "queue_full":
+        return None
+    try:
+        retry = float(headers.get(b"retry-after", b"1"))
+    except ValueError:
+        retry = 1.0
+    return Saturated(b.name, retry)
 
 
 class RelayResponse(StreamingResponse):
@@ -151,7 +179,7 @@ class Proxy:
         request.state.receipt = call.receipt_headers(final=False)
         if call.route.cascade and not call.adm.stream:
             return await self._cascade(request, path, call)
-        tried = []
+        tried, full = [], []
         for b in call.route.order:
             request.state.backend = b.name
             try:
@@ -162,6 +190,17 @@ class Proxy:
                 b.mark_down(str(err))
                 tried.append(f"{b.name}: {err}")
                 logger.warning("%s backend %s unreachable: %s", request.state.request_id, b.name, err)
+            except Saturated as err:
+                full.append(err)
+                tried.append(f"{b.name}: saturated")
+                self.metrics.errors.labels(b.name, "saturated").inc()
+                logger.info("%s backend %s saturated; trying the next", request.state.request_id, b.name)
+        if full:
+            if len(full) == 1 and len(tried) == 1:
+                raise full[0]
+            raise OverloadedError("every backend that could take the request is saturated ("
+                                  + "; ".join(tried) + "); retry later",
+                                  min(e.retry_after_s for e in full), code="all_backends_saturated")
         if call.adm.pinned:
             raise BackendUnavailableError(f"backend '{call.adm.model}' is unavailable ({tried[0]}); "
                                           "it may be restarting, retry shortly or use model 'auto'")
@@ -207,7 +246,7 @@ class Proxy:
         try:
             status, ctype, body = await self._exchange_unless_client_leaves(request, b, path,
                                                                             call.body_for(b, rung))
-        except _Unreachable:
+        except (_Unreachable, Saturated):
             call.outcome.produced_nothing()
             call.outcome.backend = None
             raise
@@ -264,6 +303,13 @@ class Proxy:
                 b.mark_down(str(err))
                 call.outcome.tried.append({**step, "error": f"unreachable: {err}"})
                 logger.warning("%s cascade step %s unreachable: %s", request.state.request_id, b.name, err)
+                continue
+            except Saturated as err:
+                if kept is None and j + 1 == len(steps):
+                    raise
+                call.outcome.tried.append({**step, "error": "saturated"})
+                self.metrics.errors.labels(b.name, "saturated").inc()
+                logger.info("%s cascade step %s saturated: %s", request.state.request_id, b.name, err)
                 continue
             if isinstance(got, Response):
                 return got
@@ -343,9 +389,13 @@ class Proxy:
                         request_id: str) -> tuple[int, str | None, bytes]:
         resp = await self._send(b, path, raw, request_id)
         try:
-            return resp.status, resp.content_type, await resp.read()
+            body = await resp.read()
         except BrokenResponse as err:
             raise UpstreamError(f"backend '{b.name}' broke off its answer ({err})") from None
+        full = saturation(b, resp.status, resp.headers, body)
+        if full is not None:
+            raise full
+        return resp.status, resp.content_type, body
 
     async def _exchange_unless_client_leaves(self, request: Request, b: BackendState, path: str,
                                              raw: bytes) -> tuple[int, str | None, bytes]:
@@ -407,6 +457,10 @@ class Proxy:
                 b.inflight -= 1
                 resp.aclose_now()
             self._observe(request, b, path, resp.status, t_send, t_recv)
+            full = saturation(b, resp.status, resp.headers, body)
+            if full is not None:
+                call.outcome.backend = None
+                raise full
             return Response(body, status_code=resp.status, media_type=resp.content_type)
         deadline = time.monotonic() + self.timeout_s
         rid = request.state.request_id

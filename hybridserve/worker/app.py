@@ -46,7 +46,7 @@ def json_error(body: dict, status: int, headers: dict[str, str] | None = None) -
 
 
 def error_response(err: HybridserveError, headers: dict[str, str] | None = None) -> Response:
-    return json_error(err.to_openai(), err.status_code, headers)
+    return json_error(err.to_openai(), err.status_code, {**err.headers(), **(headers or {})})
 
 
 def log_unexpected(scope: dict, err: Exception) -> None:
@@ -213,6 +213,17 @@ def cpu_report() -> dict:
     return report
 
 
+def prefix_cache_health(s: Any) -> dict[str, Any]:
+    """/health's view of the engine's prefix cache (EngineStats)."""
+    queries = getattr(s, "prefix_cache_queries_total", 0)
+    hits = getattr(s, "prefix_cache_hits_total", 0)
+    return {"cached_blocks": getattr(s, "num_cached_blocks", 0), "total_blocks": s.num_total_blocks,
+            "cached_snapshots": getattr(s, "num_cached_snapshots", 0),
+            "snapshot_slots": getattr(s, "num_total_snapshots", 0),
+            "queried_tokens": queries, "hit_tokens": hits,
+            "hit_rate": round(hits / queries, 4) if queries else None}
+
+
 def create_app(engine: Any, params_cls: Any = None) -> FastAPI:
     """The worker app; the engine is started and shut down with the app's lifespan."""
     if params_cls is None:
@@ -259,9 +270,12 @@ def create_app(engine: Any, params_cls: Any = None) -> FastAPI:
 
     @app.get("/health", responses={503: {"description": "the engine is still starting"}})
     async def health() -> Response:
-        """Liveness and readiness: the model, pid, uptime and the cores this worker runs on."""
+        """Liveness and readiness: the model, pid, uptime, the cores this worker runs on, and what its
+        prefix cache holds."""
         body = {"status": "ok" if worker.ready else "starting", "model": worker.model,
                 "pid": os.getpid(), "uptime_s": round(time.time() - started, 3), **cpu}
+        if worker.ready:
+            body["prefix_cache"] = prefix_cache_health(engine.stats())
         return JSONResponse(body, status_code=200 if worker.ready else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse)

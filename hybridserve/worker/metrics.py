@@ -38,6 +38,21 @@ class _EngineStatsCollector:
             g = GaugeMetricFamily(name, doc, labels=labels)
             g.add_metric([self.model_name], float(value))
             yield g
+        shed = CounterMetricFamily("hybridserve:requests_shed", "Requests refused with 429 (Retry-After).",
+                                   labels=["model_name", "reason"])
+        shed.add_metric([self.model_name, "queue_full"], float(getattr(s, "requests_shed_total", 0)))
+        yield shed
+        tokens = CounterMetricFamily("hybridserve:scheduled_tokens", "Tokens computed, by priority class.",
+                                     labels=["model_name", "priority"])
+        for prio in ("interactive", "batch"):
+            tokens.add_metric([self.model_name, prio], float(getattr(s, f"{prio}_tokens_total", 0)))
+        yield tokens
+        queued = GaugeMetricFamily("hybridserve:num_requests_waiting_by_priority", "Waiting requests, by class.",
+                                   labels=["model_name", "priority"])
+        batch_waiting = getattr(s, "num_waiting_batch", 0)
+        queued.add_metric([self.model_name, "interactive"], float(s.num_waiting - batch_waiting))
+        queued.add_metric([self.model_name, "batch"], float(batch_waiting))
+        yield queued
         for name, doc, value in (
             ("vllm:prompt_tokens", "Prefill tokens processed.", s.prompt_tokens_total),
             ("vllm:generation_tokens", "Tokens generated.", s.generation_tokens_total),

@@ -171,10 +171,13 @@ class Renderer:
 def cache_salt_of(req: P._SamplingFields) -> str | None:
     """vLLM's `cache_salt`: requests share cached prefixes only with requests of the same salt."""
     salt = (req.model_extra or {}).get("cache_salt")
-    if salt is not None and (not isinstance(salt, str) or not salt or len(salt) > 256):
-        raise InvalidRequestError("cache_salt must be a non-empty string of at most 256 characters",
-                                  param="cache_salt")
+    P.check_cache_salt(salt)
     return salt
+
+
+def priority_of(req: P._SamplingFields) -> str:
+    """`hybridserve_priority`: interactive (the default) or batch (runs behind interactive work)."""
+    return P.check_priority((req.model_extra or {}).get("hybridserve_priority"))
 
 
 def build_choices(request_id: str, prompts: list[list[int]], req: P._SamplingFields,
@@ -182,6 +185,7 @@ def build_choices(request_id: str, prompts: list[list[int]], req: P._SamplingFie
     choices = []
     cap = renderer.thinking_cap(req.max_thinking_tokens)
     salt = cache_salt_of(req)
+    priority = priority_of(req)
     for p_idx, ids in enumerate(prompts):
         max_tokens = renderer.check_fits(len(ids), req.requested_max_tokens())
         if cap is not None and cap < max_tokens:
@@ -196,7 +200,7 @@ def build_choices(request_id: str, prompts: list[list[int]], req: P._SamplingFie
                 top_p=1.0 if req.top_p is None else req.top_p,
                 top_k=max(req.top_k or 0, 0), seed=seed, stop=req.stop_list(),
                 stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
-                logprobs=num_logprobs, cache_salt=salt, **renderer.thinking_fields(ids, req.max_thinking_tokens))
+                logprobs=num_logprobs, cache_salt=salt, priority=priority, **renderer.thinking_fields(ids, req.max_thinking_tokens))
             idx = p_idx * req.n + j
             choices.append(Choice(idx, f"{request_id}-{idx}", ids, params, p_idx))
     return choices

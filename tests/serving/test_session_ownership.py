@@ -141,3 +141,33 @@ def test_another_key_can_neither_read_nor_spend_a_session(kind, mock, request, t
     finally:
         stop_process(stack.proc)
     assert stack.proc.returncode == 0, log_tail(stack.log)
+
+
+def test_prefix_caches_belong_to_their_key_too(mock, tmp_path):
+    """Each tenant's requests reach the backend with its own cache_salt (a client's own salt is folded
+    in, never taking the tenant's place), so one key's cached prefixes neither speed up nor reveal
+    themselves to another's; the client's bytes are otherwise forwarded as sent."""
+    gw = {"api_key_hashes": [hashlib.sha256(k.encode()).hexdigest() for k in (KEY_A, KEY_B)]}
+    stack = start_stack(tmp_path, mock, gateway=gw)
+    url = mock[0]["url"]
+
+    def sent(key: str, **extra) -> dict:
+        body = {"model": "up1", "prompt": "hi", "max_tokens": 4, **extra}
+        r = httpx.post(stack.base_url + "/completions", json=body, trust_env=False, timeout=10,
+                       headers={"authorization": f"Bearer {key}"})
+        assert r.status_code == 200, r.text
+        return httpx.get(url + "/stats", trust_env=False).json()["last_body"]
+
+    try:
+        a, a2, b = sent(KEY_A), sent(KEY_A), sent(KEY_B)
+        assert a["cache_salt"] == a2["cache_salt"] != b["cache_salt"]
+        assert {k: v for k, v in a.items() if k != "cache_salt"} == {"model": "up1", "prompt": "hi", "max_tokens": 4}
+        own = sent(KEY_B, cache_salt=a["cache_salt"])  # B naming A's salt lands in a namespace of B's
+        assert own["cache_salt"] not in (a["cache_salt"], b["cache_salt"])
+        r = httpx.post(stack.base_url + "/completions", trust_env=False, timeout=10,
+                       json={"model": "up1", "prompt": "hi", "max_tokens": 4, "cache_salt": "a/b"},
+                       headers={"authorization": f"Bearer {KEY_A}"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt"
+    finally:
+        stop_process(stack.proc)
+    assert stack.proc.returncode == 0, log_tail(stack.log)

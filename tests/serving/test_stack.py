@@ -324,10 +324,12 @@ def test_repeated_prefix_reports_cached_tokens(openai_client, engine_stack, mode
     first = openai_client.completions.create(model=model, prompt=system + "Question one?", max_tokens=4,
                                              temperature=0)
     assert first.usage.prompt_tokens_details.cached_tokens == 0
-    second = openai_client.completions.create(model=model, prompt=system + "A second, other question?",
-                                              max_tokens=4, temperature=0)
+    raw = openai_client.completions.with_raw_response.create(
+        model=model, prompt=system + "A second, other question?", max_tokens=4, temperature=0)
+    second = raw.parse()
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert 16 <= cached < second.usage.prompt_tokens
+    assert raw.headers["x-hybridserve-cached-tokens"] == str(cached)  # the receipt says so too
     stream = openai_client.completions.create(model=model, prompt=system + "Question one?", max_tokens=4,
                                               temperature=0, stream=True,
                                               stream_options={"include_usage": True})
@@ -338,3 +340,10 @@ def test_repeated_prefix_reports_cached_tokens(openai_client, engine_stack, mode
     hits = after["vllm:prefix_cache_hits_total"] - before.get("vllm:prefix_cache_hits_total", 0)
     assert queried >= first.usage.prompt_tokens + second.usage.prompt_tokens + usage.prompt_tokens
     assert hits >= cached + usage.prompt_tokens_details.cached_tokens
+    health = httpx.get(engine_stack.workers[model] + "/health", timeout=5, trust_env=False).json()["prefix_cache"]
+    assert health["cached_blocks"] > 0 and health["hit_tokens"] >= hits and 0 < health["hit_rate"] < 1
+    if "hybrid" in model:
+        assert health["cached_snapshots"] > 0 and health["snapshot_slots"] > 0
+    econ = httpx.get(engine_stack.base_url + "/economics", headers=engine_stack.headers(), timeout=5,
+                     trust_env=False).json()
+    assert econ["backends"][model]["prefix_cache_hit_rate"] > 0
