@@ -1,4 +1,4 @@
-"""The `hybridserve` command line: up, gateway, worker, models, k8s, hash-key, version."""
+"""The `hybridserve` command line: up, gateway, worker, models, k8s, hash-key, bench, eval, batch, version."""
 from __future__ import annotations
 
 import logging
@@ -355,6 +355,40 @@ def eval_cmd(dataset: Optional[str] = typer.Argument(None, help="A .jsonl datase
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"report: {Path(out) / 'report.md'}")
+    typer.echo(json.dumps(summary))
+
+
+@app.command("batch")
+def batch_cmd(input: str = typer.Argument(..., help="JSONL of Batch API requests: {custom_id, method, url, body}."),
+              output: str = typer.Option(..., "--output", "-o", help="JSONL results (resumed: custom_ids "
+                                         "already there are skipped)."),
+              url: Optional[str] = typer.Option(None, help="A running gateway, e.g. http://127.0.0.1:8000/v1 "
+                                                "(default: start `up` privately from --config)."),
+              api_key: Optional[str] = typer.Option(None, envvar="HYBRIDSERVE_KEY", help="Bearer key for --url."),
+              config: str = ConfigOpt, profile: Optional[str] = ProfileOpt,
+              concurrency: int = typer.Option(8, min=1, help="Requests in flight."),
+              timeout: float = typer.Option(600.0, help="Seconds per request."),
+              ready_timeout: float = typer.Option(600.0, help="Seconds to wait for a private stack."),
+              progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress line on stderr."),
+              engine_factory: Optional[str] = typer.Option(None, hidden=True)) -> None:
+    """Run a Batch API input file offline, like `vllm run-batch`; the last stdout line is a JSON summary.
+
+    Example:
+
+        hybridserve batch requests.jsonl -o results.jsonl --url http://127.0.0.1:8000/v1
+    """
+    import json
+
+    from hybridserve.eval.stack import StackError
+    from hybridserve.gateway.offline_batch import BatchInputError, run_batch
+
+    try:
+        summary = run_batch(input, output, url=url, api_key=api_key, config=config, profile=profile,
+                            concurrency=concurrency, timeout_s=timeout, ready_timeout_s=ready_timeout,
+                            progress=progress, engine_factory=engine_factory)
+    except (BatchInputError, StackError, OSError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(json.dumps(summary))
 
 

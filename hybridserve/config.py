@@ -284,6 +284,12 @@ class GatewayConfig(_Strict):
     state_prefix: str = Field("hybridserve", min_length=1, description="namespace of the Redis keys")
     state_timeout_s: float = Field(0.5, gt=0, description="longest wait for Redis at admission; "
                                    "past it the request gets a 503 (budgets fail closed)")
+    # Batch API (hybridserve/gateway/batches.py, files.py)
+    files_dir: str | None = Field(None, description="where uploaded and batch output files are kept "
+                                  "(None: a `hybridserve-files` folder next to ledger_path); batch state "
+                                  "is in hybridserve-batches.sqlite beside the ledger")
+    batch_concurrency: int = Field(4, ge=1, le=1024, description="batch lines in flight at once, over "
+                                   "every batch this gateway runs")
     session_max_tokens: int | None = Field(None, ge=1)
     session_max_usd: float | None = Field(None, gt=0)
     thinking_budgets: dict[str, int] = Field(

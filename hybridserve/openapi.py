@@ -9,7 +9,8 @@ content parts, non-empty prompt lists, integers within int64 and, on the gateway
 fields the governor and the router read. Unknown fields are kept, and documented as
 `JsonValue`: any JSON within parse_body's limits. Every error is OpenAI's
 `{"error": {"message", "type", "param", "code"}}`; the gateway's /v1 routes carry the
-bearer scheme when keys are required.
+bearer scheme when keys are required. The Batch API's bodies (a multipart upload, the
+strict `BatchCreateRequest`) and objects (File, Batch, their lists) are described here too.
 """
 from __future__ import annotations
 
@@ -44,7 +45,17 @@ class Message(P.ChatMessage):
     content: str | list[TextPart] | None = None
 
 
-class CompletionBody(P.CompletionRequest):
+class CacheFields(BaseModel):
+    """Prompt caching: vLLM's `cache_salt` and OpenAI's `prompt_cache_key`."""
+
+    cache_salt: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[^@/\\\x00]+$",
+                                   description="prefix-cache namespace: requests share cached prefixes only "
+                                               "with the same salt (the gateway folds in the caller's key)")
+    prompt_cache_key: str | None = Field(None, description="requests with the same key go where their "
+                                                           "prefix is cached (gateway routing)")
+
+
+class CompletionBody(CacheFields, P.CompletionRequest):
     """POST /v1/completions. Unknown fields are kept (and forwarded by the gateway)."""
 
     prompt: (str | Annotated[list[str], NonEmpty] | Annotated[list[TokenId], NonEmpty]
@@ -56,7 +67,7 @@ class CompletionBody(P.CompletionRequest):
     best_of: int | None = Field(None, ge=1, le=P.MAX_N, description="only 1 or `n`")
 
 
-class ChatCompletionBody(P.ChatCompletionRequest):
+class ChatCompletionBody(CacheFields, P.ChatCompletionRequest):
     """POST /v1/chat/completions. Unknown fields are kept (and forwarded by the gateway)."""
 
     messages: Annotated[list[Message], NonEmpty]
@@ -108,6 +119,11 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class PromptTokensDetails(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    cached_tokens: int = Field(description="prompt tokens served from the backend's prefix cache")
+
+
 class Usage(BaseModel):
     """OpenAI's three counts plus hybridserve's measurements (device_seconds, ttft_s, cost_usd, ...)."""
 
@@ -115,6 +131,7 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class Completion(BaseModel):
@@ -136,8 +153,85 @@ class ModelList(BaseModel):
     data: list[dict[str, Any]]
 
 
+# ------------------------------------------------------------------ the Batch API (gateway/batch_api.py)
+
+FILE_UPLOAD = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file", "purpose"],
+    "properties": {"file": {"type": "string", "format": "binary",
+                            "description": "JSONL, one request per line: at most 64 MiB and 50,000 lines"},
+                   "purpose": {"type": "string", "enum": ["batch"]}}}}}}}
+
+
+class BatchCreateRequest(BaseModel):
+    """POST /v1/batches. The window is OpenAI's `24h`, or `<N>s`, `<N>m`, `<N>h` up to 168h."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    input_file_id: str = Field(min_length=1, description="a file of the caller's, uploaded with purpose `batch`")
+    endpoint: Literal["/v1/chat/completions", "/v1/completions"]
+    completion_window: str = Field(pattern=r"^[1-9][0-9]{0,5}[smh]$",
+                                   description="lines not run within it end with error code `batch_expired`")
+    metadata: dict[Annotated[str, Field(min_length=1, max_length=64)],
+                   Annotated[str, Field(max_length=512)]] | None = Field(None, max_length=16)
+    output_expires_after: dict[str, Any] | None = Field(None, description="accepted and ignored: files are kept")
+
+
+class FileObject(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    object: Literal["file"]
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: Literal["batch", "batch_output"]
+    status: Literal["processed"]
+
+
+class FileList(BaseModel):
+    object: Literal["list"]
+    data: list[FileObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"]
+    deleted: bool
+
+
+class BatchObject(BaseModel):
+    """OpenAI's Batch, plus `hybridserve_totals` ($ cost, gateway tokens, device-seconds)."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    object: Literal["batch"]
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    status: Literal["validating", "failed", "in_progress", "finalizing", "completed", "expired",
+                    "cancelling", "cancelled"]
+    created_at: int
+    expires_at: int
+    request_counts: dict[str, int]
+    errors: dict[str, Any] | None = Field(None, description="why validation failed: "
+                                          "{object: list, data: [{code, message, param, line}]}")
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    usage: dict[str, Any] | None = None
+    hybridserve_totals: dict[str, Any] | None = None
+
+
+class BatchList(BaseModel):
+    object: Literal["list"]
+    data: list[BatchObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
 ERRORS = {400: "malformed or unservable request; `param` names the field",
-          401: "missing, malformed or unknown API key", 404: "no such model, session or route",
+          401: "missing, malformed or unknown API key", 404: "no such model, session, file, batch or route",
           413: f"body larger than {P.MAX_BODY_BYTES >> 20} MiB", 429: "a key or session budget is spent",
           500: "internal error (the connection stays usable)", 502: "the backend answered garbage",
           503: "no backend available, or shared state unreachable", 504: "the backend timed out"}

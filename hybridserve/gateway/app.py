@@ -6,6 +6,9 @@ hits; only the key that opened a session can read it), /v1/budgets (the caller's
 budgets), /health, /metrics, and the OpenAPI document (/openapi.json, Swagger UI at /docs;
 both open without a key, see `hybridserve.openapi`).
 
+The Batch API (/v1/files, /v1/batches; routes in gateway.batch_api): a batch's lines go through
+`serve`, the very function behind /v1/completions and /v1/chat/completions, in process.
+
 Every malformed body is a 400 in OpenAI's error shape naming the field (protocol.parse_body
 bounds depth, sizes and text before validation); an unexpected exception is a 500 in the
 same shape that leaves the client's kept-alive connection usable (errors.ContainErrors).
@@ -35,7 +38,12 @@ from hybridserve import openapi as O
 from hybridserve import protocol as P
 from hybridserve.errors import (ContainErrors, HybridserveError, error_bytes, http_error_body,
                                 params_error_body)
+from hybridserve.gateway import batch_api
 from hybridserve.gateway.admission import admit
+from hybridserve.gateway.batch_db import BatchDb, batch_paths
+from hybridserve.gateway.batch_runner import BatchRunner
+from hybridserve.gateway.batches import BatchStore
+from hybridserve.gateway.files import FileStore
 from hybridserve.gateway.call import Calls, store_io
 from hybridserve.gateway.governor import Sessions
 from hybridserve.gateway.ledger import Ledger
@@ -97,9 +105,10 @@ class RequestContext:
 read_body = P.read_body
 
 
-def json_error(body: dict, status: int) -> Response:
-    """An OpenAI error body as ASCII JSON (`errors.error_bytes`)."""
-    return Response(error_bytes(body), status_code=status, media_type="application/json")
+def json_error(body: dict, status: int, headers: dict[str, str] | None = None) -> Response:
+    """An OpenAI error body as ASCII JSON (`errors.error_bytes`), with the error's headers
+    (Retry-After on an overload 429)."""
+    return Response(error_bytes(body), status_code=status, media_type="application/json", headers=headers)
 
 
 def http_client() -> httpx.AsyncClient:
@@ -130,6 +139,18 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
     calls = Calls(cfg, router, ledger, sessions)
     metrics = GatewayMetrics(registry, router, sessions)
     holder: dict[str, Proxy] = {}
+    db_path, files_dir = batch_paths(cfg.gateway)
+    batch_db = BatchDb(db_path)
+    files, batches = FileStore(batch_db, files_dir), BatchStore(batch_db)
+
+    async def serve(request: Request, path: str, raw: bytes, key_id: str | None, owner: str) -> Response:
+        """One completion or chat request, from the HTTP route or a batch line: admission,
+        route and budgets, proxy."""
+        adm = admit(raw, path == "/v1/chat/completions", registry)
+        call = await calls.open(adm, request.headers, key_id, owner)
+        return await holder["proxy"].forward(request, call, path)
+
+    runner = BatchRunner(batches, files, batch_api.executor(serve), cfg.gateway.batch_concurrency)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -137,6 +158,7 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
         holder["proxy"] = Proxy(registry, metrics, cfg.gateway.request_timeout_s)
         await registry.poll_once(client)
         poller = asyncio.create_task(registry.run_poller(client, poll_interval_s))
+        runner.resume()
         for b in registry.backends.values():
             logger.info("backend %s (%s, %s) at %s: %s", b.name, b.config.arch, b.config.engine,
                         b.url, "up" if b.healthy else f"down ({b.last_error})")
@@ -148,6 +170,8 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
         try:
             yield
         finally:
+            await runner.stop()
+            batch_db.close()
             poller.cancel()
             await asyncio.gather(poller, return_exceptions=True)
             await client.aclose()
@@ -162,7 +186,7 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
                   description="OpenAI-compatible gateway: auth, validation, routing, budgets, proxy.")
     app.state.registry = registry
     completion_body, chat_body = O.gateway_bodies(list(cfg.gateway.thinking_budgets))
-    O.install(app, [completion_body, chat_body], bearer=keys.required)
+    O.install(app, [completion_body, chat_body, O.BatchCreateRequest], bearer=keys.required)
     v1_errors = O.errors(401, 500) if keys.required else O.errors(500)
     gen_errors = (400, *((401,) if keys.required else ()), 404, 413, 429, 500, 502, 503, 504)
 
@@ -172,7 +196,7 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
         metrics.requests.labels(backend, request.url.path, str(err.status_code)).inc()
         logger.info("%s %s -> %s %d %s: %s", getattr(request.state, "request_id", "-"),
                     request.url.path, backend, err.status_code, err.error_type, err.message)
-        return json_error(err.to_openai(), err.status_code)
+        return json_error(err.to_openai(), err.status_code, err.headers())
 
     @app.exception_handler(HybridserveError)
     async def _typed(request: Request, err: HybridserveError) -> Response:
@@ -195,24 +219,22 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
 
     app.add_middleware(ContainErrors, on_error=unexpected)
 
-    async def handle(request: Request, path: str, chat: bool) -> Response:
+    async def handle(request: Request, path: str) -> Response:
         key_id = keys.check(request.headers.get("authorization"))
         raw = await read_body(request)
-        adm = admit(raw, chat, registry)
-        call = await calls.open(adm, request.headers, key_id, keys.tenant(key_id))
-        return await holder["proxy"].forward(request, call, path)
+        return await serve(request, path, raw, key_id, keys.tenant(key_id))
 
     @app.post("/v1/completions", responses=O.answers(O.Completion, *gen_errors),
               openapi_extra=O.request_body(completion_body, parameters=O.GATEWAY_HEADERS))
     async def completions(request: Request) -> Response:
         """Complete a prompt on the backend the model name, the routing policy and the budgets choose."""
-        return await handle(request, "/v1/completions", chat=False)
+        return await handle(request, "/v1/completions")
 
     @app.post("/v1/chat/completions", responses=O.answers(O.ChatCompletion, *gen_errors),
               openapi_extra=O.request_body(chat_body, parameters=O.GATEWAY_HEADERS))
     async def chat_completions(request: Request) -> Response:
         """Answer a chat on the backend the model name, the routing policy and the budgets choose."""
-        return await handle(request, "/v1/chat/completions", chat=True)
+        return await handle(request, "/v1/chat/completions")
 
     @app.get("/v1/models", responses={200: {"model": O.ModelList, "description": "every backend and alias"},
                                       **v1_errors})
@@ -241,6 +263,8 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
         """The caller's key budgets: caps, spent and reserved, and when each resets."""
         key_id = keys.check(request.headers.get("authorization"))
         return {"object": "list", "data": await store_io(ledger.status, key_id) if ledger is not None else []}
+
+    batch_api.install(app, keys, files, batches, runner, v1_errors)
 
     @app.get("/health")
     async def health() -> Response:

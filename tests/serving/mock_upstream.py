@@ -16,6 +16,8 @@ device-seconds per completion token, so budget tests see the worst case a real e
 produce. A filled stream sends FILL_ROUNDS events per choice (`delay_s` apart), then, when
 `stream_options.include_usage` asks, one usage event with the same counts. With
 `"mock_logprob": x` a filled answer that asks for logprobs gets tokens of logprob x.
+A string `"mock_tag"` is counted in /stats `tags` (how many requests carried each tag), so
+tests can see how often the gateway sent one request (a batch line, say).
 
 Run: python tests/serving/mock_upstream.py PORT NAME [LOGPROB]
 """
@@ -32,7 +34,7 @@ FILL_DEVICE_S = 1e-4
 FILL_ROUNDS = 3
 
 STATS = {"requests": 0, "streams_started": 0, "streams_finished": 0, "streams_cut": 0,
-         "last_request_id": None, "last_authorization": None, "last_body": None}
+         "last_request_id": None, "last_authorization": None, "last_body": None, "tags": {}}
 
 
 async def _body(receive) -> bytes:
@@ -82,6 +84,8 @@ def make_app(name: str, logprob: float | None = None):
         req = json.loads(await _body(receive))
         STATS["requests"] += 1
         STATS["last_body"] = req
+        if isinstance(req.get("mock_tag"), str):
+            STATS["tags"][req["mock_tag"]] = STATS["tags"].get(req["mock_tag"], 0) + 1
         STATS["last_request_id"] = headers.get(b"x-request-id", b"").decode()
         STATS["last_authorization"] = headers.get(b"authorization", b"").decode() or None
         delay = float(req.get("delay_s", 0.0))

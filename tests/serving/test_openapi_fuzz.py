@@ -18,6 +18,12 @@ arrays of at most 3 items, token ids below 256, the served model names); negativ
 step outside those narrowed bounds too. The worker runs the real tiny model with a
 128-token context.
 
+The Batch API's operations are fuzzed with real ids in reach: before the fuzz the gateway
+gets files and batches of its own (`batch_ids`), and the fuzz document offers each
+operation's id parameter (and a batch's `input_file_id`) only those, so positive cases reach
+200 (a file to read, one to delete, one to batch, a batch to read and a slow one to cancel)
+while negative cases try every other id.
+
 HYBRIDSERVE_OPENAPI_FUZZ_CASES sets the cases per operation (default 1000) and
 HYBRIDSERVE_FUZZ_SEED their seed.
 """
@@ -33,6 +39,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
+import requests
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
@@ -84,9 +91,18 @@ def cap_integer(prop: dict, most: int) -> None:
             branch["maximum"] = most
 
 
-def fuzz_document(doc: dict, models: list[str]) -> dict:
-    """A copy of a served document with generation kept cheap (the served one is unchanged)."""
+def fuzz_document(doc: dict, models: list[str], ids: dict | None = None) -> dict:
+    """A copy of a served document with generation kept cheap (the served one is unchanged);
+    `ids` maps (method, path) to {parameter: [the ids positive cases may use]}."""
     doc = copy.deepcopy(doc)
+    for (method, path), params in (ids or {}).items():
+        op = doc["paths"][path][method]
+        for p in op.get("parameters", []):
+            if p["name"] in params:
+                p["schema"] = {"type": "string", "enum": params[p["name"]]}
+        if "input_file_id" in params:
+            doc["components"]["schemas"]["BatchCreateRequest"]["properties"]["input_file_id"] = {
+                "type": "string", "enum": params["input_file_id"]}
     for name, schema in doc["components"]["schemas"].items():
         if name in ("Message", "TextPart", "StreamOptions"):
             narrow(schema)
@@ -170,6 +186,13 @@ class Target:
         content = None
         if "json" in kw:
             content = json.dumps(kw["json"]).encode()
+        elif kw.get("files") or isinstance(kw.get("data"), dict):   # multipart, as requests encodes it
+            prepared = requests.PreparedRequest()
+            prepared.prepare_headers(None)
+            prepared.prepare_body(kw.get("data"), kw.get("files"))
+            content = prepared.body if isinstance(prepared.body, bytes) else (prepared.body or "").encode()
+            headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
+            headers["content-type"] = prepared.headers.get("Content-Type", "multipart/form-data")
         elif kw.get("data") is not None:
             content = kw["data"] if isinstance(kw["data"], bytes) else str(kw["data"]).encode()
         params = {**query, **(kw.get("params") or {})}
@@ -236,11 +259,14 @@ def fuzz_operation(target: Target, op, mode: GenerationMode, n: int, tally: Tall
 
 def toothless(target: str, label: str, tally: Tally) -> list[str]:
     """What the cases of one operation failed to reach: an answer (200; for a session, one that
-    does not exist: 404), a refused body (400) on every POST, a refused key (401) on the
-    gateway's /v1 routes, and negative cases wherever the operation has something to violate.
-    Not judged below 100 cases."""
+    does not exist: 404; for a file or batch id, both), a refused body (400) on every POST
+    with a body, a refused key (401) on the gateway's /v1 routes, and negative cases wherever
+    the operation has something to violate. Not judged below 100 cases."""
     post, keyed = label.startswith("POST"), target == "gateway" and " /v1/" in label
-    want = ({404} if "{session_id}" in label else {200}) | ({400} if post else set()) | ({401} if keyed else set())
+    with_body = post and not label.endswith("/cancel")
+    named = "{file_id}" in label or "{batch_id}" in label   # the fuzz document offers real ids
+    want = (({404} if "{session_id}" in label else {200}) | ({404} if named else set())
+            | ({400} if with_body else set()) | ({401} if keyed else set()))
     missing = want - set(tally.by_status)
     out = [f"no answer of {sorted(missing)} in {tally.cases} cases"] if missing else []
     if (post or keyed) and tally.negative < CASES // 4:
@@ -257,13 +283,43 @@ def stack(tmp_path_factory):
     backends, extra = engine_backends(tmp, max_context=MAX_CONTEXT)
     native = [b for b in backends if b["name"] == NATIVE]
     try:
-        s = start_stack(tmp, [*native, mock], up_args=extra)
+        s = start_stack(tmp, [*native, mock], up_args=extra,
+                        gateway={"ledger_path": str(tmp / "ledger.sqlite"), "batch_concurrency": 8,
+                                 "request_timeout_s": 3600})
     except BaseException:
         stop_process(mock_proc, 5)
         raise
     yield s
     stop_process(s.proc)
     stop_process(mock_proc, 5)
+
+
+def batch_ids(stack) -> dict:
+    """Files and batches of the gateway's own for the fuzz to find (see the module docstring)."""
+    h = {"authorization": f"Bearer {API_KEY}"}
+
+    def upload(line: dict) -> str:
+        text = json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": line})
+        r = httpx.post(stack.url + "/v1/files", headers=h, data={"purpose": "batch"}, trust_env=False,
+                       files={"file": ("in.jsonl", text.encode())}, timeout=30)
+        assert r.status_code == 200, r.text
+        return r.json()["id"]
+
+    def batch(file_id: str) -> str:
+        r = httpx.post(stack.url + "/v1/batches", headers=h, trust_env=False, timeout=30, json={
+            "input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"})
+        assert r.status_code == 200, r.text
+        return r.json()["id"]
+
+    quick = {**base_body(True, GOOD_MODEL["gateway"]), "max_tokens": 1}
+    read, gone, source = (upload(quick) for _ in range(3))
+    done, slow = batch(source), batch(upload({**quick, "delay_s": 3000}))   # runs until cancelled
+    one = {"file_id": [read]}
+    return {("get", "/v1/files/{file_id}"): one, ("get", "/v1/files/{file_id}/content"): one,
+            ("delete", "/v1/files/{file_id}"): {"file_id": [gone]},
+            ("post", "/v1/batches"): {"input_file_id": [source]},
+            ("get", "/v1/batches/{batch_id}"): {"batch_id": [done]},
+            ("post", "/v1/batches/{batch_id}/cancel"): {"batch_id": [slow]}}
 
 
 def base_of(stack, target: str) -> str:
@@ -287,7 +343,8 @@ def test_docs_are_served_without_a_key(stack, target):
 def test_fuzz_every_operation_from_the_served_document(stack, target):
     base = base_of(stack, target)
     served = httpx.get(base + "/openapi.json", trust_env=False, timeout=10).json()
-    schema = schemathesis.openapi.from_dict(fuzz_document(served, MODELS[target]))
+    ids = batch_ids(stack) if target == "gateway" else None
+    schema = schemathesis.openapi.from_dict(fuzz_document(served, MODELS[target], ids))
     ops = [r.ok() for r in schema.get_all_operations()]
     assert len(ops) == sum(len(item) for item in served["paths"].values()) >= 5
     conn = Target(target, base)
@@ -364,11 +421,20 @@ def test_the_document_lists_every_route_served(make):
                 if status.startswith(("4", "5")) and not (path == "/health" and status == "503"):
                     assert resp["content"]["application/json"]["schema"] == {
                         "$ref": "#/components/schemas/ErrorResponse"}, (method, path, status)
-            if method == "post":
+            if method == "post" and path.endswith("/cancel"):
+                assert "requestBody" not in op and "404" in responses, path
+            elif method == "post" and path == "/v1/files":
+                form = op["requestBody"]["content"]["multipart/form-data"]["schema"]
+                assert set(form["required"]) == {"file", "purpose"} and "400" in responses
+            elif method == "post":
                 ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
                 body = schemas[ref.rsplit("/", 1)[1]]
-                assert {"model"} <= set(body["required"])
-                assert body["additionalProperties"] == {"$ref": "#/components/schemas/JsonValue"}
+                if path == "/v1/batches":
+                    assert set(body["required"]) == {"input_file_id", "endpoint", "completion_window"}
+                    assert body["additionalProperties"] is False
+                else:
+                    assert {"model"} <= set(body["required"])
+                    assert body["additionalProperties"] == {"$ref": "#/components/schemas/JsonValue"}
                 assert "400" in responses
     assert set(schemas["ErrorDetail"]["required"]) == {"message", "type", "param", "code"}
 
