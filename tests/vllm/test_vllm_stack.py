@@ -136,6 +136,23 @@ def test_completion_and_stream_through_gateway(client, arch):
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
+def test_cached_tokens_look_alike_for_both_engines(client, arch):
+    """vLLM runs with --enable-prompt-tokens-details, so its answers carry OpenAI's cached_tokens as
+    the native worker's do; its prefix cache is on for the transformer, off (as it must be on CPU)
+    for the hybrid, where the native engine still hits. The gateway's own cache_salt reaches both."""
+    head = PROMPTS[2] * 2
+    for engine in ("vllm", "native"):
+        model = f"{engine}-{arch}"
+        client.completions.create(model=model, prompt=head + "first", max_tokens=2, temperature=0)
+        again = client.completions.create(model=model, prompt=head + "second", max_tokens=2, temperature=0)
+        cached = again.usage.prompt_tokens_details.cached_tokens
+        if engine == "vllm" and arch == "hybrid":
+            assert cached == 0
+        else:
+            assert 0 < cached < again.usage.prompt_tokens, (model, cached)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
 def test_chat_and_stream_through_gateway(client, arch):
     model = f"vllm-{arch}"
     kw = dict(model=model, messages=MESSAGES, max_completion_tokens=10, temperature=0.0)
