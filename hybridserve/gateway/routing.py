@@ -138,7 +138,12 @@ def checkpoint_shape(b: BackendConfig) -> tuple[int, dict | None] | None:
         path = Path(ref).expanduser()
         if b.engine == "remote":
             return None
-        if path.is_file():   # a single-file checkpoint (GGUF): its size says roughly how many
+        if path.is_file() and path.suffix.lower() == ".gguf":  # its header has the shape (torch-free)
+            from hybridserve.models.gguf import header_config
+
+            cfg = header_config(path)
+            return config_params(cfg), cfg
+        if path.is_file():   # another single-file checkpoint: its size says roughly how many
             params = file_params(path)
             return (params, None) if params else None
         if not path.is_dir():

@@ -95,3 +95,19 @@ def test_cached_tokens_cost_no_prefill_in_the_table():
 def test_affinity_off_keeps_no_memory():
     router, _ = _router(prefix_affinity=False)
     assert router.affinity is None
+
+
+def test_a_gguf_checkpoint_is_priced_from_its_header_not_its_file_size():
+    """A quantized GGUF's size says little about its parameters (Q4_1 SmolLM2-135M reads as 176M);
+    the header's config gives the count the economics seed needs (134.5M)."""
+    from hybridserve.config import BackendConfig
+    from hybridserve.gateway.routing import checkpoint_shape
+    from hybridserve.models.builtin import packaged_gguf
+    from hybridserve.router.estimate import file_params
+
+    path = packaged_gguf("smollm2-135m-instruct")
+    b = BackendConfig(name="s", arch="transformer", engine="native", checkpoint=str(path), price_per_hour=1.0)
+    params, cfg = checkpoint_shape(b)
+    assert cfg["hidden_size"] == 576 and cfg["num_hidden_layers"] == 30
+    assert 130e6 < params < 140e6
+    assert abs(file_params(path) - params) > 0.2 * params  # what the file size alone would have said
