@@ -209,6 +209,24 @@ class BudgetConfig(_Strict):
         return self
 
 
+class RateLimitConfig(_Strict):
+    """Requests and worst-case tokens per minute for one API key, or each key ('*')."""
+
+    name: str = Field("default", min_length=1)
+    key: str = Field("*", description="sha256 hex of one API key, or '*' for every key (each its own)")
+    rpm: int | None = Field(None, ge=1, description="requests per minute")
+    tpm: int | None = Field(None, ge=1, description="tokens per minute: prompt upper bound + max_tokens "
+                                                    "of every completion asked for")
+
+    @model_validator(mode="after")
+    def _has_limit(self) -> "RateLimitConfig":
+        if self.rpm is None and self.tpm is None:
+            raise ValueError(f"rate limit '{self.name}' limits nothing: set `rpm`, `tpm` or both")
+        if self.key != "*" and not re.match(r"^[0-9a-f]{64}$", self.key):
+            raise ValueError("rate limit `key` must be '*' or a sha256 hex digest (`hybridserve hash-key KEY`)")
+        return self
+
+
 RUNG_RESERVED = ("model", "prompt", "messages", "stream", "stream_options")
 
 
@@ -278,6 +296,8 @@ class GatewayConfig(_Strict):
                                "(running + waiting) is at most this much above the least-loaded candidate's")
     # budgets (hybridserve/gateway/ledger.py, governor.py)
     budgets: list[BudgetConfig] = Field(default_factory=list)
+    rate_limits: list[RateLimitConfig] = Field(default_factory=list, description="per-key requests and "
+                                               "tokens per minute (shared through state_url when set)")
     ledger_path: str = "hybridserve-ledger.sqlite"
     state_url: str | None = Field(None, description="redis://HOST:PORT/DB: budgets and sessions shared "
                                   "by every gateway replica naming it (instead of SQLite and memory)")

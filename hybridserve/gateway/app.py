@@ -51,6 +51,7 @@ from hybridserve.gateway.routing import Router
 from hybridserve.gateway.auth import KeyChecker
 from hybridserve.gateway.metrics import GatewayMetrics
 from hybridserve.gateway.proxy import Proxy
+from hybridserve.gateway.ratelimit import rate_limiter
 from hybridserve.gateway.registry import Registry
 from hybridserve.gateway.shared_state import RedisLedger, RedisSessions, connect
 
@@ -136,7 +137,8 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
     registry = Registry.from_config(cfg)
     router = Router(cfg, registry)
     ledger, sessions = budget_stores(cfg.gateway)
-    calls = Calls(cfg, router, ledger, sessions)
+    limiter = rate_limiter(cfg.gateway.rate_limits, cfg.gateway.state_prefix, getattr(sessions, "r", None))
+    calls = Calls(cfg, router, ledger, sessions, limiter)
     metrics = GatewayMetrics(registry, router, sessions)
     holder: dict[str, Proxy] = {}
     db_path, files_dir = batch_paths(cfg.gateway)

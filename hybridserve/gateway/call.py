@@ -327,8 +327,9 @@ class Calls:
     """Opens a `Call` per admitted request (routing, governor, ledger and sessions together)."""
 
     def __init__(self, cfg: HybridserveConfig, router: Router, ledger: BudgetStore | None,
-                 sessions: SessionBook):
+                 sessions: SessionBook, limiter: Any = None):
         self.gw = cfg.gateway
+        self.limiter = limiter     # gateway.rate_limits (ratelimit.py), or None
         self.router = router
         self.ledger = ledger       # SQLite or Redis (gateway.app.budget_stores)
         self.sessions = sessions   # in memory or Redis
@@ -354,6 +355,8 @@ class Calls:
                     cache_salt=tenant_salt(owner, adm.data.get("cache_salt")))
         call.rung_controls = self.rung_controls(adm, route)
         worst = self.worst_case(adm, route)
+        if self.limiter is not None:
+            await self.limiter.admit(key_id, worst.tokens(route.max_tokens))
         sid = headers.get("x-session-id")
         if sid:
             call.hold = await self.sessions.hold(sid[:128], worst.fixed, route.max_tokens, worst.usd, owner,
