@@ -36,13 +36,14 @@ import logging
 import time
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from hybridserve import protocol as P
 from hybridserve.errors import BackendUnavailableError, GatewayTimeoutError, OverloadedError, UpstreamError
 from hybridserve.gateway.call import Call, confidence, question_and_answer
 from hybridserve.gateway.metrics import GatewayMetrics
 from hybridserve.gateway.registry import BackendState, Registry
+from hybridserve.gateway.relay import RelayResponse, Saturated, saturation, tap_usage
 from hybridserve.gateway.routing import RouteRung
 from hybridserve.router.policies import should_escalate
 from hybridserve.router.policies.verify import judge_prompt, verdict_score
@@ -60,86 +61,6 @@ class _Unreachable(Exception):
 
 class _ClientGone(Exception):
     pass
-
-
-class Saturated(OverloadedError):
-    """A backend refused with 429 `queue_full`: the next candidate is tried; left uncaught (a
-    cascade step, a pinned backend) it is the client's 429 with the backend's Retry-After."""
-
-    def __init__(self, backend: str, retry_after_s: float):
-        super().__init__(f"backend '{backend}' is saturated (its queue is full); retry later",
-                         retry_after_s, code="queue_full")
-        self.backend = backend
-
-
-def saturation(b: BackendState, status: int, headers: dict[bytes, bytes], body: bytes) -> Saturated | None:
-    """A worker's (or vLLM's) overload answer as `Saturated`; None for any other answer,
-    a budget 429 included."""
-    if status != 429:
-        return None
-    try:
-        code = (json.loads(body).get("error") or {}).get("code")
-    except (ValueError, AttributeError):
-        return None
-    if code != "queue_full":
-        return None
-    try:
-        retry = float(headers.get(b"retry-after", b"1"))
-    except ValueError:
-        retry = 1.0
-    return Saturated(b.name, retry)
-
-
-class RelayResponse(StreamingResponse):
-    """A streaming response that always releases its upstream stream, however it ends."""
-
-    def __init__(self, body, close, **kw):
-        super().__init__(body, **kw)
-        self._close = close
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._close()
-
-
-_USAGE = b'"usage":{'
-_NULL_USAGE = b',"usage":null'
-
-
-async def tap_usage(chunks, on_usage, keep_usage: bool):
-    """Relay SSE bytes as they come; the event that carries `usage` goes through `on_usage`
-    (which returns it amended with the receipt). With `keep_usage` false (the gateway asked
-    for usage, not the client) that event and the `"usage":null` of other chunks are dropped.
-    Whole events without usage pass as they are; only a usage event is parsed."""
-    buf = b""
-    async for chunk in chunks:
-        if not buf and chunk.endswith(b"\n\n") and _USAGE not in chunk:
-            yield chunk if keep_usage else chunk.replace(_NULL_USAGE, b"")
-            continue
-        buf += chunk
-        cut = buf.rfind(b"\n\n")
-        if cut < 0:
-            continue
-        done, buf = buf[:cut + 2], buf[cut + 2:]
-        out = []
-        for event in done.split(b"\n\n")[:-1]:
-            if _USAGE in event and event.startswith(b"data: {"):
-                obj = json.loads(event[6:])
-                if isinstance(obj.get("usage"), dict):
-                    obj["usage"] = on_usage(obj["usage"])
-                if keep_usage:
-                    out.append(P.sse(obj))
-                elif obj.get("choices"):
-                    obj.pop("usage", None)
-                    out.append(P.sse(obj))
-            else:
-                out.append(event + b"\n\n" if keep_usage else event.replace(_NULL_USAGE, b"") + b"\n\n")
-        if out:
-            yield b"".join(out)
-    if buf:
-        yield buf
 
 
 class Proxy:

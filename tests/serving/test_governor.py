@@ -10,7 +10,7 @@ from hybridserve import protocol as P
 from hybridserve.config import GatewayConfig
 from hybridserve.errors import BudgetExceededError, InvalidRequestError
 from hybridserve.gateway import governor as G
-from hybridserve.gateway.proxy import tap_usage
+from hybridserve.gateway.relay import tap_usage
 
 GW = GatewayConfig(auth="disabled")
 
