@@ -152,7 +152,8 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
         call = await calls.open(adm, request.headers, key_id, owner)
         return await holder["proxy"].forward(request, call, path)
 
-    runner = BatchRunner(batches, files, batch_api.executor(serve), cfg.gateway.batch_concurrency)
+    runner = BatchRunner(batches, files, batch_api.executor(serve), cfg.gateway.batch_concurrency,
+                         on_line=metrics.batch_line)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):

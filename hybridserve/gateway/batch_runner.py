@@ -79,7 +79,8 @@ def line_body(line: Line) -> bytes:
 
 class BatchRunner:
     def __init__(self, store: BatchStore, files: FileStore, execute: Execute, concurrency: int,
-                 clock=time.time):
+                 clock=time.time, on_line=None):
+        self.on_line = on_line      # told each line's final status (the gateway's metrics)
         self.store = store
         self.files = files
         self.execute = execute
@@ -225,6 +226,8 @@ class BatchRunner:
             logger.info("%s batch %s line %d: %d, trying again in %.1fs", rid, row["id"], line.no, a.status, wait)
             await asyncio.sleep(wait)
         self.store.record(row["id"], line.no, LineResult(a.status, rid, a.body))
+        if self.on_line is not None:
+            self.on_line(a.status)
 
     async def _finalize(self, batch_id: str, reason: LineResult | None = None) -> None:
         row = self.store.get(batch_id)

@@ -95,6 +95,8 @@ class GatewayMetrics:
                                 registry=self.prom)
         self.errors = Counter("hybridserve_gateway_errors", "Error responses, by backend and "
                               "error type.", ["backend", "type"], registry=self.prom)
+        self.batch_lines = Counter("hybridserve_gateway_batch_lines", "Batch API lines run, by outcome "
+                                   "(ok: a 200 answer; error: an error line).", ["outcome"], registry=self.prom)
         self.added = Histogram("hybridserve_gateway_added_latency_seconds", "Time the gateway "
                                "itself adds to a request (before the upstream call plus after "
                                "its answer).", ["backend"], buckets=ADDED_BUCKETS,
@@ -102,6 +104,9 @@ class GatewayMetrics:
         self.upstream = Histogram("hybridserve_gateway_upstream_latency_seconds", "Upstream time "
                                   "to response headers (streams) or full body.", ["backend"],
                                   buckets=UPSTREAM_BUCKETS, registry=self.prom)
+
+    def batch_line(self, status: int) -> None:
+        self.batch_lines.labels("ok" if status == 200 else "error").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.prom)

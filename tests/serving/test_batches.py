@@ -183,6 +183,9 @@ def test_openai_client_round_trip(stack, mock):
     assert totals["cost_usd"] == pytest.approx(sum(u["cost_usd"] for u in by_id.values()), rel=1e-6)
     assert totals["completion_tokens"] == 18
     assert b.id in [x.id for x in client.batches.list(limit=100)]
+    metrics = httpx.get(stack.url + "/metrics", trust_env=False).text
+    ok = [l for l in metrics.splitlines() if l.startswith('hybridserve_gateway_batch_lines_total{outcome="ok"}')]
+    assert ok and float(ok[0].rsplit(" ", 1)[1]) >= 6
     assert f.id in [x.id for x in client.files.list()]
     out_file = client.files.retrieve(b.output_file_id)
     assert out_file.purpose == "batch_output" and out_file.bytes > 0
