@@ -150,10 +150,12 @@ def main() -> int:
     out: dict = {"bench": "batch", "models": models, "lines": a.lines, "max_tokens": a.max_tokens,
                  "concurrency": a.concurrency}
     with Stack(str(cfg), None, folder / "up.log") as stack:
-        url = stack.url
+        url = stack.url.removesuffix("/v1")  # the gateway root; paths below name /v1 themselves
         print(f"stack up at {url}; logs in {folder}", flush=True)
         asyncio.run(burst(url, [r["body"] for r in rows[:4]], 4))  # warm-up
         wall, toks, codes = asyncio.run(burst(url, [r["body"] for r in rows], a.concurrency))
+        if codes.count(200) == 0:
+            raise SystemExit(f"no request answered 200 (statuses {sorted(set(codes))}); see {folder / 'up.log'}")
         out["interactive_tok_s"] = toks / wall
         print(f"1. interactive burst: {toks} tokens in {wall:.1f} s = {toks / wall:.1f} tok/s "
               f"({codes.count(200)} x 200, {codes.count(429)} x 429)", flush=True)
