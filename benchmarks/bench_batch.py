@@ -100,13 +100,13 @@ async def probes(url: str, n: int) -> list[float]:
     async with httpx.AsyncClient(timeout=300, trust_env=False) as c:
         for _ in range(n):
             t0 = time.perf_counter()
+            first = None
             async with c.stream("POST", url + "/v1/completions", json=body) as r:
-                async for line in r.aiter_lines():
-                    if line.startswith("data: ") and '"choices":[{' in line:
-                        out.append(time.perf_counter() - t0)
-                        break
-                async for _ in r.aiter_raw():
-                    pass
+                async for line in r.aiter_lines():  # read to the end: the next probe starts idle
+                    if first is None and line.startswith("data: ") and '"choices":[{' in line:
+                        first = time.perf_counter() - t0
+            if first is not None:
+                out.append(first)
     return out
 
 
