@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridserve.config import BackendConfig, ConfigError, HybridserveConfig
-from hybridserve.errors import BackendUnavailableError, InvalidRequestError
+from hybridserve.errors import BackendUnavailableError, InvalidRequestError, OverloadedError
 from hybridserve.gateway.affinity import Hint, PrefixAffinity
 from hybridserve.gateway.outcome import cached_tokens
 from hybridserve.gateway.registry import BackendState, Registry
@@ -157,6 +157,14 @@ def checkpoint_shape(b: BackendConfig) -> tuple[int, dict | None] | None:
         return None
 
 
+def capacity(b: BackendConfig) -> int | None:
+    """Requests a backend holds at once before refusing (running seats + waiting queue); None
+    when it has no bound the gateway knows (vLLM, remote)."""
+    if b.engine != "native":
+        return None
+    return b.native.max_num_seqs + b.native.max_num_waiting
+
+
 def split_model(model: str) -> tuple[str, str | None]:
     """`auto:fastest` → ("auto", "fastest"); anything else → (model, None)."""
     if model.startswith("auto:"):
@@ -250,6 +258,24 @@ class Router:
 
     # ---------------------------------------------------------------- per request
 
+    def with_room(self, candidates: list[BackendState], prompt_tokens: int, cap: int) -> list[BackendState]:
+        """The candidates whose requests in flight from this gateway leave room in their queue
+        (native workers: max_num_seqs + max_num_waiting); when none has any, a 429 at once, with
+        Retry-After from the economics table, rather than a round trip to each worker to hear it."""
+        full = [b for b in candidates if b.healthy and capacity(b.config) is not None
+                and b.inflight >= capacity(b.config)]
+        if not full or len(full) < len([b for b in candidates if b.healthy]):
+            return [b for b in candidates if b not in full]
+        waits = []
+        for b in full:
+            seats = b.config.native.max_num_seqs
+            e2e = self.table.predict(b.name, prompt_tokens, cap, seats).e2e_s
+            waits.append(e2e * (b.inflight - seats + 1) / seats)
+        names = ", ".join(b.name for b in full)
+        raise OverloadedError(f"every backend that could take the request is saturated ({names}: queues "
+                              "full); retry later", min(60.0, max(1.0, min(waits))),
+                              code="all_backends_saturated")
+
     def view(self, b: BackendState, cached_tokens: int = 0) -> BackendView:
         c = b.config
         return BackendView(b.name, c.arch, c.tier, c.price_per_hour, c.max_context, b.healthy,
@@ -308,6 +334,7 @@ class Router:
                                       "gateway.verifier in models.yaml", param="model")
         if step_kind and any(r.step_kind == step_kind for r in self.step_rules):
             pol = Rules(self.step_rules, pol)
+        candidates = self.with_room(candidates, prompt_tokens, cap)
         pool = [b for b in candidates if b.name in preferred] or candidates
         views, notes = self.views(pool, hints or {})
         snap = Snapshot(views, self.table, self.tier_order, self.quality)
