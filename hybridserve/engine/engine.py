@@ -65,13 +65,11 @@ class EngineConfig:
 
 
 def snapshot_interval(config: EngineConfig, args) -> int:
-    """Tokens between a hybrid's periodic snapshots: a whole number of blocks (ValueError otherwise)."""
-    bs = config.block_size
+    """Tokens between a hybrid's periodic snapshots: as configured (the scheduler checks it is whole
+    blocks), else the model's Mamba chunk size rounded up to whole blocks."""
     if config.mamba_snapshot_interval is not None:
-        if config.mamba_snapshot_interval % bs:
-            raise ValueError(f"native.mamba_snapshot_interval ({config.mamba_snapshot_interval}) must be a "
-                             f"multiple of native.block_size ({bs})")
         return config.mamba_snapshot_interval
+    bs = config.block_size
     chunk = args.mamba.chunk_size if args.mamba is not None else bs
     return -(-chunk // bs) * bs
 
@@ -174,7 +172,8 @@ class LLMEngine:
         self._prompt_tokens_total += len(prompt_ids)
 
     def retry_after_s(self) -> float:
-        """When the waiting queue should have room: its work at the recent token rate (1-300 s)."""
+        """When the queue should next have room: one waiting request's mean work (prompt left + tokens to
+        generate) at the recent token rate, about the time the head of the queue takes to move (1-300 s)."""
         work = sum(s.num_uncomputed + s.params.max_tokens - len(s.output_ids)
                    for q in (self.scheduler.waiting, self.scheduler.waiting_batch) for s in q)
         work //= max(1, len(self.scheduler.waiting) + len(self.scheduler.waiting_batch))  # the next one's wait
@@ -205,7 +204,8 @@ class LLMEngine:
         elapsed = time.perf_counter() - t0
         self.scheduler.update_from_output(sched)
         total = sched.num_tokens
-        self._tok_s = total / elapsed if self._tok_s == 0 else 0.9 * self._tok_s + 0.1 * total / max(elapsed, 1e-6)
+        rate = total / max(elapsed, 1e-6)
+        self._tok_s = rate if self._tok_s == 0 else 0.9 * self._tok_s + 0.1 * rate
         for seq, n in sched.entries:
             seq.metrics.device_seconds += elapsed * n / total
             self._tokens_by_priority[seq.params.priority] += n

@@ -23,11 +23,9 @@ class ModelRunner:
         self.device = torch.device(device)
         self.sampler = Sampler(seed)
 
-    def prepare(self, entries, snapshots: list[Snapshot] = ()) -> ForwardBatch:
-        """Pack (sequence, num_tokens) entries, which must already be ordered decodes first.
-
-        Snapshots strictly inside a prefill chunk go to the batch (the Mamba layers keep
-        them from the scan); those at a chunk's end are copied from the seat after the step."""
+    def prepare(self, entries, inner: list[Snapshot] = ()) -> ForwardBatch:
+        """Pack (sequence, num_tokens) entries, which must already be ordered decodes first, with the
+        snapshots strictly inside a prefill chunk (the Mamba layers keep them from the scan)."""
         bs = self.cache.block_size
         ids, starts, lens, ctx = [], [], [], []
         for seq, n in entries:
@@ -54,8 +52,7 @@ class ModelRunner:
             slot_mapping = torch.zeros_like(positions)
         slots = [seq.slot if seq.slot is not None else 0 for seq, _ in entries]
         row_of = {id(seq): row for row, (seq, _) in enumerate(entries)}
-        inner = sorted((s for s in snapshots if s.position < ctx[row_of[id(s.seq)]]),
-                       key=lambda s: (row_of[id(s.seq)], s.position))
+        inner = sorted(inner, key=lambda s: (row_of[id(s.seq)], s.position))
         prefill_start = int(cu[num_decodes])
         dev = self.device
         return ForwardBatch(
@@ -76,11 +73,11 @@ class ModelRunner:
         if sched.state_copies:
             self.cache.copy_states(*map(list, zip(*sched.state_copies)))
         entries = sorted(sched.entries, key=lambda e: not (e[1] == 1 and e[0].num_computed > 0))
-        n_of = {id(seq): n for seq, n in entries}
-        batch = self.prepare(entries, sched.snapshots)
-        logits = self.model(batch, self.cache.tensors)
-        ends = [(s.seq.slot, s.slot) for s in sched.snapshots if s.position == s.seq.num_computed + n_of[id(s.seq)]]
-        if ends:
+        end_of = {id(seq): seq.num_computed + n for seq, n in entries}
+        inner = [s for s in sched.snapshots if s.position < end_of[id(s.seq)]]
+        ends = [(s.seq.slot, s.slot) for s in sched.snapshots if s.position == end_of[id(s.seq)]]
+        logits = self.model(self.prepare(entries, inner), self.cache.tensors)
+        if ends:  # snapshots at a chunk's end: the seat holds that state once the step ran
             self.cache.copy_states(*map(list, zip(*ends)))
         done = [i for i, (seq, n) in enumerate(entries) if seq.num_computed + n == seq.num_tokens]
         if not done:

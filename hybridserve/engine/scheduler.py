@@ -120,17 +120,16 @@ class Scheduler:
     def _make_room(self, out: SchedulerOutput) -> None:
         """An interactive request is waiting for a seat or memory that running batch work holds:
         preempt batch sequences, newest first, until it fits (they resume from the cache later)."""
-        if not self.waiting:
+        batch = [s for s in self.running if s.is_batch]
+        if not self.waiting or not batch or len(self.running) - len(batch) >= self.max_num_seqs:
             return
         head = self.waiting[0]
         hit = self._lookup(head)
         n = min(head.num_tokens - hit.num_tokens, self.max_num_batched_tokens)
         need = self.cache.blocks_needed(hit.num_tokens + n, len(hit.blocks))
-        batch = [s for s in self.running if s.is_batch]
         refs = self.cache.blocks.ref_count
         freeable = sum(1 for s in batch for b in s.block_ids if refs[b] == 1)
-        if (not batch or len(self.running) - len(batch) >= self.max_num_seqs
-                or need + self.cache.blocks.num_free_among(hit.blocks) > self.cache.num_free_blocks + freeable):
+        if need + self.cache.blocks.num_free_among(hit.blocks) > self.cache.num_free_blocks + freeable:
             return  # preempting batch work would not let it in: leave that work running
         while batch and (len(self.running) >= self.max_num_seqs
                          or not self.cache.can_allocate(need, need_slot=True, hit=hit)):
@@ -154,15 +153,14 @@ class Scheduler:
         seq.num_named_blocks = len(hit.blocks)
         if hit.snapshot is not None:
             out.state_copies.append((hit.snapshot, seq.slot))
-        if seq.num_cached_tokens is None:  # a preempted sequence's second admission is not a query
-            seq.num_cached_tokens = seq.metrics.cached_tokens = hit.num_tokens
+        if seq.metrics.first_scheduled_time is None:  # a preempted sequence's second admission is no query
+            seq.metrics.first_scheduled_time = time.time()
+            seq.metrics.cached_tokens = hit.num_tokens
             out.cached.append((seq, hit.num_tokens))
             if self.prefix_caching:
                 self.prefix_queries += len(seq.prompt_ids)
                 self.prefix_hits += hit.num_tokens
         seq.status = SeqStatus.RUNNING
-        if seq.metrics.first_scheduled_time is None:
-            seq.metrics.first_scheduled_time = time.time()
         self.running.append(seq)
 
     def _plan_snapshots(self, out: SchedulerOutput) -> None:

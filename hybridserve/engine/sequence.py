@@ -64,7 +64,6 @@ class Sequence:
         self.salt = salt  # names this sequence's blocks in the prefix cache: the model's, maybe a tenant's
         self._block_hashes: list[bytes] = []
         self.num_named_blocks = 0  # leading blocks published in the prefix cache (hashed)
-        self.num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at first admission
         self.finish_reason: FinishReason | None = None
         self.metrics = RequestMetrics(prompt_tokens=len(prompt_ids), arrival_time=arrival_time or time.time())
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
