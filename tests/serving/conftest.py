@@ -191,6 +191,22 @@ def start_stack(tmp: Path, backends: list[dict], gateway: dict | None = None,
     return stack
 
 
+def native_and_mock_stack(tmp: Path, native: str, max_context: int = 512, gateway: dict | None = None):
+    """A stack of one tiny native backend (`native`) and a mock upstream `up1`; yields the stack
+    and stops both (a fixture's body: `yield from native_and_mock_stack(...)`)."""
+    mock_proc, mock = start_mock_upstream(tmp, "up1")
+    backends, extra = engine_backends(tmp, max_context=max_context)
+    try:
+        s = start_stack(tmp, [*[b for b in backends if b["name"] == native], mock], gateway=gateway,
+                        up_args=extra)
+    except BaseException:
+        stop_process(mock_proc, 5)
+        raise
+    yield s
+    stop_process(s.proc)
+    stop_process(mock_proc, 5)
+
+
 @pytest.fixture(scope="module")
 def engine_stack(tmp_path_factory) -> Stack:
     tmp = tmp_path_factory.mktemp("stack")

@@ -135,6 +135,12 @@ async def _filled_stream(send, receive, name: str, req: dict, delay: float) -> N
     if (req.get("stream_options") or {}).get("include_usage"):
         events.append({"id": "cmpl-mock", "object": "text_completion", "created": 0, "model": name,
                        "choices": [], "usage": answer["usage"]})
+    await _send_events(send, receive, events, delay)
+
+
+async def _send_events(send, receive, events, delay: float) -> None:
+    """Stream `events` (an iterable of dicts, which may raise mid-way) as SSE, `delay` apart, then
+    [DONE]; stop early when the client disconnects, counting how the stream ended in STATS."""
     STATS["streams_started"] += 1
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/event-stream")]})
@@ -154,27 +160,15 @@ async def _filled_stream(send, receive, name: str, req: dict, delay: float) -> N
 
 
 async def _stream(send, receive, name: str, n: int, delay: float, crash_after: int | None) -> None:
-    STATS["streams_started"] += 1
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"text/event-stream")]})
-    disconnected = asyncio.ensure_future(receive())
-    try:
+    def chunks():
         for i in range(n):
             if crash_after is not None and i == crash_after:
                 raise RuntimeError("mock upstream crashes mid-stream")
-            chunk = {"id": "cmpl-mock", "object": "text_completion", "created": 0, "model": name,
-                     "choices": [{"index": 0, "text": f"t{i} ", "logprobs": None,
-                                  "finish_reason": "length" if i == n - 1 else None}]}
-            await send({"type": "http.response.body", "more_body": True,
-                        "body": b"data: " + json.dumps(chunk).encode() + b"\n\n"})
-            done, _ = await asyncio.wait({disconnected}, timeout=delay or 0)
-            if done and disconnected.result()["type"] == "http.disconnect":
-                STATS["streams_cut"] += 1
-                return
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
-        STATS["streams_finished"] += 1
-    finally:
-        disconnected.cancel()
+            yield {"id": "cmpl-mock", "object": "text_completion", "created": 0, "model": name,
+                   "choices": [{"index": 0, "text": f"t{i} ", "logprobs": None,
+                                "finish_reason": "length" if i == n - 1 else None}]}
+
+    await _send_events(send, receive, chunks(), delay)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from tests.serving.conftest import engine_backends, start_mock_upstream, start_stack, stop_process
+from tests.serving.conftest import native_and_mock_stack
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -324,18 +324,7 @@ class Prober:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("hostile")
-    mock_proc, mock = start_mock_upstream(tmp, "up1")
-    backends, extra = engine_backends(tmp)
-    native = [b for b in backends if b["name"] == NATIVE]
-    try:
-        s = start_stack(tmp, [*native, mock], up_args=extra)
-    except BaseException:
-        stop_process(mock_proc, 5)
-        raise
-    yield s
-    stop_process(s.proc)
-    stop_process(mock_proc, 5)
+    yield from native_and_mock_stack(tmp_path_factory.mktemp("hostile"), NATIVE)
 
 
 TARGETS = {"gateway": (["up1", "up1", "up1", NATIVE], "up1"), "worker": ([NATIVE], NATIVE)}

@@ -47,8 +47,7 @@ from hypothesis import strategies as st  # noqa: E402
 from hypothesis.errors import Unsatisfiable  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
 
-from tests.serving.conftest import (API_KEY, engine_backends, start_mock_upstream, start_stack,  # noqa: E402
-                                    stop_process)
+from tests.serving.conftest import API_KEY, native_and_mock_stack  # noqa: E402
 from tests.serving.test_hostile_input import base_body, local_port, openai_error_problem  # noqa: E402
 
 CASES = int(os.environ.get("HYBRIDSERVE_OPENAPI_FUZZ_CASES", "1000"))
@@ -279,19 +278,9 @@ def toothless(target: str, label: str, tally: Tally) -> list[str]:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("openapi-fuzz")
-    mock_proc, mock = start_mock_upstream(tmp, "up1")
-    backends, extra = engine_backends(tmp, max_context=MAX_CONTEXT)
-    native = [b for b in backends if b["name"] == NATIVE]
-    try:
-        s = start_stack(tmp, [*native, mock], up_args=extra,
-                        gateway={"ledger_path": str(tmp / "ledger.sqlite"), "batch_concurrency": 8,
-                                 "request_timeout_s": 3600})
-    except BaseException:
-        stop_process(mock_proc, 5)
-        raise
-    yield s
-    stop_process(s.proc)
-    stop_process(mock_proc, 5)
+    yield from native_and_mock_stack(tmp, NATIVE, MAX_CONTEXT,
+                                     {"ledger_path": str(tmp / "ledger.sqlite"), "batch_concurrency": 8,
+                                      "request_timeout_s": 3600})
 
 
 def batch_ids(stack) -> dict:
