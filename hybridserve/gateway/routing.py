@@ -157,6 +157,11 @@ def checkpoint_shape(b: BackendConfig) -> tuple[int, dict | None] | None:
         return None
 
 
+def _what(via: str) -> str:
+    """A route reason's name for what a backend holds: this session's prefix, this prefix, ..."""
+    return "this prefix" if via == "prefix" else f"this {via}'s prefix"
+
+
 def capacity(b: BackendConfig) -> int | None:
     """Requests a backend holds at once before refusing (running seats + waiting queue); None
     when it has no bound the gateway knows (vLLM, remote)."""
@@ -292,10 +297,10 @@ class Router:
                 views.append(self.view(b))
             elif b.load() > least + self.affinity_slack:
                 views.append(self.view(b))
-                notes[b.name] = f"{b.name} holds this {h.via}'s prefix but is busy (load {b.load():g})"
+                notes[b.name] = f"{b.name} holds {_what(h.via)} but is busy (load {b.load():g})"
             else:
                 views.append(self.view(b, h.tokens))
-                notes[b.name] = f"{b.name} holds ~{h.tokens} tokens of this {h.via}'s prefix"
+                notes[b.name] = f"{b.name} holds ~{h.tokens} tokens of {_what(h.via)}"
         return tuple(views), notes
 
     def group_tier(self, model: str, policy: str, deep: bool = False) -> tuple[str | None, bool]:
