@@ -117,8 +117,8 @@ class Proxy:
                 self.metrics.errors.labels(b.name, "saturated").inc()
                 logger.info("%s backend %s saturated; trying the next", request.state.request_id, b.name)
         if full:
-            if len(full) == 1 and len(tried) == 1:
-                raise full[0]
+            if call.adm.pinned and len(full) == 1 and len(tried) == 1:
+                raise full[0]  # the one backend the client named: its own answer
             raise OverloadedError("every backend that could take the request is saturated ("
                                   + "; ".join(tried) + "); retry later",
                                   min(e.retry_after_s for e in full), code="all_backends_saturated")
