@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -152,8 +153,9 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
         call = await calls.open(adm, request.headers, key_id, owner)
         return await holder["proxy"].forward(request, call, path)
 
+    # the batch lease holder: this host and port, so a gateway restarted in place resumes its own at once
     runner = BatchRunner(batches, files, batch_api.executor(serve), cfg.gateway.batch_concurrency,
-                         on_line=metrics.batch_line)
+                         on_line=metrics.batch_line, holder=f"{socket.gethostname()}:{cfg.gateway.port}")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -303,7 +305,9 @@ def serve_gateway(cfg: HybridserveConfig, host: str | None = None, port: int | N
     """Run the gateway in this process until SIGINT/SIGTERM (in-flight requests drain)."""
     import uvicorn
 
+    if port:
+        cfg = cfg.model_copy(update={"gateway": cfg.gateway.model_copy(update={"port": port})})
     app = create_app(cfg)
-    uvicorn.run(app, host=host or cfg.gateway.host, port=port or cfg.gateway.port,
+    uvicorn.run(app, host=host or cfg.gateway.host, port=cfg.gateway.port,
                 log_level=log_level, access_log=False, timeout_keep_alive=75,
                 timeout_graceful_shutdown=30, lifespan="on")

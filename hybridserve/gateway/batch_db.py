@@ -3,7 +3,10 @@
 It lives beside the budget ledger (`batch_paths`): `hybridserve-batches.sqlite` and a
 `hybridserve-files` folder, unless `gateway.files_dir` names the folder. Nothing is created
 on disk until a file is uploaded: a gateway that never sees the Batch API leaves no trace,
-and one restarted over an existing database resumes what it holds.
+and one restarted over an existing database resumes what it holds. Gateway replicas that
+share the file (one host, or one volume) share the batches: each batch is run by the replica
+holding its lease (see batch_runner), and a write waits up to BUSY_TIMEOUT_MS for another
+replica's.
 
 Like the ledger, it runs in WAL mode with synchronous=NORMAL: a committed row survives a
 crash of the gateway process. All access goes through one lock, so batch validation may
@@ -43,6 +46,9 @@ _SCHEMA = (
     PRIMARY KEY (batch_id, line))""",
     "CREATE INDEX IF NOT EXISTS batch_lines_by_state ON batch_lines (batch_id, state)",
 )
+# Columns added after the first release: (table, column, type); added to an older database on open.
+_ADDED = (("batches", "lease_holder", "TEXT"), ("batches", "lease_until", "REAL"))
+BUSY_TIMEOUT_MS = 10_000   # replicas sharing the file wait this long for each other's writes
 
 
 def batch_paths(gw: GatewayConfig) -> tuple[Path, Path]:
@@ -71,8 +77,12 @@ class BatchDb:
             db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             for statement in _SCHEMA:
                 db.execute(statement)
+            for table, column, kind in _ADDED:
+                if column not in {r[1] for r in db.execute(f"PRAGMA table_info({table})")}:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
             self._db = db
         return self._db
 

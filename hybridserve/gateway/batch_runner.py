@@ -21,13 +21,26 @@ So does a shutdown (`stop`): no new line starts, those in flight get DRAIN_S sec
 and be recorded, and the batch stays unfinished in the store for the next process.
 Finalize gives every line still pending its error (batch_cancelled or batch_expired), writes
 the output and error files under ids derived from the batch id (a second finalize after a
-crash rewrites the same files) and sets the final status.
+crash rewrites the same files) and sets the final status. A cancel that lands while the last
+lines finish wins: the batch ends cancelled, never completed after the client heard
+"cancelling".
+
+Replicas sharing the store: a batch runs only where its lease is held (`holder`, renewed
+every few seconds for LEASE_S). A watcher task renews this runner's leases, passes a cancel
+made on another replica to the local task, and claims batches whose lease is free or has run
+out (a replica that died), so every batch finishes somewhere. A stopped runner gives its
+leases up at once; one that died is replaced after LEASE_S. The gateway names its holder by
+host and port, so a gateway restarted in place takes its own batches back at once. A runner
+that loses a lease (stalled past LEASE_S) starts no more lines and leaves the batch to the
+new holder; a line that was in flight then may run twice, but is recorded once.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -45,6 +58,7 @@ MAX_BACKOFF_S = 30.0
 DRAIN_S = 10.0                   # at shutdown, how long lines in flight may finish
 PAGE = 256
 BUDGET_CODES = ("budget_exceeded", "session_budget_exceeded")
+LEASE_S = 30.0                   # a dead replica's batches are taken over after this long
 
 
 @dataclass(frozen=True)
@@ -79,8 +93,12 @@ def line_body(line: Line) -> bytes:
 
 class BatchRunner:
     def __init__(self, store: BatchStore, files: FileStore, execute: Execute, concurrency: int,
-                 clock=time.time, on_line=None):
+                 clock=time.time, on_line=None, holder: str | None = None, lease_s: float = LEASE_S):
         self.on_line = on_line      # told each line's final status (the gateway's metrics)
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}"
+        self.lease_s = lease_s
+        self.lost: set[str] = set()  # batches whose lease another replica took over
+        self.watcher: asyncio.Task | None = None
         self.store = store
         self.files = files
         self.execute = execute
@@ -93,13 +111,38 @@ class BatchRunner:
     # ---------------------------------------------------------------- lifecycle
 
     def resume(self) -> int:
-        """Relaunch every unfinished batch of the store; how many."""
-        ids = self.store.active()
-        for batch_id in ids:
-            self.launch(batch_id)
+        """Relaunch every unfinished batch of the store no other replica holds, and start the
+        watcher (leases, remote cancels, takeovers); how many batches."""
+        ids = self._claim()
         if ids:
             logger.info("resuming %d unfinished batch(es): %s", len(ids), ", ".join(ids))
+        if self.watcher is None:
+            self.watcher = asyncio.create_task(self._watch(), name="batch leases")
         return len(ids)
+
+    def _claim(self) -> list[str]:
+        ids = [b for b in self.store.claimable(self.holder) if b not in self.tasks]
+        for batch_id in ids:
+            self.launch(batch_id)
+        return ids
+
+    async def _watch(self) -> None:
+        tick = min(2.0, self.lease_s / 3)
+        while not self.draining:
+            await asyncio.sleep(tick)
+            try:
+                for batch_id in list(self.tasks):
+                    if not self.store.lease(batch_id, self.holder, self.lease_s):
+                        logger.warning("batch %s: lease lost to another replica; starting no more lines",
+                                       batch_id)
+                        self.lost.add(batch_id)
+                        self.cancel(batch_id)
+                    elif self.store.status(batch_id) == "cancelling":
+                        self.cancel(batch_id)
+                if not self.draining and (ids := self._claim()):
+                    logger.info("taking over %d batch(es) with no live lease: %s", len(ids), ", ".join(ids))
+            except Exception:   # noqa: BLE001 - a busy database now is tried again next tick
+                logger.exception("batch lease check failed")
 
     def launch(self, batch_id: str) -> None:
         if batch_id not in self.tasks:
@@ -116,6 +159,9 @@ class BatchRunner:
         (each is paid for once, and recorded), then cancel what is left; whatever is
         unrecorded runs after the restart."""
         self.draining = True
+        if self.watcher is not None:
+            self.watcher.cancel()
+            await asyncio.gather(self.watcher, return_exceptions=True)
         for stop in self.stops.values():
             stop.set()
         tasks = list(self.tasks.values())
@@ -128,13 +174,19 @@ class BatchRunner:
     # ---------------------------------------------------------------- phases
 
     async def _run(self, batch_id: str) -> None:
+        if not self.store.lease(batch_id, self.holder, self.lease_s):
+            logger.info("batch %s is run by another replica", batch_id)
+            self.tasks.pop(batch_id, None)
+            self.stops.pop(batch_id, None)
+            return
         try:
             row = self.store.get(batch_id)
             if row is not None and row["status"] == "validating":
                 row = await self._validate(row)
             if row is not None and row["status"] in ("in_progress", "cancelling"):
                 await self._execute(row)
-            if row is not None and row["status"] in ACTIVE and not self.draining:
+            if (row is not None and row["status"] in ACTIVE and not self.draining and batch_id not in self.lost
+                    and self.store.lease(batch_id, self.holder, self.lease_s)):
                 await self._finalize(batch_id)
         except asyncio.CancelledError:
             raise
@@ -145,6 +197,8 @@ class BatchRunner:
         finally:
             self.tasks.pop(batch_id, None)
             self.stops.pop(batch_id, None)
+            self.lost.discard(batch_id)
+            self.store.release(batch_id, self.holder)   # a no-op where another replica took it over
 
     async def _validate(self, row: dict) -> dict | None:
         f = self.files.get(row["input_file_id"], row["owner"])
@@ -231,13 +285,16 @@ class BatchRunner:
 
     async def _finalize(self, batch_id: str, reason: LineResult | None = None) -> None:
         row = self.store.get(batch_id)
+        if row is None or row["status"] not in ACTIVE:
+            return   # another replica finished it (this one stalled past its lease)
         cancelled = row["status"] in ("cancelling", "cancelled")
         if reason is None:
             reason = (unrun("batch_cancelled", "the batch was cancelled before this request ran") if cancelled
                       else unrun("batch_expired", "the completion window closed before this request ran"))
         left = self.store.close_pending(batch_id, reason)
-        if not cancelled and not left:
-            self.store.set_status(batch_id, "finalizing", "finalizing_at")
+        if not cancelled and not left and row["status"] != "finalizing" and not self.store.advance(
+                batch_id, row["status"], "finalizing", "finalizing_at"):
+            cancelled = True   # a cancel came in after the status was read: it is answered as asked
         ids = {f"{kind}_file_id": await asyncio.to_thread(self._write_results, row, ok, kind)
                for ok, kind in ((True, "output"), (False, "error"))}
         code = reason.error["code"]

@@ -261,10 +261,35 @@ class BatchStore:
         rows = self.db.read_dicts(sql + " ORDER BY seq DESC LIMIT ?", (*args, limit + 1))
         return rows[:limit], len(rows) > limit
 
-    def active(self) -> list[str]:
+    def claimable(self, holder: str) -> list[str]:
+        """Unfinished batches that `holder` may run: no other replica holds a live lease on them
+        (`holder`'s own count: a gateway restarted in place takes them back), oldest first."""
         marks = ",".join("?" * len(ACTIVE))
-        rows = self.db.read(f"SELECT id FROM batches WHERE status IN ({marks}) ORDER BY seq", ACTIVE)
+        rows = self.db.read(f"SELECT id FROM batches WHERE status IN ({marks}) AND (lease_holder IS NULL "
+                            "OR lease_holder=? OR lease_until < ?) ORDER BY seq", (*ACTIVE, holder, self.clock()))
         return [r[0] for r in rows]
+
+    def lease(self, batch_id: str, holder: str, ttl_s: float) -> bool:
+        """Take or renew the right to run a batch for `ttl_s` seconds: True when `holder` has it
+        now (nobody held it, `holder` already did, or the last holder let it run out)."""
+        now = self.clock()
+        return self.db.write("UPDATE batches SET lease_holder=?, lease_until=? WHERE id=? AND (lease_holder IS "
+                             "NULL OR lease_holder=? OR lease_until < ?)",
+                             (holder, now + ttl_s, batch_id, holder, now)) == 1
+
+    def release(self, batch_id: str, holder: str) -> None:
+        """Give a lease up (at shutdown, or once the batch is final), so another replica may run it."""
+        self.db.write("UPDATE batches SET lease_holder=NULL, lease_until=NULL WHERE id=? AND lease_holder=?",
+                      (batch_id, holder))
+
+    def status(self, batch_id: str) -> str | None:
+        rows = self.db.read("SELECT status FROM batches WHERE id=?", (batch_id,))
+        return rows[0][0] if rows else None
+
+    def advance(self, batch_id: str, before: str, status: str, stamp: str) -> bool:
+        """Move from `before` to `status` unless the batch has moved on meanwhile (a cancel)."""
+        return self.db.write(f"UPDATE batches SET status=?, {stamp}=? WHERE id=? AND status=?",
+                             (status, self.clock(), batch_id, before)) == 1
 
     def set_status(self, batch_id: str, status: str, stamp: str | None = None, **fields: Any) -> None:
         sets = {"status": status, **fields, **({stamp: self.clock()} if stamp else {})}
