@@ -228,6 +228,8 @@ def bench(config: str = ConfigOpt, profile: Optional[str] = ProfileOpt,
                                             "instead of starting engines; backend names are sent as `model`."),
           memory_budget_gb: Optional[float] = typer.Option(None, help="Cache budget for the "
                                                            "sequences-that-fit figure (default: each backend's)."),
+          repeat: int = typer.Option(1, min=1, help="Rounds over the grid, alternating the backends' order; "
+                                     "each point reports its median and min-max spread."),
           log_level: str = LogOpt) -> None:
     """Measure tokens/s, latency, cache bytes and $/1M tokens vs context for every backend.
 
@@ -242,7 +244,7 @@ def bench(config: str = ConfigOpt, profile: Optional[str] = ProfileOpt,
     cfg = _load(config, profile)
     ints = lambda s: [int(x) for x in s.split(",") if x.strip()]
     kw = dict(backends=backends.split(",") if backends else None, out=out, fresh=fresh, url=url,
-              memory_budget_gb=memory_budget_gb)
+              memory_budget_gb=memory_budget_gb, repeat=repeat)
     if quick:
         opts = BenchOptions.quick(**kw)
     else:

@@ -4,6 +4,11 @@ Each finished point is appended to `points.jsonl` in the output folder, keyed by
 backend, checkpoint, context, concurrency and new tokens; a rerun skips those
 (`fresh=True` starts over). Native backends run in this process on their own
 engine; `vllm` and `remote` backends (or any `--url`) are measured over HTTP.
+
+With `repeat=N` every point is measured N times, in N rounds over the whole grid that
+alternate the backends' order (a slow spell of the machine then hits both sides), and each
+point is reported as its median with the min-max spread (see report.aggregate); the economics
+profile gets the medians. Native engines are built once and kept across the rounds.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ class BenchOptions:
     url: str | None = None                 # measure this endpoint instead of models.yaml engines
     api_key: str | None = None
     memory_budget_gb: float | None = None  # override each backend's cache budget
+    repeat: int = 1                         # rounds over the grid; points report median and spread
 
     @classmethod
     def quick(cls, **kw) -> "BenchOptions":
@@ -50,8 +56,9 @@ def contexts_for(backend, opts: BenchOptions) -> list[int]:
     return out
 
 
-def _key(backend, ctx: int, conc: int, new: int) -> str:
-    return f"{backend.name}|{backend.checkpoint or backend.url}|{ctx}|{conc}|{new}"
+def _key(backend, ctx: int, conc: int, new: int, round_: int = 0) -> str:
+    base = f"{backend.name}|{backend.checkpoint or backend.url}|{ctx}|{conc}|{new}"
+    return base if round_ == 0 else f"{base}|r{round_}"
 
 
 def _load_done(path: Path) -> dict[str, dict]:
@@ -120,44 +127,56 @@ def run_bench(cfg, opts: BenchOptions, say=print) -> dict:
     backends = [b for b in cfg.backends if not opts.backends or b.name in opts.backends]
     if not backends:
         raise ValueError(f"no backend selected; known: {', '.join(b.name for b in cfg.backends)}")
+    if opts.repeat < 1:
+        raise ValueError(f"repeat must be >= 1, got {opts.repeat}")
     plan = [(b, c, n) for b in backends for c in contexts_for(b, opts) for n in opts.concurrency]
-    progress = Progress(len(plan))
+    progress = Progress(len(plan) * opts.repeat)
     records = []
-    for backend in backends:
-        engine = None
-        for b, ctx, conc in [p for p in plan if p[0] is backend]:
-            key = _key(b, ctx, conc, opts.new_tokens)
-            progress.start(f"{b.name} context={ctx} concurrency={conc}")
-            if key in done:
+    engines: dict[str, object] = {}
+    for round_ in range(opts.repeat):
+        order = backends if round_ % 2 == 0 else backends[::-1]
+        for backend in order:
+            for b, ctx, conc in [p for p in plan if p[0] is backend]:
+                key = _key(b, ctx, conc, opts.new_tokens, round_)
+                tag = f" round {round_ + 1}/{opts.repeat}" if opts.repeat > 1 else ""
+                progress.start(f"{b.name} context={ctx} concurrency={conc}{tag}")
+                if key not in done:
+                    done[key] = _measure(b, ctx, conc, opts, engines, key, round_)
+                    with store.open("a") as fh:
+                        fh.write(json.dumps(done[key]) + "\n")
+                    say(report.point_line(done[key]))
                 records.append(done[key])
                 progress.step()
-                continue
-            per_seq, budget = _cache_bytes(b, ctx + opts.new_tokens)
-            if opts.memory_budget_gb:
-                budget = int(opts.memory_budget_gb * 2**30)
-            with measure.PeakRSS() as rss:
-                if b.engine == "native" and not opts.url:
-                    if engine is None:
-                        ctxs = contexts_for(b, opts)
-                        engine = _native_engine(b, max(opts.concurrency), max(ctxs) + opts.new_tokens,
-                                                opts.memory_budget_gb)
-                    traces = measure.run_native(engine, ctx, conc, opts.new_tokens)
-                else:
-                    url = opts.url or _backend_url(b)
-                    traces = measure.run_http(url, b.name, ctx, conc, opts.new_tokens, opts.api_key)
-            fig = measure.summarize(traces, price_per_hour=b.price_per_hour, cache_bytes_per_seq=per_seq,
-                                    budget_bytes=budget, peak_rss_mb=rss.peak_mb if b.engine == "native" else None)
-            rec = {"key": key, "backend": b.name, "arch": b.arch, "engine": b.engine,
-                   "price_per_hour": b.price_per_hour, "memory_budget_bytes": budget, "context": ctx,
-                   "concurrency": conc, "new_tokens": opts.new_tokens, "fits_budget": conc * per_seq <= budget,
-                   **fig}
-            with store.open("a") as fh:
-                fh.write(json.dumps(rec) + "\n")
-            records.append(rec)
-            progress.step()
-            say(report.point_line(rec))
-        del engine
-    return report.write_all(records, out, host={"cpus": os.cpu_count(), "device": _device(backends)})
+            if opts.repeat == 1:
+                engines.pop(backend.name, None)   # one round: free each engine once its points are done
+    engines.clear()
+    host = {"cpus": os.cpu_count(), "device": _device(backends)}
+    if opts.repeat > 1:
+        return report.write_all(report.aggregate(records), out, host, rounds=records)
+    return report.write_all(records, out, host)
+
+
+def _measure(b, ctx: int, conc: int, opts: BenchOptions, engines: dict, key: str, round_: int) -> dict:
+    """One point of one round: the figures of one run of `conc` requests at `ctx`."""
+    per_seq, budget = _cache_bytes(b, ctx + opts.new_tokens)
+    if opts.memory_budget_gb:
+        budget = int(opts.memory_budget_gb * 2**30)
+    with measure.PeakRSS() as rss:
+        if b.engine == "native" and not opts.url:
+            if b.name not in engines:
+                ctxs = contexts_for(b, opts)
+                engines[b.name] = _native_engine(b, max(opts.concurrency), max(ctxs) + opts.new_tokens,
+                                                 opts.memory_budget_gb)
+            traces = measure.run_native(engines[b.name], ctx, conc, opts.new_tokens)
+        else:
+            url = opts.url or _backend_url(b)
+            traces = measure.run_http(url, b.name, ctx, conc, opts.new_tokens, opts.api_key)
+    fig = measure.summarize(traces, price_per_hour=b.price_per_hour, cache_bytes_per_seq=per_seq,
+                            budget_bytes=budget, peak_rss_mb=rss.peak_mb if b.engine == "native" else None)
+    return {"key": key, "backend": b.name, "arch": b.arch, "engine": b.engine,
+            "price_per_hour": b.price_per_hour, "memory_budget_bytes": budget, "context": ctx,
+            "concurrency": conc, "new_tokens": opts.new_tokens, "fits_budget": conc * per_seq <= budget,
+            "round": round_, **fig}
 
 
 def _backend_url(backend) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 from pathlib import Path
 
 from hybridserve.router.economics import crossover_context, new_profile, save_profile
@@ -17,6 +18,50 @@ COLUMNS = ["backend", "arch", "engine", "context", "concurrency", "new_tokens", 
            "decode_tok_s_per_seq", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "itl_p50_s",
            "itl_p99_s", "cache_bytes_per_seq", "max_concurrency", "fits_budget", "peak_rss_mb",
            "usd_per_1m_input", "usd_per_1m_output", "price_per_hour"]
+
+
+# Figures whose spread over rounds is reported (min, max and (max - min) / median).
+SPREAD = ("prefill_tok_s", "decode_tok_s", "ttft_p50_s", "tpot_p50_s", "usd_per_1m_input", "usd_per_1m_output")
+
+
+def aggregate(rounds: list[dict]) -> list[dict]:
+    """One record per point from its rounds: every numeric figure the median over the rounds,
+    and for the SPREAD figures `<figure>_min`, `<figure>_max` and `<figure>_spread`."""
+    by_point: dict[str, list[dict]] = {}
+    for r in rounds:
+        key = r["key"].removesuffix(f"|r{r['round']}") if r.get("round") else r["key"]
+        by_point.setdefault(key, []).append(r)
+    out = []
+    for key, runs in by_point.items():
+        rec = {**runs[0], "key": key, "rounds": len(runs)}
+        rec.pop("round", None)
+        for name, v in runs[0].items():
+            vals = [r.get(name) for r in runs]
+            if len(set(vals)) > 1 and isinstance(v, (int, float)) and not isinstance(v, bool) and all(
+                    isinstance(x, (int, float)) for x in vals):   # equal values (the point's own) stay as they are
+                rec[name] = statistics.median(vals)
+        for name in SPREAD:
+            vals = [r[name] for r in runs if r.get(name) is not None]
+            if vals:
+                rec[f"{name}_min"], rec[f"{name}_max"] = min(vals), max(vals)
+                med = statistics.median(vals)
+                rec[f"{name}_spread"] = (max(vals) - min(vals)) / med if med else None
+        out.append(rec)
+    return out
+
+
+def crossover_intervals(rounds: list[dict]) -> dict:
+    """Per concurrency, the crossover context of each round and their range: how sure the
+    'hybrid is cheaper from context X' verdict is."""
+    per_round = [crossovers([r for r in rounds if r.get("round") == i])
+                 for i in sorted({r.get("round", 0) for r in rounds})]
+    out = {}
+    for conc in (per_round[0].get("by_concurrency") or {}) if per_round else {}:
+        seen = [c.get("by_concurrency", {}).get(conc) for c in per_round]
+        found = [x for x in seen if x]
+        out[conc] = {"per_round": seen, "low": min(found) if found else None,
+                     "high": max(found) if found else None, "all_rounds_agree": len(set(seen)) == 1}
+    return out
 
 
 def _fmt(v, digits=1) -> str:
@@ -74,16 +119,20 @@ def plot_vs_context(records, out: Path, name: str, metric: str, ylabel: str, tit
         if per_seq_metric and backend in seen:
             continue  # does not depend on concurrency
         seen.add(backend)
-        pts = sorted((r["context"], r[metric]) for r in records
+        pts = sorted((r["context"], r[metric], r.get(f"{metric}_min"), r.get(f"{metric}_max")) for r in records
                      if r["backend"] == backend and r["concurrency"] == conc and r.get(metric) is not None)
         if not pts:
             continue
-        xs, ys = zip(*pts)
+        xs, ys, lo, hi = zip(*pts)
         if metric == "cache_bytes_per_seq":
             ys = [y / 2**20 for y in ys]
         label = backend if per_seq_metric else f"{backend} (c={conc})"
-        ax.plot(xs, ys, marker="o", label=label, color=colour[backend],
-                linestyle="-" if per_seq_metric else style[conc])
+        line = "-" if per_seq_metric else style[conc]
+        if all(v is not None for v in lo + hi):   # measured over rounds: the min-max range as error bars
+            ax.errorbar(xs, ys, yerr=[[y - a for y, a in zip(ys, lo)], [b - y for y, b in zip(ys, hi)]],
+                        marker="o", label=label, color=colour[backend], linestyle=line, capsize=3)
+        else:
+            ax.plot(xs, ys, marker="o", label=label, color=colour[backend], linestyle=line)
     if metric == "usd_per_1m_output" and cross:
         for conc, ctx in cross.get("by_concurrency", {}).items():
             if ctx:
@@ -101,13 +150,28 @@ def plot_vs_context(records, out: Path, name: str, metric: str, ylabel: str, tit
     plt.close(fig)
 
 
+def _spread(r: dict, name: str, digits: int) -> str:
+    """`median (±x%)` for a point measured over rounds, else the value."""
+    s = r.get(f"{name}_spread")
+    return _fmt(r[name], digits) + (f" (±{s / 2:.0%})" if s is not None else "")
+
+
 def _markdown(records, cross: dict, summary: dict) -> str:
     lines = ["# hybridserve bench report", ""]
+    rounds = records[0].get("rounds") if records else None
+    if rounds:
+        lines += [f"Each point: the median of {rounds} rounds over the grid (backends alternated); ± is "
+                  "half the min-max range over the rounds, relative to the median.", ""]
+    intervals = summary.get("crossover_intervals") or {}
     if cross:
         for conc, ctx in cross["by_concurrency"].items():
             verdict = (f"from context **{ctx}** on, {cross['hybrid']} costs less per 1M output tokens than "
                        f"{cross['transformer']}" if ctx else
                        f"{cross['hybrid']} is not cheaper than {cross['transformer']} at any measured context")
+            iv = intervals.get(conc)
+            if iv:
+                rng = (f"{iv['low']}–{iv['high']}" if iv["low"] is not None else "none")
+                verdict += (f" (per round: {', '.join(str(x or '—') for x in iv['per_round'])}; range {rng})")
             lines.append(f"* concurrency {conc}: {verdict}.")
         for row in summary.get("cache_ratio", []):
             lines.append(f"* context {row['context']}: hybrid cache per sequence = {row['ratio']:.1%} of the "
@@ -117,9 +181,10 @@ def _markdown(records, cross: dict, summary: dict) -> str:
               "cache MiB/seq | fit | $/1M in | $/1M out |", "|" + "---|" * 12]
     for r in sorted(records, key=lambda r: (r["backend"], r["context"], r["concurrency"])):
         lines.append(f"| {r['backend']} | {r['context']} | {r['concurrency']} | {_fmt(r['prefill_tok_s'])} | "
-                     f"{_fmt(r['decode_tok_s'])} | {_fmt(r['decode_tok_s_per_seq'])} | {_fmt(r['ttft_p50_s'], 3)} | "
-                     f"{_fmt(r['tpot_p50_s'], 4)} | {r['cache_bytes_per_seq'] / 2**20:.2f} | {r['max_concurrency']} | "
-                     f"{_fmt(r['usd_per_1m_input'], 3)} | {_fmt(r['usd_per_1m_output'], 3)} |")
+                     f"{_spread(r, 'decode_tok_s', 1)} | {_fmt(r['decode_tok_s_per_seq'])} | "
+                     f"{_spread(r, 'ttft_p50_s', 3)} | {_fmt(r['tpot_p50_s'], 4)} | "
+                     f"{r['cache_bytes_per_seq'] / 2**20:.2f} | {r['max_concurrency']} | "
+                     f"{_fmt(r['usd_per_1m_input'], 3)} | {_spread(r, 'usd_per_1m_output', 3)} |")
     lines += ["", "Plots: " + ", ".join(f"[{n}]({n})" for n in PLOTS), ""]
     return "\n".join(lines)
 
@@ -137,16 +202,25 @@ def _cache_ratios(records, cross) -> list[dict]:
     return rows
 
 
-def write_all(records: list[dict], out: Path, host: dict) -> dict:
+def write_all(records: list[dict], out: Path, host: dict, rounds: list[dict] | None = None) -> dict:
+    """Every output from the points (`rounds`: each round's records, when measured repeatedly;
+    also written to rounds.json)."""
     out = Path(out)
     (out / "points.json").write_text(json.dumps(records, indent=1) + "\n")
     with (out / "points.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        spread = [f"{n}_{k}" for n in SPREAD for k in ("min", "max", "spread")] if rounds else []
+        w = csv.DictWriter(fh, fieldnames=COLUMNS + (["rounds"] if rounds else []) + spread,
+                           extrasaction="ignore")
         w.writeheader()
         w.writerows(records)
     cross = crossovers(records)
     summary = {"bench": "hybridserve", "points": len(records), "crossover": cross,
                "cache_ratio": _cache_ratios(records, cross)}
+    if rounds:
+        summary["rounds"] = len({r["round"] for r in rounds})
+        summary["crossover_intervals"] = crossover_intervals(rounds)
+        summary["max_spread"] = {name: max((r.get(f"{name}_spread") or 0.0) for r in records) for name in SPREAD}
+        (out / "rounds.json").write_text(json.dumps(rounds, indent=1) + "\n")
     for name, (metric, ylabel, title) in PLOTS.items():
         plot_vs_context(records, out, name, metric, ylabel, title, cross)
     (out / "report.md").write_text(_markdown(records, cross, summary))

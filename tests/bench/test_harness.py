@@ -107,3 +107,51 @@ def test_resume_skips_finished_points(quick_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "points.jsonl").read_text() == before  # nothing re-measured
     assert proc.stdout.strip().endswith("ok") and (out / "report.md").exists()
+
+
+def test_repeat_alternates_rounds_and_reports_median_and_spread(tmp_path):
+    said = []
+    opts = BenchOptions(contexts=[64, 128], concurrency=[1], new_tokens=4, out=str(tmp_path), repeat=3)
+    summary = run_bench(parse_config(TINY), opts, say=said.append)
+    rounds = json.loads((tmp_path / "rounds.json").read_text())
+    assert len(rounds) == 3 * 2 * 2 and len(said) == 12
+    order = [[r["backend"] for r in rounds if r["round"] == i][0] for i in range(3)]
+    assert order == ["tiny-t", "tiny-h", "tiny-t"], "each round starts with the other backend"
+    points = json.loads((tmp_path / "points.json").read_text())
+    assert len(points) == 4 and all(p["rounds"] == 3 for p in points)
+    for p in points:
+        runs = [r["decode_tok_s"] for r in rounds if r["backend"] == p["backend"] and r["context"] == p["context"]]
+        assert p["decode_tok_s"] == sorted(runs)[1]
+        assert (p["decode_tok_s_min"], p["decode_tok_s_max"]) == (min(runs), max(runs))
+        assert p["decode_tok_s_spread"] == pytest.approx((max(runs) - min(runs)) / sorted(runs)[1])
+    assert summary["rounds"] == 3 and set(summary["crossover_intervals"]) == {"1"}
+    iv = summary["crossover_intervals"]["1"]
+    assert len(iv["per_round"]) == 3
+    assert "(±" in (tmp_path / "report.md").read_text()
+    assert "decode_tok_s_spread" in (tmp_path / "points.csv").read_text().splitlines()[0]
+    again = []
+    run_bench(parse_config(TINY), opts, say=again.append)
+    assert again == [], "a rerun resumes every round from points.jsonl"
+
+
+def test_aggregate_takes_medians_and_the_crossover_interval_of_each_round():
+    from hybridserve.bench.report import aggregate, crossover_intervals
+
+    def rec(backend, arch, ctx, rnd, usd):
+        key = f"{backend}|x|{ctx}|1|4" + (f"|r{rnd}" if rnd else "")
+        return {"key": key, "backend": backend, "arch": arch, "context": ctx, "concurrency": 1, "round": rnd,
+                "usd_per_1m_output": usd, "decode_tok_s": 100.0 / usd, "fits_budget": True}
+    rounds = []
+    for rnd, (t_usd, h_usd) in enumerate([((1.0, 2.0), (1.5, 1.5)), ((1.0, 2.0), (0.9, 1.5)), ((1.0, 2.0), (1.2, 1.9))]):
+        for ctx, t, h in zip((512, 4096), t_usd, h_usd):
+            rounds += [rec("t", "transformer", ctx, rnd, t), rec("h", "hybrid", ctx, rnd, h)]
+    pts = {(p["backend"], p["context"]): p for p in aggregate(rounds)}
+    assert pts[("h", 512)]["usd_per_1m_output"] == 1.2 and pts[("h", 512)]["rounds"] == 3
+    assert pts[("h", 512)]["usd_per_1m_output_spread"] == pytest.approx(0.5)
+    assert pts[("t", 512)]["usd_per_1m_output_spread"] == 0.0
+    assert pts[("h", 512)]["fits_budget"] is True
+    iv = crossover_intervals(rounds)["1"]
+    assert iv["per_round"] == [crossover_context([r for r in rounds if r["round"] == i and r["backend"] == "t"],
+                                                 [r for r in rounds if r["round"] == i and r["backend"] == "h"])
+                               for i in range(3)]
+    assert iv["low"] == min(x for x in iv["per_round"] if x) and iv["high"] == max(x for x in iv["per_round"] if x)
