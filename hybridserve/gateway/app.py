@@ -41,10 +41,7 @@ from hybridserve.errors import (ContainErrors, HybridserveError, error_bytes, ht
                                 params_error_body)
 from hybridserve.gateway import batch_api
 from hybridserve.gateway.admission import admit
-from hybridserve.gateway.batch_db import BatchDb, batch_paths
 from hybridserve.gateway.batch_runner import BatchRunner
-from hybridserve.gateway.batches import BatchStore
-from hybridserve.gateway.files import FileStore
 from hybridserve.gateway.call import Calls, store_io
 from hybridserve.gateway.governor import Sessions
 from hybridserve.gateway.ledger import Ledger
@@ -142,9 +139,7 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
     calls = Calls(cfg, router, ledger, sessions, limiter)
     metrics = GatewayMetrics(registry, router, sessions)
     holder: dict[str, Proxy] = {}
-    db_path, files_dir = batch_paths(cfg.gateway)
-    batch_db = BatchDb(db_path)
-    files, batches = FileStore(batch_db, files_dir), BatchStore(batch_db)
+    files, batches, close_batch_stores = batch_api.stores(cfg.gateway)
 
     async def serve(request: Request, path: str, raw: bytes, key_id: str | None, owner: str) -> Response:
         """One completion or chat request, from the HTTP route or a batch line: admission,
@@ -176,7 +171,7 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
             yield
         finally:
             await runner.stop()
-            batch_db.close()
+            close_batch_stores()
             poller.cancel()
             await asyncio.gather(poller, return_exceptions=True)
             await client.aclose()

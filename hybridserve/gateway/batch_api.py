@@ -27,17 +27,21 @@ import time
 from typing import Awaitable, Callable, Literal
 
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hybridserve import openapi as O
 from hybridserve import protocol as P
+from hybridserve.config import GatewayConfig
 from hybridserve.errors import HybridserveError, InvalidRequestError, PayloadTooLargeError
 from hybridserve.gateway.auth import KeyChecker
+from hybridserve.gateway.batch_db import BatchDb, batch_paths
+from hybridserve.gateway.batch_redis import RedisBatchStore, RedisFileStore, redis_stores
 from hybridserve.gateway.batch_runner import Answer, BatchRunner
 from hybridserve.gateway.batches import BatchStore, parse_create
 from hybridserve.gateway.files import MAX_FILE_BYTES, UPLOAD_SLACK_BYTES, FileStore, checked_upload, \
     parse_multipart, too_large
+from hybridserve.gateway.shared_state import redact
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +102,18 @@ def executor(serve: Serve) -> Callable[..., Awaitable[Answer]]:
 
 def not_found(what: str, ident: str) -> StarletteHTTPException:
     return StarletteHTTPException(404, f"no {what} '{ident[:96]}' for this API key")
+
+
+def stores(gw: GatewayConfig) -> tuple[FileStore | RedisFileStore, BatchStore | RedisBatchStore, Callable[[], None]]:
+    """The files and batches stores of a gateway config, and what closes them: in Redis when the
+    replicas share `state_url` (every replica then sees every batch), else the SQLite batch
+    database beside the ledger."""
+    if gw.state_url:
+        files, batches, r = redis_stores(gw.state_url, gw.state_prefix, redact(gw.state_url))
+        return files, batches, r.close
+    db_path, files_dir = batch_paths(gw)
+    db = BatchDb(db_path)
+    return FileStore(db, files_dir), BatchStore(db), db.close
 
 
 def install(app: FastAPI, keys: KeyChecker, files: FileStore, batches: BatchStore, runner: BatchRunner,
@@ -161,10 +177,11 @@ def install(app: FastAPI, keys: KeyChecker, files: FileStore, batches: BatchStor
     async def file_content(request: Request, file_id: str) -> Response:
         """The bytes of a file of the caller's: an upload, or a batch's output or error file."""
         f = owned_file(request, file_id)
-        path = files.path(f.id)
-        if not path.is_file():
+        chunks = files.content(f)
+        if chunks is None:
             raise not_found("file content", file_id)
-        return FileResponse(path, media_type="application/octet-stream")
+        return StreamingResponse(chunks, media_type="application/octet-stream",
+                                 headers={"content-length": str(f.bytes)})
 
     @app.delete("/v1/files/{file_id}", responses={200: {"model": O.FileDeleted, "description": "deleted"},
                                                   **file_404})

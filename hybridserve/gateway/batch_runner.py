@@ -37,6 +37,7 @@ new holder; a line that was in flight then may run twice, but is recorded once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -46,7 +47,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
-from hybridserve.errors import internal_error_body
+from hybridserve.errors import StateUnavailableError, internal_error_body
 from hybridserve.gateway.batches import (ACTIVE, DEFAULT_MODEL, BatchStore, Line, LineResult, output_line,
                                          unrun, validate_lines)
 from hybridserve.gateway.files import FileStore
@@ -190,6 +191,8 @@ class BatchRunner:
                 await self._finalize(batch_id)
         except asyncio.CancelledError:
             raise
+        except StateUnavailableError as err:   # the shared store is away: the watcher relaunches it later
+            logger.warning("batch %s paused: %s", batch_id, err.message)
         except Exception as err:   # noqa: BLE001 - a batch never takes the gateway down
             logger.exception("batch %s: unexpected error", batch_id)
             await self._finalize(batch_id, unrun("server_error", f"the batch stopped on an internal error "
@@ -198,7 +201,8 @@ class BatchRunner:
             self.tasks.pop(batch_id, None)
             self.stops.pop(batch_id, None)
             self.lost.discard(batch_id)
-            self.store.release(batch_id, self.holder)   # a no-op where another replica took it over
+            with contextlib.suppress(StateUnavailableError):   # else the lease runs out by itself
+                self.store.release(batch_id, self.holder)      # a no-op where another replica took it over
 
     async def _validate(self, row: dict) -> dict | None:
         f = self.files.get(row["input_file_id"], row["owner"])

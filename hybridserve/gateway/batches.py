@@ -354,24 +354,28 @@ class BatchStore:
 
     def as_openai(self, row: dict) -> dict:
         """OpenAI's Batch object, with request_counts, usage and hybridserve_totals."""
-        by_state = {r[0]: r[1:] for r in self.db.read(_TOTALS, (row["id"],))}
-        zero = (0, 0.0, 0, 0, 0, 0, 0.0)
-        ok, failed, pending = (by_state.get(s, zero) for s in ("ok", "failed", "pending"))
-        sums = [sum((x or 0) for x in col) for col in zip(ok, failed, pending)]
-        _, usd, prompt, completion, cached, tokens, device_s = sums
-        out = {"id": row["id"], "object": "batch", "endpoint": row["endpoint"],
-               "errors": json.loads(row["errors"]) if row["errors"] else None,
-               "input_file_id": row["input_file_id"], "completion_window": row["completion_window"],
-               "status": row["status"], "output_file_id": row["output_file_id"],
-               "error_file_id": row["error_file_id"],
-               **{k: int(row[k]) if row[k] is not None else None for k in _TIMES},
-               "request_counts": {"total": row["total"], "completed": ok[0], "failed": failed[0]},
-               "metadata": json.loads(row["metadata"]) if row["metadata"] else None,
-               "usage": {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
-                         "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
-                         "total_tokens": prompt + completion},
-               "hybridserve_totals": {"cost_usd": round(usd, 10), "gateway_total_tokens": tokens,
-                                      "device_seconds": round(device_s, 6), "prompt_tokens": prompt,
-                                      "completion_tokens": completion}}
-        return out
+        return batch_object(row, {r[0]: r[1:] for r in self.db.read(_TOTALS, (row["id"],))})
+
+
+def batch_object(row: dict, by_state: dict[str, tuple]) -> dict:
+    """OpenAI's Batch object from a batch row and its lines' totals per state ("ok", "failed",
+    "pending": count, $, prompt, completion and cached tokens, gateway tokens, device-seconds)."""
+    zero = (0, 0.0, 0, 0, 0, 0, 0.0)
+    ok, failed, pending = (by_state.get(s, zero) for s in ("ok", "failed", "pending"))
+    sums = [sum((x or 0) for x in col) for col in zip(ok, failed, pending)]
+    _, usd, prompt, completion, cached, tokens, device_s = sums
+    return {"id": row["id"], "object": "batch", "endpoint": row["endpoint"],
+            "errors": json.loads(row["errors"]) if row["errors"] else None,
+            "input_file_id": row["input_file_id"], "completion_window": row["completion_window"],
+            "status": row["status"], "output_file_id": row["output_file_id"],
+            "error_file_id": row["error_file_id"],
+            **{k: int(row[k]) if row[k] is not None else None for k in _TIMES},
+            "request_counts": {"total": row["total"], "completed": ok[0], "failed": failed[0]},
+            "metadata": json.loads(row["metadata"]) if row["metadata"] else None,
+            "usage": {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
+                      "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
+                      "total_tokens": prompt + completion},
+            "hybridserve_totals": {"cost_usd": round(usd, 10), "gateway_total_tokens": tokens,
+                                   "device_seconds": round(device_s, 6), "prompt_tokens": prompt,
+                                   "completion_tokens": completion}}
 

@@ -19,6 +19,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from hybridserve.errors import InvalidRequestError
 from hybridserve.gateway.batch_db import BatchDb
@@ -32,6 +33,7 @@ UPLOAD_PURPOSES = ("batch",)
 _PARAM = re.compile(r';\s*([A-Za-z0-9_*-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]*))')
 _NOT_PRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
 _ID_OK = re.compile(r"^[A-Za-z0-9_-]{1,96}$")
+CONTENT_CHUNK = 1 << 20            # a download is sent this many bytes at a time
 
 
 def too_large() -> InvalidRequestError:
@@ -219,6 +221,19 @@ class FileStore:
 
     def read(self, f: StoredFile) -> bytes:
         return self.path(f.id).read_bytes()
+
+    def content(self, f: StoredFile, chunk: int = CONTENT_CHUNK) -> Iterator[bytes] | None:
+        """The file's bytes a chunk at a time (for a download), or None when they are gone."""
+        try:
+            fh = self.path(f.id).open("rb")
+        except FileNotFoundError:
+            return None
+
+        def chunks() -> Iterator[bytes]:
+            with fh:
+                while block := fh.read(chunk):
+                    yield block
+        return chunks()
 
     def delete(self, file_id: str, owner: str) -> bool:
         f = self.get(file_id, owner)

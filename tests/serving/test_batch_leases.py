@@ -1,20 +1,23 @@
-"""Gateway replicas sharing one batch database: each batch runs on the replica holding its lease,
+"""Gateway replicas sharing one batch store: each batch runs on the replica holding its lease,
 a stalled replica's batch is taken over and finished once, a cancel made on another replica
 stops the runner, and a cancel landing while the last lines finish ends the batch cancelled.
 
-Each "replica" is a BatchRunner with its own SQLite connection to one file (as separate gateway
-processes on one host or one volume would have); the execute function stands in for the
-gateway's request path and counts what it was asked to run."""
+Every scenario runs on both stores: the SQLite batch database (each "replica" a BatchRunner
+with its own connection to one file, as gateway processes on one host or one volume have) and
+Redis (each replica its own client, as replicas sharing `state_url` have; a real
+redis-server). The execute function stands in for the gateway's request path and counts what
+it was asked to run."""
 from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from hybridserve.gateway.batch_db import BatchDb
+from hybridserve.gateway.batch_redis import redis_stores
 from hybridserve.gateway.batch_runner import Answer, BatchRunner
 from hybridserve.gateway.batches import BatchRequest, BatchStore
 from hybridserve.gateway.files import FileStore
@@ -23,13 +26,25 @@ pytestmark = pytest.mark.timeout(60)
 OWNER = "tenant-a"
 
 
-class Replica:
-    """One gateway's batch machinery over the shared database file."""
+@pytest.fixture(params=["sqlite", "redis"])
+def shared(request, tmp_path):
+    """(kind, where): the store the replicas share."""
+    if request.param == "sqlite":
+        return "sqlite", tmp_path
+    return "redis", (request.getfixturevalue("redis_url"), f"t{uuid.uuid4().hex[:8]}")
 
-    def __init__(self, path: Path, name: str, lease_s: float, delay_s: float = 0.02):
-        self.db = BatchDb(path / "batches.sqlite")
-        self.store = BatchStore(self.db)
-        self.files = FileStore(self.db, path / "files")
+
+class Replica:
+    """One gateway's batch machinery over the shared store."""
+
+    def __init__(self, shared: tuple, name: str, lease_s: float, delay_s: float = 0.02):
+        kind, where = shared
+        if kind == "sqlite":
+            self.db = BatchDb(where / "batches.sqlite")
+            self.store, self.files, self.close = BatchStore(self.db), FileStore(self.db, where / "files"), self.db.close
+        else:
+            self.files, self.store, r = redis_stores(where[0], where[1], "test redis")
+            self.close = r.close
         self.ran: Counter = Counter()          # custom_id -> times this replica ran it
         self.delay_s = delay_s
         self.hang = asyncio.Event()            # cleared: lines block (a stalled process)
@@ -53,8 +68,6 @@ class Replica:
         f = self.files.add(OWNER, "in.jsonl", "batch", text.encode(), n)
         return self.store.create(OWNER, None, BatchRequest(f.id, "/v1/chat/completions", "24h", 86400, None)), ids
 
-    def close(self):
-        self.db.close()
 
 
 def output_ids(replica: Replica, row: dict) -> list[str]:
@@ -70,9 +83,9 @@ async def wait_for(cond, timeout_s: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_two_replicas_run_each_batch_once(tmp_path):
+def test_two_replicas_run_each_batch_once(shared):
     async def main():
-        a, b = Replica(tmp_path, "a", lease_s=3), Replica(tmp_path, "b", lease_s=3)
+        a, b = Replica(shared, "a", lease_s=3), Replica(shared, "b", lease_s=3)
         batch, ids = a.create(12)
         assert b.runner.resume() + a.runner.resume() >= 1
         await wait_for(lambda: a.store.status(batch) == "completed", 30, "the batch to complete")
@@ -81,15 +94,14 @@ def test_two_replicas_run_each_batch_once(tmp_path):
         assert sorted(ran) == sorted(ids) and set(ran.values()) == {1}, ran
         assert not (a.ran and b.ran), "one replica runs a batch, not both"
         assert sorted(output_ids(a, a.store.get(batch))) == sorted(ids)
-        row = a.store.get(batch)
-        assert row["lease_holder"] is None, "a finished batch gives its lease up"
+        assert b.store.lease(batch, "someone-else", 3), "a finished batch gives its lease up"
         a.close(), b.close()
     asyncio.run(main())
 
 
-def test_a_stalled_replicas_batch_is_taken_over_and_finished_once(tmp_path):
+def test_a_stalled_replicas_batch_is_taken_over_and_finished_once(shared):
     async def main():
-        a, b = Replica(tmp_path, "a", lease_s=0.6), Replica(tmp_path, "b", lease_s=0.6)
+        a, b = Replica(shared, "a", lease_s=0.6), Replica(shared, "b", lease_s=0.6)
         batch, ids = a.create(16)
         a.runner.resume()
         await wait_for(lambda: sum(a.ran.values()) >= 4, 10, "replica a to run four lines")
@@ -111,9 +123,9 @@ def test_a_stalled_replicas_batch_is_taken_over_and_finished_once(tmp_path):
     asyncio.run(main())
 
 
-def test_a_cancel_on_another_replica_stops_the_runner(tmp_path):
+def test_a_cancel_on_another_replica_stops_the_runner(shared):
     async def main():
-        a, b = Replica(tmp_path, "a", lease_s=0.6, delay_s=0.1), Replica(tmp_path, "b", lease_s=0.6)
+        a, b = Replica(shared, "a", lease_s=0.6, delay_s=0.1), Replica(shared, "b", lease_s=0.6)
         batch, ids = a.create(40)
         a.runner.resume()
         await wait_for(lambda: sum(a.ran.values()) >= 2, 10, "two lines run")
@@ -128,17 +140,16 @@ def test_a_cancel_on_another_replica_stops_the_runner(tmp_path):
     asyncio.run(main())
 
 
-def test_a_cancel_landing_while_the_last_lines_finish_ends_the_batch_cancelled(tmp_path):
-    class CancelDuringFinalize(BatchStore):
-        def close_pending(self, batch_id, out):
-            n = super().close_pending(batch_id, out)
-            self.cancel(batch_id, OWNER)        # the client's cancel arrives just now
-            return n
-
+def test_a_cancel_landing_while_the_last_lines_finish_ends_the_batch_cancelled(shared):
     async def main():
-        a = Replica(tmp_path, "a", lease_s=3)
-        a.store = CancelDuringFinalize(a.db)
-        a.runner = BatchRunner(a.store, a.files, a.execute, concurrency=2, holder="a", lease_s=3)
+        a = Replica(shared, "a", lease_s=3)
+        close = a.store.close_pending
+
+        def close_then_cancel(batch_id, out):
+            n = close(batch_id, out)
+            a.store.cancel(batch_id, OWNER)        # the client's cancel arrives just now
+            return n
+        a.store.close_pending = close_then_cancel
         batch, ids = a.create(3)
         a.runner.resume()
         await wait_for(lambda: a.store.status(batch) in ("completed", "cancelled"), 10, "the batch to end")

@@ -9,7 +9,8 @@ A gateway killed mid-batch (SIGKILL; `up` restarts it) resumes the batch: one li
 custom_id, and no line recorded before the kill is sent again; one stopped gracefully (SIGTERM)
 lets its lines in flight finish, so after the restart no line is sent twice at all.
 `hybridserve batch` runs the same lines against the gateway (--url) or a private stack, and
-resumes an output file.
+resumes an output file. The stack's tests run twice: with the Batch API in SQLite, and in Redis
+(`state_url`); two replicas sharing Redis share files and batches and run each line once.
 
 Budget arithmetic (mock answers use 4 tokens): a completion of prompt "hi" with max_tokens
 4 reserves 4 (prompt upper bound) + 4 = 8 tokens, and a key with a 20-token cap is admitted
@@ -22,6 +23,7 @@ import os
 import re
 import signal
 import time
+import uuid
 
 import httpx
 import pytest
@@ -63,10 +65,15 @@ def as_native(mock: dict) -> dict:
             "price_per_hour": 0.1}
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, mock):
+@pytest.fixture(scope="module", params=["sqlite", "redis"])
+def stack(request, tmp_path_factory, mock):
+    """The gateway with its Batch API in the SQLite batch database, then in Redis (`state_url`):
+    every test on it holds for both stores."""
     tmp = tmp_path_factory.mktemp("batches")
-    s = start_stack(tmp, [mock, as_native(mock)], gateway=gateway_config(tmp))
+    shared = {}
+    if request.param == "redis":
+        shared = {"state_url": request.getfixturevalue("redis_url"), "state_prefix": f"b{uuid.uuid4().hex[:8]}"}
+    s = start_stack(tmp, [mock, as_native(mock)], gateway=gateway_config(tmp, **shared))
     s.extra["tmp"] = tmp
     yield s
     stop_process(s.proc)
@@ -476,6 +483,36 @@ def test_a_gateway_killed_mid_batch_resumes_it(tmp_path, mock):
         assert "resuming 1 unfinished batch" in log_tail(s.log, 400)
     finally:
         stop_process(s.proc)
+
+
+def test_two_replicas_sharing_redis_share_files_and_batches_and_run_each_line_once(tmp_path, mock, redis_url):
+    """Replicas with their own disks and one `state_url`: a file uploaded through one is batched
+    through the other, both report the batch and serve its output, and every line runs once."""
+    shared = {"state_url": redis_url, "state_prefix": f"two{uuid.uuid4().hex[:8]}", "batch_concurrency": 2}
+    stacks = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        stacks.append(start_stack(tmp_path / name, [mock], gateway=gateway_config(tmp_path / name, **shared)))
+    a, b = (Api(s) for s in stacks)
+    try:
+        ids = [f"x{i}" for i in range(12)]
+        fid = a.file_id([chat_line(cid, model="up1", delay_s=0.1, mock_tag=f"two-{cid}") for cid in ids])
+        assert b.get(f"/v1/files/{fid}").json()["id"] == fid
+        r = b.create(fid)
+        assert r.status_code == 200, r.text
+        done = a.wait(r.json()["id"], timeout_s=60)
+        assert done["status"] == "completed" and done["request_counts"]["completed"] == len(ids)
+        assert a.results(done) == b.results(done)
+        one_line_each(*b.results(done), ids)
+        tags = restart_tags(mock, "two-")
+        assert sorted(tags) == sorted(f"two-{cid}" for cid in ids) and set(tags.values()) == {1}, tags
+        assert [x["id"] for x in a.get("/v1/batches").json()["data"]] == [done["id"]]
+        assert Api(stacks[1], KEY_B).get(f"/v1/batches/{done['id']}").status_code == 404
+    finally:
+        for s in stacks:
+            stop_process(s.proc)
+    for s in stacks:
+        assert s.proc.returncode == 0, log_tail(s.log)
 
 
 # ---------------------------------------------------------------- offline: hybridserve batch
