@@ -109,3 +109,24 @@ def test_the_cpu_chunk_matches_the_token_loop_and_the_reference():
         assert_close("final", final, final_want, torch.float32)
         y_ref, _ = ssd_scan_ref(**inp, chunk_size=chunk)
         torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_the_cpu_scan_runs_its_own_chunk_and_matches_the_models(monkeypatch):
+    """ssd_scan on CPU cuts chunks of cpu_chunk_size() whatever the model's chunk, with the same
+    result as the reference at the model's chunk; snapshot cuts still land where asked."""
+    from hybridserve.kernels import ssd
+
+    inp = ssd_inputs([300, 77], H=4, P=8, G=2, N=16, seed=3)
+    want_y, want_f, want_k = ssd_scan_ref(**inp, chunk_size=256, state_offsets=[128, 340])
+    real = ssd._chunk_cpu
+    for cpu_chunk in ("16", "64", "256"):
+        monkeypatch.setenv("HYBRIDSERVE_CPU_SSD_CHUNK", cpu_chunk)
+        seen = []
+        monkeypatch.setattr(ssd, "_chunk_cpu", lambda x, *a: (seen.append(x.shape[0]), real(x, *a))[1])
+        y, f, k = ssd.ssd_scan(**inp, chunk_size=256, state_offsets=[128, 340])
+        assert max(seen) == min(int(cpu_chunk), 128), seen   # 128: the snapshot cut halves a 256 chunk
+        torch.testing.assert_close(y, want_y, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(f, want_f, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(k, want_k, atol=1e-4, rtol=1e-4)
+    monkeypatch.delenv("HYBRIDSERVE_CPU_SSD_CHUNK")
+    assert ssd.cpu_chunk_size() == ssd.CPU_CHUNK == 64
