@@ -32,6 +32,35 @@ def test_packed_linear_equals_f_linear(bias, lead):
 
 
 @needs_onednn
+@pytest.mark.parametrize("rows", [1, 2, 3, 64])
+def test_a_packed_linear_with_its_plain_copy_equals_f_linear_at_every_row_count(rows):
+    g = torch.Generator().manual_seed(rows)
+    lin = nn.Linear(48, 40)
+    x = torch.randn(rows, 48, generator=g)
+    dual = PackedLinear(lin, keep_plain=True)
+    assert dual.plain_weight is not None and "plain copy" in repr(dual)
+    with torch.no_grad():
+        assert rel_err(dual(x), F.linear(x, lin.weight, lin.bias)) < 1e-5
+
+
+@needs_onednn
+def test_plain_copies_are_kept_for_small_models_or_as_told(monkeypatch):
+    from hybridserve.models import cpu_linear
+
+    def kept(model):
+        prepack_linears(model)
+        return [m.plain_weight is not None for m in model.modules() if isinstance(m, PackedLinear)]
+    assert kept(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))) == [True, True]
+    monkeypatch.setattr(cpu_linear, "DUAL_MAX_BYTES", 8 * 8 * 4)   # below the two weights together
+    assert kept(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))) == [False, False]
+    monkeypatch.setenv("HYBRIDSERVE_CPU_PREPACK", "dual")
+    assert kept(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))) == [True, True]
+    monkeypatch.setenv("HYBRIDSERVE_CPU_PREPACK", "packed")
+    monkeypatch.setattr(cpu_linear, "DUAL_MAX_BYTES", 1 << 40)
+    assert kept(nn.Sequential(nn.Linear(8, 8))) == [False]
+
+
+@needs_onednn
 def test_load_model_packs_on_cpu_fp32_and_logits_stay_equal(monkeypatch):
     path = materialize("tiny-hybrid")
     packed, plain = load_model(path), load_model(path, prepack=False)
