@@ -59,7 +59,10 @@ class AsyncEngine:
         """Stream outputs of one request; raises typed errors for bad input before the first output."""
         if self._loop is None:
             raise RuntimeError("AsyncEngine.start() was not awaited")
-        self.engine.validate(prompt_token_ids, params)
+        if params.guided is None:
+            self.engine.validate(prompt_token_ids, params)
+        else:  # compiling a grammar can take a while: off the event loop
+            await asyncio.to_thread(self.engine.validate, prompt_token_ids, params)
         if request_id in self._streams:
             raise HybridserveError(f"request id {request_id!r} is already in flight")
         stream: asyncio.Queue = asyncio.Queue()

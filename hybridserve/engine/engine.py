@@ -3,7 +3,8 @@
 The engine knows nothing of HTTP or asyncio (see async_engine.py for that). It
 validates requests on entry (typed errors, nothing half-admitted), measures each
 step's wall time and splits it across the step's sequences by tokens processed,
-so every request leaves with its own device-seconds.
+so every request leaves with its own device-seconds. A guided request's grammar is
+compiled in `validate` and its matcher made at admission (guided.py).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from hybridserve.engine.cache import CacheManager, plan_layout
+from hybridserve.engine.guided import Guide
 from hybridserve.engine.model_runner import ModelRunner
 from hybridserve.engine.outputs import FinishReason, RequestOutput
 from hybridserve.engine.params import SamplingParams
@@ -47,6 +49,8 @@ class EngineStats:
     batch_tokens_total: int = 0          # tokens computed for batch-priority requests
     interactive_tokens_total: int = 0
     requests_shed_total: int = 0         # refused with 429: the waiting queue was full
+    guided_requests_total: int = 0       # admitted with a grammar (structured output)
+    guided_mask_seconds_total: float = 0.0  # spent filling and applying grammar masks
 
 
 @dataclass
@@ -97,12 +101,14 @@ class LLMEngine:
         self.salt = hashlib.blake2b(f"{name}:{args.architecture}:{args.vocab_size}".encode(),
                                     digest_size=16).digest()
         self.runner = ModelRunner(model, self.cache, config.device, config.seed)
+        self.guide = Guide(tokenizer, self.vocab_size, self.eos_ids)
         self.seqs: dict[str, Sequence] = {}
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._preemptions_total = 0
         self._tokens_by_priority = {"interactive": 0, "batch": 0}
         self._shed_total = 0
+        self._guided_total = 0
         self._tok_s = 0.0  # recent computed tokens per second (an EMA over steps), for Retry-After
         log.info("%s: %d KV blocks x %d tokens, %d state slots, %d snapshot slots, %.1f MiB cache, "
                  "prefix caching %s", name, layout.num_blocks, layout.block_size, layout.num_slots,
@@ -145,6 +151,8 @@ class LLMEngine:
             raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})",
                                       param="prompt")
         params.validate(self.vocab_size)
+        if params.guided is not None:
+            self.guide.compile(params.guided)  # cached: admission's matcher reuses it
         total = len(prompt_ids) + params.max_tokens
         if total > self.max_context:
             raise ContextLengthExceededError(
@@ -166,7 +174,10 @@ class LLMEngine:
                                   f"(native.max_num_waiting); retry later", self.retry_after_s())
         salt = self.salt if not params.cache_salt else hashlib.blake2b(
             self.salt + params.cache_salt.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-        seq = Sequence(request_id, prompt_ids, params, self.tokenizer, self.eos_ids, arrival_time, salt=salt)
+        matcher = self.guide.matcher(params.guided) if params.guided is not None else None
+        seq = Sequence(request_id, prompt_ids, params, self.tokenizer, self.eos_ids, arrival_time, salt=salt,
+                       matcher=matcher)
+        self._guided_total += matcher is not None
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
         self._prompt_tokens_total += len(prompt_ids)
@@ -252,4 +263,5 @@ class LLMEngine:
             num_running_batch=sum(1 for s in self.scheduler.running if s.is_batch),
             batch_tokens_total=self._tokens_by_priority["batch"],
             interactive_tokens_total=self._tokens_by_priority["interactive"],
-            requests_shed_total=self._shed_total)
+            requests_shed_total=self._shed_total, guided_requests_total=self._guided_total,
+            guided_mask_seconds_total=self.runner.sampler.mask_seconds)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hybridserve.engine.guided import GuidedSpec
 from hybridserve.errors import InvalidRequestError
 from hybridserve.protocol import PRIORITIES
 
@@ -26,6 +27,8 @@ class SamplingParams:
     starts_in_thinking: bool = False   # the prompt already opened <think> (chat templates that do)
     cache_salt: str | None = None      # prefix-cache namespace (vLLM's `cache_salt`): equal salts share
     priority: str = "interactive"      # or "batch": runs on what interactive work leaves, preempted first
+    guided: GuidedSpec | None = None   # structured output: every token must keep the output in this grammar;
+    #                                    thinking budgets are not enforced on a guided request (see guided.py)
 
     @property
     def greedy(self) -> bool:

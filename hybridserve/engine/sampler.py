@@ -1,18 +1,32 @@
-"""Turns last-token logits into next tokens per request: greedy, temperature, top-k, top-p, seed, logprobs."""
+"""Turns last-token logits into next tokens per request: grammar mask, greedy, temperature, top-k, top-p,
+seed, logprobs."""
 from __future__ import annotations
 
 import torch
 
+from hybridserve.engine.guided import TokenMasker
 from hybridserve.engine.outputs import TokenLogprob
 
 
 class Sampler:
     def __init__(self, seed: int = 0):
         self.generator = torch.Generator().manual_seed(seed)
+        self.masker: TokenMasker | None = None  # made at the first guided row
+
+    @property
+    def mask_seconds(self) -> float:
+        return self.masker.seconds if self.masker is not None else 0.0
 
     def __call__(self, logits: torch.Tensor, seqs) -> tuple[list[int], list[TokenLogprob | None]]:
         """logits [S, V] fp32 (any device) → one token id and optional logprob record per sequence."""
-        logits = logits.float().cpu()
+        logits = logits.float()
+        guided = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        if guided:
+            # on the logits' device, before any choice and before logprobs: like vLLM, a guided
+            # request's logprobs are those of the masked distribution (forbidden tokens at -inf)
+            self.masker = self.masker or TokenMasker()
+            self.masker.apply(logits, guided, [seqs[i].matcher for i in guided])
+        logits = logits.cpu()
         tokens = logits.argmax(dim=-1)
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
         for i in sampled:

@@ -4,11 +4,14 @@ A sequence's tokens are prompt + output. `num_computed` counts the tokens whose
 KV entries / Mamba state are already in the cache; the next step feeds tokens
 [num_computed, num_computed + n). Text is produced incrementally; stop strings
 are searched only in new text, and text that might still turn into a stop
-string is held back from the stream until it cannot.
+string is held back from the stream until it cannot. A guided sequence carries its
+grammar matcher (guided.py), which accepts every appended token and ends the
+sequence when the grammar is complete.
 """
 from __future__ import annotations
 
 import enum
+import logging
 import time
 
 import torch
@@ -16,6 +19,8 @@ import torch
 from hybridserve.engine.block_pool import block_hashes
 from hybridserve.engine.outputs import FinishReason, RequestMetrics, RequestOutput, TokenLogprob
 from hybridserve.engine.params import SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 class SeqStatus(enum.Enum):
@@ -52,7 +57,8 @@ class IncrementalDetokenizer:
 
 class Sequence:
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, tokenizer,
-                 eos_ids: tuple[int, ...], arrival_time: float | None = None, salt: bytes = b""):
+                 eos_ids: tuple[int, ...], arrival_time: float | None = None, salt: bytes = b"",
+                 matcher=None):
         self.request_id = request_id
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
@@ -78,6 +84,7 @@ class Sequence:
         self.thinking_tokens = 0
         self.thinking_budget_exhausted = False
         self._forced: list[int] = []
+        self.matcher = matcher  # xgr.GrammarMatcher of a guided request; kept across preemption
 
     # ---- sizes
     @property
@@ -126,12 +133,14 @@ class Sequence:
             return
         if self.in_thinking and not self._forced:
             self.thinking_tokens += 1
-            if p.max_thinking_tokens is not None and self.thinking_tokens >= p.max_thinking_tokens:
+            if (p.max_thinking_tokens is not None and self.thinking_tokens >= p.max_thinking_tokens
+                    and p.guided is None):  # a forced token could break the grammar
                 self.thinking_budget_exhausted = True
                 self._forced = list(p.think_end_ids)
 
     def append_token(self, token_id: int, logprob: TokenLogprob | None, now: float) -> None:
         """Add a sampled token, update text, and decide whether the sequence is done."""
+        grammar_done = self._advance_grammar(token_id)
         self._track_thinking(token_id)
         self.output_ids.append(token_id)
         self.metrics.completion_tokens = len(self.output_ids)
@@ -139,7 +148,7 @@ class Sequence:
             self.metrics.first_token_time = now
         if logprob is not None:
             self._pending_logprobs.append(logprob)
-        if token_id in self._stop_ids:
+        if token_id in self._stop_ids or grammar_done:
             self.finish(FinishReason.STOP, now)
             return
         old_len = len(self.text)
@@ -150,6 +159,16 @@ class Sequence:
             self.finish(FinishReason.STOP, now, flush=False)
         elif last:
             self.finish(FinishReason.LENGTH, now, flush=False)
+
+    def _advance_grammar(self, token_id: int) -> bool:
+        """Feed the token to the grammar matcher, if any; True when the grammar has ended (a stop
+        token taken after a complete output, even with ignore_eos)."""
+        if self.matcher is None:
+            return False
+        if not self.matcher.accept_token(token_id):  # the mask allowed only accepted tokens: a bug
+            log.error("request %s: grammar rejected token %d; ending the request", self.request_id, token_id)
+            return True
+        return self.matcher.is_terminated()
 
     def _ended_on_stop_id(self) -> bool:
         return bool(self.output_ids) and self.output_ids[-1] in self._stop_ids
@@ -168,6 +187,7 @@ class Sequence:
             self.text += self._detok.flush(self.output_ids[:-1] if self._ended_on_stop_id() else self.output_ids)
         self.status = SeqStatus.FINISHED
         self.finish_reason = reason
+        self.matcher = None
         self.metrics.finish_time = now or time.time()
 
     def take_output(self) -> RequestOutput:

@@ -60,6 +60,10 @@ class _EngineStatsCollector:
              getattr(s, "prefix_cache_queries_total", 0)),
             ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
              getattr(s, "prefix_cache_hits_total", 0)),
+            ("hybridserve:guided_requests", "Requests admitted with a grammar (structured outputs).",
+             getattr(s, "guided_requests_total", 0)),
+            ("hybridserve:guided_mask_seconds", "Seconds spent filling and applying grammar token masks.",
+             getattr(s, "guided_mask_seconds_total", 0.0)),
         ):
             c = CounterMetricFamily(name, doc, labels=labels)
             c.add_metric([self.model_name], float(value))
