@@ -5,8 +5,9 @@ router check their own fields); FastAPI never parses a body. The models here onl
 those bodies. They subclass protocol's request models, so every bound protocol declares
 (strict JSON types, ge/le, min_length) reaches the document unchanged, and they add what
 protocol and the handlers check in code: at most 4 stop strings, `echo` false, text-only
-content parts, non-empty prompt lists, integers within int64 and, on the gateway, the
-fields the governor and the router read. Unknown fields are kept, and documented as
+content parts, non-empty prompt lists, integers within int64, messages by role (a tool
+result names its call), tools and response formats and, on the gateway, the fields the
+governor and the router read. Unknown fields are kept, and documented as
 `JsonValue`: any JSON within parse_body's limits. Every error is OpenAI's
 `{"error": {"message", "type", "param", "code"}}`; the gateway's /v1 routes carry the
 bearer scheme when keys are required. The Batch API's bodies (a multipart upload, the
@@ -42,7 +43,59 @@ class TextPart(P.ContentPart):
 
 
 class Message(P.ChatMessage):
+    """A system, developer or user message."""
+
+    role: Literal["system", "developer", "user"]
     content: str | list[TextPart] | None = None
+    tool_calls: None = None
+    tool_call_id: None = None
+
+
+class AssistantMessage(Message):
+    """An assistant's turn: its text, or the tool calls it made (content may then be null)."""
+
+    role: Literal["assistant"]
+    tool_calls: list[P.ToolCall] | None = None
+
+
+class ToolMessage(Message):
+    """A tool's result, answering the call `tool_call_id`."""
+
+    role: Literal["tool"]
+    tool_call_id: str = Field(min_length=1)
+
+
+SCHEMA_DOC = "a JSON Schema (draft 2020-12; others: 400)"
+ANY_JSON = {"$ref": "#/components/schemas/JsonValue"}
+
+
+class FunctionDefinition(P.FunctionDefinition):
+    parameters: dict[str, Any] | None = Field(
+        None, json_schema_extra={"properties": {"type": {"const": "object"}}, "additionalProperties": ANY_JSON},
+        description=f"the arguments object: {SCHEMA_DOC} of `\"type\": \"object\"` (the default)")
+
+
+class Tool(P.Tool):
+    function: FunctionDefinition
+
+
+class JsonSchemaFormat(P.JsonSchemaFormat):
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description=SCHEMA_DOC,
+                                           json_schema_extra={"additionalProperties": ANY_JSON})
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["text", "json_object"]
+
+
+class JsonSchemaResponseFormat(P.ResponseFormat):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+TOOLS_DOC = ("functions the model may call (names unique); see docs/tools.md. `tool_choice` needs "
+             "`tools` and may only name one of them")
 
 
 class CacheFields(BaseModel):
@@ -70,10 +123,16 @@ class CompletionBody(CacheFields, P.CompletionRequest):
 class ChatCompletionBody(CacheFields, P.ChatCompletionRequest):
     """POST /v1/chat/completions. Unknown fields are kept (and forwarded by the gateway)."""
 
-    messages: Annotated[list[Message], NonEmpty]
+    model_config = ConfigDict(json_schema_extra={"dependentSchemas": {"tool_choice": {
+        "required": ["tools"], "properties": {"tools": {"type": "array"}}}}})
+    messages: Annotated[list[Message | AssistantMessage | ToolMessage], NonEmpty]
     stop: str | StopStrings | None = Field(None, description=STOP_DOC)
     stop_token_ids: list[TokenId] | None = None
     top_logprobs: int | None = Field(None, ge=0, le=P.MAX_LOGPROBS, description="needs `logprobs: true`")
+    tools: Annotated[list[Tool], Field(min_length=1, max_length=P.MAX_TOOLS,
+                                       json_schema_extra={"uniqueItems": True})] | None = Field(
+        None, description=TOOLS_DOC)
+    response_format: TextFormat | JsonSchemaResponseFormat | None = None
 
 
 def gateway_bodies(efforts: Sequence[str]) -> tuple[type[BaseModel], type[BaseModel]]:

@@ -5,6 +5,13 @@ is a 400 naming the field rather than a silent coercion; unknown OpenAI fields a
 kept (`extra="allow"`) so newer clients still work. Responses are plain dicts built
 by small functions: they sit on the hot path and need no validation.
 
+Chat requests carry OpenAI's tool calling and structured outputs: `tools` (function
+definitions whose `parameters` are JSON Schemas), `tool_choice`, `parallel_tool_calls`,
+`response_format`, and assistant `tool_calls` / `tool` results in `messages`. Every
+schema is checked against JSON Schema's 2020-12 metaschema here, so a bad one is a 400
+naming `tools` or `response_format` on the gateway before any upstream call; the legacy
+`functions` / `function_call` are refused with a pointer to their successors.
+
 The `usage` object may carry hybridserve's measurements next to OpenAI's three
 counts (`device_seconds`, `ttft_s`, `queue_s`, `e2e_s`, `thinking_tokens`; the gateway
 adds its cost receipt: `cost_usd`, `route_policy`, …); the `openai` client keeps
@@ -18,13 +25,19 @@ import re
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from hybridserve.errors import InvalidRequestError, PayloadTooLargeError
 
 MAX_N = 16
 PRIORITIES = ("interactive", "batch")  # `hybridserve_priority`: batch runs on what interactive work leaves
 MAX_LOGPROBS = 20
+MAX_TOOLS = 128
+NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"   # a function's or a json_schema response format's name
+TOOL_CHOICE_MODES = ("none", "auto", "required")
 
 # What a request body may hold (`parse_body`); beyond these it is a 400 that says which limit
 MAX_BODY_BYTES = 32 << 20       # a larger body is a 413 before it is read (`read_body`)
@@ -116,10 +129,33 @@ class ContentPart(_Model):
     text: str | None = None
 
 
+class FunctionCall(_Model):
+    name: str
+    arguments: str   # JSON text, as the model wrote it
+
+
+class ToolCall(_Model):
+    """A call an assistant message made (sent back in the next turn's `messages`)."""
+
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(_Model):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None   # assistant messages only
+    tool_call_id: str | None = None            # tool messages: the call this result answers
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> "ChatMessage":
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a `tool` message needs `tool_call_id`, the id of the call it answers")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry `tool_calls`")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -135,11 +171,118 @@ class ChatMessage(_Model):
         return "".join(parts)
 
 
+def check_json_schema(schema: dict[str, Any], what: str) -> None:
+    """Raise ValueError (a 400 through validate_request) when `schema` is not a JSON Schema."""
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as err:
+        where = err.json_path.removeprefix("$").lstrip(".") or "its root"
+        raise ValueError(f"{what} is not a valid JSON Schema: {err.message} (at {where})") from None
+
+
+class FunctionDefinition(_Model):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None   # a JSON Schema of the arguments object
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _parameters_ok(self) -> "FunctionDefinition":
+        if self.parameters is None:
+            return self
+        kind = self.parameters.get("type", "object")
+        if kind != "object" and not (isinstance(kind, list) and "object" in kind):
+            raise ValueError(f"function '{self.name}': parameters must describe a JSON object "
+                             f"(`\"type\": \"object\"`), not {json.dumps(kind)}")
+        check_json_schema(self.parameters, f"function '{self.name}': parameters")
+        return self
+
+
+class Tool(_Model):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(_Model):
+    name: str
+
+
+class NamedToolChoice(_Model):
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
+class JsonSchemaFormat(_Model):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _schema_ok(self) -> "JsonSchemaFormat":
+        if self.schema_ is not None:
+            check_json_schema(self.schema_, f"json_schema '{self.name}': schema")
+        return self
+
+
+class ResponseFormat(_Model):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _needs_schema(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('`"type": "json_schema"` needs a `json_schema` object: {name, schema}')
+        return self
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_legacy_functions(cls, data: Any) -> Any:
+        for old, new in (("functions", "tools"), ("function_call", "tool_choice")):
+            if isinstance(data, dict) and data.get(old) is not None:
+                raise InvalidRequestError(f"`{old}` is deprecated and not served; use `{new}`", param=old)
+        return data
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_names(cls, tools: list[Tool] | None) -> list[Tool] | None:
+        seen: set[str] = set()
+        for t in tools or ():
+            if t.function.name in seen:
+                raise ValueError(f"two tools are named '{t.function.name}'; function names must be unique")
+            seen.add(t.function.name)
+        return tools
+
+    @field_validator("tool_choice", mode="wrap")
+    @classmethod
+    def _tool_choice_ok(cls, value: Any, handler: Any, info: ValidationInfo) -> Any:
+        try:
+            choice = handler(value)
+        except ValidationError:
+            raise ValueError('must be "none", "auto", "required" or {"type": "function", "function": '
+                             '{"name": ...}}') from None
+        if choice is None:
+            return None
+        if "tools" not in info.data:  # `tools` itself was invalid: that error is reported
+            return choice
+        names = [t.function.name for t in info.data["tools"] or ()]
+        if not names:
+            raise ValueError("there are no `tools` to choose from")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"names function '{choice.function.name}', which is not among `tools` "
+                             f"({', '.join(names)})")
+        return choice
 
     @model_validator(mode="after")
     def _logprobs_pair(self) -> "ChatCompletionRequest":
@@ -152,6 +295,18 @@ class ChatCompletionRequest(_SamplingFields):
 
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def prompt_text_bytes(self) -> int:
+        """UTF-8 bytes of what the prompt is rendered from: message texts, the calls assistant
+        messages made (names and arguments) and the tools' definitions as JSON."""
+        n = sum(len(m.text().encode()) for m in self.messages)
+        for m in self.messages:
+            for c in m.tool_calls or ():
+                n += len(c.function.name.encode()) + len(c.function.arguments.encode())
+        if self.tools:
+            n += len(json.dumps([t.model_dump(exclude_none=True, by_alias=True) for t in self.tools],
+                                separators=(",", ":"), ensure_ascii=False).encode())
+        return n
 
 
 async def read_body(request: Any, limit: int = MAX_BODY_BYTES) -> bytes:

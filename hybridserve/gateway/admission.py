@@ -9,6 +9,10 @@ The gateway holds no tokenizer, so it bounds the prompt's token count from its t
 * text is bounded from above by its UTF-8 byte count plus the chat template's
   overhead (a byte-level tokenizer never needs more than one token per byte).
 
+A chat's text is its messages', the calls its assistant messages made and its tools'
+definitions as JSON (`ChatCompletionRequest.prompt_text_bytes`); the upper bound adds the
+template's preamble that explains the tools and the markup around each call.
+
 A request whose lower bound does not fit any candidate backend is a 400 here; one
 that merely might not fit goes on, and the worker, which tokenizes exactly, has
 the last word. `auto` and aliases prefer backends where even the upper bound fits.
@@ -26,6 +30,8 @@ from hybridserve.router.policies import POLICY_NAMES
 
 MAX_BYTES_PER_TOKEN = 32
 CHAT_OVERHEAD_TOKENS_PER_MESSAGE = 8
+TOOLS_OVERHEAD_TOKENS = 512       # a chat template's preamble that explains the tools
+TOOL_CALL_OVERHEAD_TOKENS = 24    # the markup around one call in an assistant message
 
 
 @dataclass
@@ -59,8 +65,11 @@ def prompt_bytes(req: Any, chat: bool) -> int:
 def prompt_bounds(req: Any, chat: bool) -> tuple[int, int]:
     """(lower, upper) bound on the prompt's token count (the largest prompt of a batch)."""
     if chat:
-        nbytes = sum(len(m.text().encode()) for m in req.messages)
+        nbytes = req.prompt_text_bytes()
         upper = nbytes + CHAT_OVERHEAD_TOKENS_PER_MESSAGE * (len(req.messages) + 1)
+        if req.tools:
+            upper += TOOLS_OVERHEAD_TOKENS
+        upper += TOOL_CALL_OVERHEAD_TOKENS * sum(len(m.tool_calls or ()) for m in req.messages)
         return -(-nbytes // MAX_BYTES_PER_TOKEN), upper
     lower = upper = 0
     for p in req.prompts():

@@ -33,6 +33,7 @@ from hybridserve.cpu_binding import available_cores, format_cores
 from hybridserve.errors import (ContainErrors, HybridserveError, InvalidRequestError, error_bytes,
                                 http_error_body, params_error_body)
 from hybridserve.worker import serving as S
+from hybridserve.worker import tools as T
 from hybridserve.worker.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
@@ -83,13 +84,18 @@ def refuse_unsupported(data: dict) -> None:
     for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
         if data.get(name) not in (None, 0, 0.0, 1.0 if name == "repetition_penalty" else 0):
             raise InvalidRequestError(f"`{name}` is not supported by the native engine", param=name)
-    for name in ("logit_bias", "tools", "functions"):
-        if data.get(name):
-            raise InvalidRequestError(f"`{name}` is not supported by the native engine", param=name)
+    if data.get("logit_bias"):
+        raise InvalidRequestError("`logit_bias` is not supported by the native engine", param="logit_bias")
+
+
+def refuse_chat_only(data: dict) -> None:
+    """Tools and structured outputs are served on /v1/chat/completions only."""
     fmt = data.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
-        raise InvalidRequestError("only `response_format: {\"type\": \"text\"}` is supported by "
-                                  "the native engine", param="response_format")
+    structured = isinstance(fmt, dict) and fmt.get("type") not in (None, "text")
+    for name in ("tools", "functions", "tool_choice", "response_format"):
+        if data.get(name) and (name != "response_format" or structured):
+            raise InvalidRequestError(f"`{name}` is served on /v1/chat/completions, not on /v1/completions",
+                                      param=name)
 
 
 class Worker:
@@ -111,6 +117,7 @@ class Worker:
     def plan_completion(self, rid: str, data: dict) -> S.RequestPlan:
         req = P.validate_request(P.CompletionRequest, data)
         refuse_unsupported(data)
+        refuse_chat_only(data)
         prompts = [self.renderer.encode_text(p) if isinstance(p, str) else p for p in req.prompts()]
         choices = S.build_choices(rid, prompts, req, self.renderer, self.params_cls, req.logprobs)
         return S.RequestPlan(rid, self.model, choices, req.logprobs, req.include_usage(), chat=False)
@@ -118,10 +125,12 @@ class Worker:
     def plan_chat(self, rid: str, data: dict) -> S.RequestPlan:
         req = P.validate_request(P.ChatCompletionRequest, data)
         refuse_unsupported(data)
-        ids = self.renderer.encode_chat(req.messages)
+        ids = self.renderer.encode_chat(req.messages, req.tools)
         n_lp = req.num_logprobs()
-        choices = S.build_choices(rid, [ids], req, self.renderer, self.params_cls, n_lp)
-        return S.RequestPlan(rid, self.model, choices, n_lp, req.include_usage(), chat=True)
+        tool_plan = T.plan_tools(req)
+        choices = S.build_choices(rid, [ids], req, self.renderer, self.params_cls, n_lp, tool_plan)
+        return S.RequestPlan(rid, self.model, choices, n_lp, req.include_usage(), chat=True,
+                             tool_names=tool_plan.tool_names)
 
     def on_output(self, plan: S.RequestPlan, choice: S.Choice, out: Any) -> None:
         if plan.num_logprobs is not None and out.delta_logprobs:

@@ -5,7 +5,8 @@ and builds one `Choice` per returned choice (prompts x n, seeds seed+i); `merge`
 runs those engine streams side by side and yields `(index, RequestOutput)`; the
 `*_body` / `*_chunks` functions render OpenAI JSON. Closing the merged stream (a
 client disconnect cancels it) closes every engine generator, which aborts the
-engine request and frees its cache at once.
+engine request and frees its cache at once. A chat with tools renders them into the
+prompt, guides generation and parses calls out of the answer through `tools`.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any, AsyncIterator
 from hybridserve import protocol as P
 from hybridserve.errors import ContextLengthExceededError, InvalidRequestError
 from hybridserve.gateway.governor import ANSWER_BUDGET_TOKENS
+from hybridserve.worker import tools as T
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +44,14 @@ class RequestPlan:
     """Everything the worker needs to serve one OpenAI request."""
 
     def __init__(self, request_id: str, model: str, choices: list[Choice], num_logprobs: int | None,
-                 include_usage: bool, chat: bool):
+                 include_usage: bool, chat: bool, tool_names: frozenset[str] | None = None):
         self.request_id = request_id
         self.model = model
         self.choices = choices
         self.num_logprobs = num_logprobs
         self.include_usage = include_usage
         self.chat = chat
+        self.tool_names = tool_names   # None: answers are text; else tool calls are parsed from them
         self.created = int(time.time())
 
 
@@ -80,6 +83,7 @@ class Renderer:
         self.think_end_id = self._special_id("</think>")
         # duck-typed tokenizers without the attribute render chats themselves
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", True))
+        self.template_reads_tools = T.template_reads_tools(tokenizer)
 
     def _special_id(self, token: str) -> int | None:
         """The id of an added token such as <think>, or None when the vocabulary lacks it."""
@@ -139,14 +143,18 @@ class Renderer:
     def encode_text(self, text: str) -> list[int]:
         return list(self.tokenizer(text).input_ids)
 
-    def encode_chat(self, messages: list[P.ChatMessage]) -> list[int]:
+    def render_chat(self, messages: list[P.ChatMessage], tools: list[P.Tool] | None = None) -> str:
+        """The prompt text of a chat (tools as `tools.chat_messages` renders them)."""
         if not self.has_chat_template:
             raise InvalidRequestError(
                 "this model has no chat template, so chat messages cannot be turned into a prompt; "
                 "send the text as `prompt` to /v1/completions instead", param="messages",
                 code="no_chat_template")
-        msgs = [{"role": m.role, "content": m.text()} for m in messages]
-        text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        msgs, extra = T.chat_messages(messages, tools, native=self.template_reads_tools)
+        return self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False, **extra)
+
+    def encode_chat(self, messages: list[P.ChatMessage], tools: list[P.Tool] | None = None) -> list[int]:
+        text = self.render_chat(messages, tools)
         return list(self.tokenizer(text, add_special_tokens=False).input_ids)
 
     def check_fits(self, num_prompt: int, max_tokens: int | None) -> int:
@@ -181,9 +189,14 @@ def priority_of(req: P._SamplingFields) -> str:
 
 
 def build_choices(request_id: str, prompts: list[list[int]], req: P._SamplingFields,
-                  renderer: Renderer, params_cls: Any, num_logprobs: int | None) -> list[Choice]:
+                  renderer: Renderer, params_cls: Any, num_logprobs: int | None,
+                  tool_plan: T.ToolPlan | None = None) -> list[Choice]:
+    """One Choice per prompt x n. A guided request (`tool_plan.guided`) gets no thinking budget:
+    its grammar applies from the first token."""
     choices = []
-    cap = renderer.thinking_cap(req.max_thinking_tokens)
+    guided = tool_plan.guided if tool_plan else None
+    cap = None if guided else renderer.thinking_cap(req.max_thinking_tokens)
+    stop = req.stop_list() + list(tool_plan.stop if tool_plan else ())
     salt = cache_salt_of(req)
     priority = priority_of(req)
     for p_idx, ids in enumerate(prompts):
@@ -192,15 +205,16 @@ def build_choices(request_id: str, prompts: list[list[int]], req: P._SamplingFie
             logger.debug("%s: no </think> token; thinking budget %d caps max_tokens at %d",
                          request_id, req.max_thinking_tokens, cap)
             max_tokens = cap
+        extra = {"guided": guided} if guided else renderer.thinking_fields(ids, req.max_thinking_tokens)
         for j in range(req.n):
             seed = None if req.seed is None else req.seed + j
             params = params_cls(
                 max_tokens=max_tokens,
                 temperature=1.0 if req.temperature is None else req.temperature,
                 top_p=1.0 if req.top_p is None else req.top_p,
-                top_k=max(req.top_k or 0, 0), seed=seed, stop=req.stop_list(),
+                top_k=max(req.top_k or 0, 0), seed=seed, stop=list(stop),
                 stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
-                logprobs=num_logprobs, cache_salt=salt, priority=priority, **renderer.thinking_fields(ids, req.max_thinking_tokens))
+                logprobs=num_logprobs, cache_salt=salt, priority=priority, **extra)
             idx = p_idx * req.n + j
             choices.append(Choice(idx, f"{request_id}-{idx}", ids, params, p_idx))
     return choices
@@ -301,14 +315,27 @@ def full_body(plan: RequestPlan, renderer: Renderer) -> dict[str, Any]:
             lp = (_chat_logprobs(renderer, c.logprobs) if plan.chat
                   else _completion_logprobs(renderer, c.logprobs, 0))
         if plan.chat:
-            choices.append({"index": c.index, "message": {"role": "assistant", "content": out.text},
-                            "logprobs": lp, "finish_reason": out.finish_reason})
+            message, reason = chat_message(plan, out)
+            choices.append({"index": c.index, "message": message, "logprobs": lp, "finish_reason": reason})
         else:
             choices.append({"index": c.index, "text": out.text, "logprobs": lp,
                             "finish_reason": out.finish_reason})
     rid = P.new_id("chatcmpl" if plan.chat else "cmpl", plan.request_id)
     build = P.chat_response if plan.chat else P.completion_response
     return build(rid, plan.model, choices, usage_of(plan, renderer))
+
+
+def chat_message(plan: RequestPlan, out: Any) -> tuple[dict[str, Any], Any]:
+    """A finished choice's assistant message and finish_reason ("tool_calls" once it made a call)."""
+    if plan.tool_names is None:
+        return {"role": "assistant", "content": out.text}, out.finish_reason
+    parser = T.ToolCallParser(plan.tool_names)
+    parser.feed(out.text)
+    parser.finish()
+    content, calls = parser.message()
+    if not calls:
+        return {"role": "assistant", "content": content}, out.finish_reason
+    return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
 
 
 class ChunkRenderer:
@@ -320,6 +347,8 @@ class ChunkRenderer:
         self.rid = P.new_id("chatcmpl" if plan.chat else "cmpl", plan.request_id)
         self.build = P.chat_chunk if plan.chat else P.completion_chunk
         self.text_len = {c.index: 0 for c in plan.choices}
+        self.parsers = ({} if plan.tool_names is None else
+                        {c.index: T.ToolCallParser(plan.tool_names) for c in plan.choices})
 
     def _chunk(self, choices: list[dict], usage: dict | None = None) -> bytes:
         return P.sse(self.build(self.rid, self.plan.model, self.plan.created, choices, usage,
@@ -333,6 +362,7 @@ class ChunkRenderer:
                 for c in self.plan.choices]
 
     def delta(self, choice: Choice, out: Any) -> bytes | None:
+        """The chunks (none, one, or several SSE events in one piece) for one engine output."""
         want_lp = self.plan.num_logprobs is not None
         if not out.delta_text and not out.finished and not (want_lp and out.delta_token_ids):
             return None
@@ -342,13 +372,29 @@ class ChunkRenderer:
             lp = (_chat_logprobs(self.renderer, entries) if self.plan.chat else
                   _completion_logprobs(self.renderer, entries, self.text_len[choice.index]))
         self.text_len[choice.index] += len(out.delta_text)
-        body: dict[str, Any] = {"index": choice.index, "logprobs": lp,
-                                "finish_reason": out.finish_reason if out.finished else None}
-        if self.plan.chat:
-            body["delta"] = {"content": out.delta_text} if out.delta_text else {}
-        else:
-            body["text"] = out.delta_text
-        return self._chunk([body])
+        reason = out.finish_reason if out.finished else None
+        if not self.plan.chat:
+            return self._chunk([{"index": choice.index, "text": out.delta_text, "logprobs": lp,
+                                 "finish_reason": reason}])
+        deltas = self._chat_deltas(choice, out)
+        if not deltas and lp is None and reason is None:   # all of it held back (a possible call)
+            return None
+        parser = self.parsers.get(choice.index)
+        if reason is not None and parser is not None and parser.calls:
+            reason = "tool_calls"
+        bodies = [{"index": choice.index, "delta": d, "logprobs": None, "finish_reason": None}
+                  for d in deltas or [{}]]
+        bodies[0]["logprobs"], bodies[-1]["finish_reason"] = lp, reason
+        return b"".join(self._chunk([body]) for body in bodies)
+
+    def _chat_deltas(self, choice: Choice, out: Any) -> list[dict[str, Any]]:
+        parser = self.parsers.get(choice.index)
+        if parser is None:
+            return [{"content": out.delta_text}] if out.delta_text else []
+        events = parser.feed(out.delta_text)
+        if out.finished:
+            events += parser.finish()
+        return T.stream_deltas(events)
 
     def closing(self) -> list[bytes]:
         tail = []

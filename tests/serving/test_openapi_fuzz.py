@@ -475,9 +475,13 @@ def positive_bodies(doc: dict, path: str, n: int) -> list:
 
 def described_only(b: dict) -> bool:
     """The cross-field rules the document states in words, not in schema."""
+    names = [(t.get("function") or {}).get("name") for t in b.get("tools") or [] if isinstance(t, dict)]
+    choice = b.get("tool_choice")
     return ((b.get("top_logprobs") is not None and not b.get("logprobs"))     # needs logprobs: true
             or b.get("best_of") not in (None, 1, b.get("n", 1))                # only 1 or n
-            or (b.get("hybridserve_vote") and (b.get("n", 1) < 2 or b.get("stream"))))
+            or (b.get("hybridserve_vote") and (b.get("n", 1) < 2 or b.get("stream")))
+            or len(names) != len(set(names))                                   # tool names unique
+            or (isinstance(choice, dict) and (choice.get("function") or {}).get("name") not in names))
 
 
 @pytest.mark.parametrize("target", ["gateway", "worker"])
