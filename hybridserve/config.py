@@ -21,6 +21,7 @@ DType = Literal["float32", "bfloat16", "float16"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_PARSER_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")   # vLLM's tool-call parser names: hermes, llama3_json, ...
 
 
 class ConfigError(ValueError):
@@ -81,8 +82,45 @@ class VllmOptions(_Strict):
     shim: bool = Field(True, description="hybridserve's middleware in vLLM: serve any `model` the "
                                          "gateway routed here, errors in the native worker's shape")
     startup_timeout_s: float = Field(600.0, gt=0, description="wait this long for vLLM's /health")
+    tool_call_parser: str | None = Field(
+        None, description="vLLM's parser of the model's tool-call text (e.g. 'hermes'), passed with "
+                          "--enable-auto-tool-choice; vLLM 0.32 refuses every `tools` request with a "
+                          "tool_choice other than 'none' without one (named and 'required' included)")
+    structured_outputs_backend: Literal["auto", "xgrammar", "guidance", "outlines"] | None = Field(
+        None, description="vLLM's guided-decoding library for response_format and named tool calls "
+                          "(--structured-outputs-config.backend); None: vLLM's default (auto)")
+    structured_outputs_compact: bool = Field(
+        False, description="guided JSON without free whitespace between tokens "
+                           "(--structured-outputs-config.disable_any_whitespace; xgrammar or guidance "
+                           "only): a weak model otherwise fills max_tokens with spaces")
+    chat_template: str | None = Field(
+        None, description="a Jinja chat template file for vLLM (--chat-template), e.g. one that "
+                          "renders `tools`; None: the checkpoint's own")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for vLLM")
     extra_args: list[str] = Field(default_factory=list, description="appended to vLLM's command line")
+
+    @model_validator(mode="after")
+    def _compact_needs_a_backend(self) -> "VllmOptions":
+        if self.structured_outputs_compact and self.structured_outputs_backend not in ("xgrammar", "guidance"):
+            raise ValueError("vllm.structured_outputs_compact needs vllm.structured_outputs_backend: xgrammar "
+                             f"or guidance (vLLM refuses it with {self.structured_outputs_backend or 'auto'})")
+        return self
+
+    @field_validator("tool_call_parser")
+    @classmethod
+    def _parser_ok(cls, v: str | None) -> str | None:
+        if v is not None and not _PARSER_RE.match(v):
+            raise ValueError(f"'{v}' is not a tool-call parser name: use one of vLLM's "
+                             "(`--tool-call-parser` in its --help, e.g. 'hermes', 'llama3_json')")
+        return v
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_ok(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("vllm.chat_template is empty: give the path of a Jinja template file, "
+                             "or leave it out for the checkpoint's own")
+        return v
 
 
 class BackendConfig(_Strict):

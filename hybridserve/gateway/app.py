@@ -2,7 +2,8 @@
 
 Read-only: /v1/models, /v1/economics (the live economics table and each backend's
 load), /v1/sessions/{id} (an agent session's calls, tokens, $, escalations, budget
-hits; only the key that opened a session can read it), /v1/budgets (the caller's key
+hits and its trajectory: a breakdown by step kind, tool calls, wall time, retries; see
+`governor`; only the key that opened a session can read it), /v1/budgets (the caller's key
 budgets), /health, /metrics, and the OpenAPI document (/openapi.json, Swagger UI at /docs;
 both open without a key, see `hybridserve.openapi`).
 
@@ -137,7 +138,7 @@ def create_app(cfg: HybridserveConfig, *, poll_interval_s: float = 1.0) -> Reque
     ledger, sessions = budget_stores(cfg.gateway)
     limiter = rate_limiter(cfg.gateway.rate_limits, cfg.gateway.state_prefix, getattr(sessions, "r", None))
     calls = Calls(cfg, router, ledger, sessions, limiter)
-    metrics = GatewayMetrics(registry, router, sessions)
+    metrics = GatewayMetrics(registry, router, sessions, cfg.gateway.step_tiers)
     holder: dict[str, Proxy] = {}
     files, batches, close_batch_stores = batch_api.stores(cfg.gateway)
 

@@ -30,6 +30,10 @@ Dollars are measured (price × device seconds), so no request can bound them in 
 reservation is the predicted worst case × USD_SAFETY, and a measured cost above it is booked in
 full, so the next admission sees it.
 
+Session trajectory: a call in a session carries a `governor.Step` on its hold (its X-Step-Kind,
+start and end on the wall clock, cached prompt tokens, the tool calls in the client's answer,
+failed-over attempts, a client's retry mark), filled in at `settle` and booked with its counts.
+
 Fast path: a request with no controls, no gateway-only fields, no key budget or session
 cap, no cascade and (for streams) its own include_usage goes upstream byte for byte as the
 client sent it.
@@ -40,6 +44,7 @@ import hashlib
 import inspect
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,6 +96,7 @@ class Call:
     answered_by: RouteRung | None = None     # the rung whose answer the client gets
     affinity_keys: list = field(default_factory=list)  # where this request's prefix will be cached
     cache_salt: str | None = None  # the tenant's prefix-cache namespace on the backends (see tenant_salt)
+    step_kind: str = G.UNSPECIFIED  # its X-Step-Kind (`governor.step_kind`)
     _bodies: dict[tuple[bool, str | None], bytes] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- upstream body
@@ -232,6 +238,9 @@ class Call:
             self.ledger.settle(self.reservation, usd, tokens, o.request_id)
         if self.hold is not None:
             usd, _, usage = o.charge(self.hold.tokens, self.hold.usd, prompt_bound)
+            step = self.hold.step
+            step.ended, step.request_id = time.time(), o.request_id
+            step.cached_tokens, step.tool_calls, step.failovers = o.cached, o.tool_calls, o.failovers
             self.sessions.settle(self.hold, o.backend, usage, usd, escalations=o.escalations,
                                  exhausted=o.exhausted)
         if o.disconnected or o.error or o.unmeasured:
@@ -301,6 +310,7 @@ class Call:
             winner, tally = G.vote(choices, self.adm.chat)
             body["choices"] = [winner]
             body["hybridserve_vote"] = tally
+        self.outcome.saw_tool_calls(body)
         usage = body.get("usage")
         if isinstance(usage, dict):
             usage.update(self.usage_extension(b.name))
@@ -352,15 +362,18 @@ class Calls:
                                    floor=floor, task=task, deep=ctl.top_tier,
                                    hints=aff.hints(keys, prompt) if keys else None)
         call = Call(adm, route, ctl, self.router, self.ledger, self.sessions, affinity_keys=keys,
-                    cache_salt=tenant_salt(owner, adm.data.get("cache_salt")))
+                    cache_salt=tenant_salt(owner, adm.data.get("cache_salt")),
+                    step_kind=G.step_kind(headers.get("x-step-kind")))
         call.rung_controls = self.rung_controls(adm, route)
         worst = self.worst_case(adm, route)
         if self.limiter is not None:
             await self.limiter.admit(key_id, worst.tokens(route.max_tokens))
         sid = headers.get("x-session-id")
         if sid:
+            started = time.time()
             call.hold = await self.sessions.hold(sid[:128], worst.fixed, route.max_tokens, worst.usd, owner,
                                                  worst.samples)
+            call.hold.step = G.Step(call.step_kind, started, client_retry=client_retried(headers))
         if self.ledger is not None and self.ledger.budgets:
             cap = call.cut_to or route.max_tokens
             usd = worst.usd * cap / route.max_tokens
@@ -403,6 +416,12 @@ class Calls:
             fixed += judged * verdicts
             usd += self.router.predict_usd(route.verifier.name, judged, 1) * verdicts
         return WorstCase(usd * USD_SAFETY, fixed, samples)
+
+
+def client_retried(headers: Any) -> bool:
+    """The client says this request is a retry: OpenAI's SDKs send x-stainless-retry-count, 0 first."""
+    n = headers.get("x-stainless-retry-count")
+    return bool(n) and n.strip().isdigit() and int(n) > 0
 
 
 def tenant_salt(owner: str, client_salt: Any) -> str | None:

@@ -26,6 +26,17 @@ book is keyed by (tenant, id), so the same id sent with another key is another s
 and another key reading it finds nothing. With auth disabled every caller is the one
 `PUBLIC` tenant. The gateway passes the caller's tenant as `owner` to `hold` and `get`.
 
+Trajectory (also in GET /v1/sessions/{id}): each settled call is booked under its step kind
+(`X-Step-Kind`, UNSPECIFIED without one; a session keeps MAX_STEP_KINDS kinds apart, later
+new ones go under OTHER) with its calls, prompt/completion/cached tokens, $, wall seconds
+(the sum of its calls' durations) and tool calls; each row sums to the session's totals.
+The session also counts the tool calls in the answers its client got (`tool_calls` in a
+message or in a stream's deltas), its wall time (first call's start to last call's end,
+which concurrent calls make shorter than the rows' sum) and its retries: `failovers` (backend
+attempts within a call that could not take it, unreachable or saturated, so the gateway
+tried the next) and `client_retries` (a call that reused the x-request-id of one of the
+session's last RECENT_IDS calls, or that an OpenAI SDK marked with x-stainless-retry-count > 0).
+
 The memory book keeps at most `MAX_SESSIONS` sessions per tenant (the least recently used
 go first), so no tenant's sessions can push out another's. It satisfies `stores.SessionBook`:
 `hold`, `get` and `close` are coroutines (that answer at once), `settle` and `release` are not.
@@ -33,7 +44,7 @@ go first), so no tenant's sessions can push out another's. It satisfies `stores.
 from __future__ import annotations
 
 import re
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +59,13 @@ GATEWAY_FIELDS = ("mode", "reasoning_effort", "hybridserve_vote", "max_thinking_
 ANSWER_BUDGET_TOKENS = 256   # non-native engines: thinking cap + this many answer tokens
 MAX_SESSIONS = 10_000            # sessions the memory book keeps per tenant (`Sessions(max_sessions=)`)
 SESSION_TOTALS = ("calls", "prompt_tokens", "completion_tokens", "thinking_tokens", "usd", "escalations",
-                  "budget_hits")
+                  "budget_hits", "cached_tokens", "tool_calls", "failovers", "client_retries")
+STEP_COUNTS = ("calls", "prompt_tokens", "completion_tokens", "cached_tokens", "usd", "wall_s", "tool_calls")
+MAX_STEP_KINDS = 16              # step kinds a session keeps apart; later new kinds are booked as OTHER
+MAX_KIND_CHARS = 64
+RECENT_IDS = 64                  # request ids a session remembers to see a client's retry
+UNSPECIFIED = "unspecified"      # the step kind of a call without X-Step-Kind
+OTHER = "other"
 THINK_END = "</think>"
 PUBLIC = ""                      # the one tenant of a gateway without auth
 
@@ -145,6 +162,39 @@ def vote(choices: list[dict], chat: bool) -> tuple[dict, dict]:
 
 # ------------------------------------------------------------------ sessions
 
+def step_kind(header: str | None) -> str:
+    """The step kind a call is booked under: its X-Step-Kind (at most MAX_KIND_CHARS), else UNSPECIFIED."""
+    kind = (header or "").strip()[:MAX_KIND_CHARS]
+    return kind or UNSPECIFIED
+
+
+@dataclass
+class Step:
+    """What one call did besides its tokens and $, booked with it in its session's trajectory:
+    its step kind, when it started and ended (wall clock, s), the prompt tokens served from
+    a prefix cache, the tool calls in the answer the client got, the backend attempts that
+    failed over, and whether the client marked it as a retry (x-stainless-retry-count)."""
+
+    kind: str = UNSPECIFIED
+    started: float = 0.0
+    ended: float = 0.0
+    cached_tokens: int = 0
+    tool_calls: int = 0
+    failovers: int = 0
+    client_retry: bool = False
+    request_id: str = ""           # a second call with the same id is a client retry too
+
+    @property
+    def wall_s(self) -> float:
+        return max(0.0, self.ended - self.started)
+
+
+def book_kind(steps: dict[str, Any], kind: str) -> str:
+    """The key a step of `kind` is booked under in a session that already has `steps`: its own
+    while the session has fewer than MAX_STEP_KINDS kinds (a client chooses them), else OTHER."""
+    return kind if kind in steps or len(steps) < MAX_STEP_KINDS else OTHER
+
+
 @dataclass
 class Session:
     id: str
@@ -155,22 +205,56 @@ class Session:
     usd: float = 0.0
     escalations: int = 0
     budget_hits: int = 0
+    cached_tokens: int = 0
+    tool_calls: int = 0
+    failovers: int = 0
+    client_retries: int = 0
     reserved_tokens: int = 0
     reserved_usd: float = 0.0
     backends: dict[str, int] = field(default_factory=dict)
+    steps: dict[str, dict[str, float]] = field(default_factory=dict)   # kind → STEP_COUNTS
+    first_at: float | None = None  # when its first call started (wall clock)
+    last_at: float | None = None   # when its last call ended
     owner: str = PUBLIC            # the tenant that opened it (never shown: it is a key's id)
+    recent_ids: deque = field(default_factory=lambda: deque(maxlen=RECENT_IDS), repr=False)
 
     @property
     def tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
+    @property
+    def wall_s(self) -> float:
+        """First call's start to last call's end (0 before any call is booked)."""
+        if self.first_at is None or self.last_at is None:
+            return 0.0
+        return max(0.0, self.last_at - self.first_at)
+
     def as_json(self, max_tokens: int | None, max_usd: float | None) -> dict[str, Any]:
+        steps = {k: {n: (v[n] if n in ("usd", "wall_s") else int(v[n])) for n in STEP_COUNTS}
+                 for k, v in self.steps.items()}
         return {"id": self.id, "object": "session", "calls": self.calls, "tokens": self.tokens,
                 "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "thinking_tokens": self.thinking_tokens, "usd": self.usd,
+                "thinking_tokens": self.thinking_tokens, "cached_tokens": self.cached_tokens, "usd": self.usd,
                 "escalations": self.escalations, "budget_hits": self.budget_hits,
-                "backends": self.backends, "in_flight_tokens": self.reserved_tokens,
+                "tool_calls": self.tool_calls, "retries": self.failovers + self.client_retries,
+                "failovers": self.failovers, "client_retries": self.client_retries,
+                "wall_s": self.wall_s, "first_call_at": self.first_at, "last_call_at": self.last_at,
+                "steps": steps, "backends": self.backends, "in_flight_tokens": self.reserved_tokens,
                 "max_tokens": max_tokens, "max_usd": max_usd}
+
+    def book_step(self, step: Step, counts: dict[str, float], retry: bool) -> None:
+        """Add one settled call's trajectory: its kind's row, the wall-time span, tool calls,
+        failovers and (`retry`) a client retry. `counts` are its prompt/completion tokens and $."""
+        row = self.steps.setdefault(book_kind(self.steps, step.kind), dict.fromkeys(STEP_COUNTS, 0))
+        for name, value in {**counts, "calls": 1, "cached_tokens": step.cached_tokens, "wall_s": step.wall_s,
+                            "tool_calls": step.tool_calls}.items():
+            row[name] += value
+        self.cached_tokens += step.cached_tokens
+        self.tool_calls += step.tool_calls
+        self.failovers += step.failovers
+        self.client_retries += int(retry)
+        self.first_at = step.started if self.first_at is None else min(self.first_at, step.started)
+        self.last_at = step.ended if self.last_at is None else max(self.last_at, step.ended)
 
 
 @dataclass
@@ -186,6 +270,7 @@ class SessionHold:
     done: bool = False
     rid: str = ""                  # its id where sessions live in Redis
     owner: str = PUBLIC            # the session's tenant (`sid` is the client's id within it)
+    step: Step = field(default_factory=Step)   # filled by the call (`call.Call.settle`) before it settles
 
 
 def session_exhausted(sid: str, tokens: int, usd: float, max_tokens: int | None,
@@ -285,9 +370,15 @@ class Sessions:
         s.usd += usd
         s.escalations += escalations
         s.budget_hits += int(exhausted)
-        if usage:
-            s.prompt_tokens += int(usage.get("prompt_tokens") or 0)
-            s.completion_tokens += int(usage.get("completion_tokens") or 0)
-            s.thinking_tokens += int(usage.get("thinking_tokens") or 0)
+        usage = usage or {}
+        counts = {k: int(usage.get(k) or 0) for k in ("prompt_tokens", "completion_tokens")}
+        s.prompt_tokens += counts["prompt_tokens"]
+        s.completion_tokens += counts["completion_tokens"]
+        s.thinking_tokens += int(usage.get("thinking_tokens") or 0)
         if backend:
             s.backends[backend] = s.backends.get(backend, 0) + 1
+        rid = hold.step.request_id
+        retry = hold.step.client_retry or (bool(rid) and rid in s.recent_ids)
+        if rid and rid not in s.recent_ids:
+            s.recent_ids.append(rid)
+        s.book_step(hold.step, {**counts, "usd": usd}, retry)

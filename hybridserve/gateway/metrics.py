@@ -1,10 +1,16 @@
-"""The gateway's own Prometheus metrics: requests, errors, added latency, backend health."""
+"""The gateway's own Prometheus metrics: requests, errors, added latency, backend health, agent steps.
+
+Step kinds (X-Step-Kind) are chosen by clients, so they never become label values as they
+come: `step_kind` is one of the kinds configured in `gateway.step_tiers`, `unspecified` (no
+header) or `other` (any other kind), a label set as small as the config.
+"""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 from hybridserve.errors import HybridserveError
+from hybridserve.gateway.governor import OTHER, UNSPECIFIED
 from hybridserve.gateway.registry import Registry
 
 ADDED_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.5)
@@ -67,14 +73,19 @@ class _EconomicsCollector:
                   for name, help_ in (("calls", "Calls made by the tracked sessions."),
                                       ("usd", "Measured $ spent by the tracked sessions."),
                                       ("escalations", "Cascade escalations in the tracked sessions."),
-                                      ("budget_hits", "Session budget hits (cut answers and 429s)."))}
+                                      ("budget_hits", "Session budget hits (cut answers and 429s)."),
+                                      ("tool_calls", "Tool calls in the tracked sessions' answers."),
+                                      ("failovers", "Backend attempts in the tracked sessions that failed "
+                                                    "over to the next backend."),
+                                      ("client_retries", "Calls the tracked sessions' clients retried."))}
         for name, fam in totals.items():
             fam.add_metric([], t[name])
         yield from (n, tokens, *totals.values())
 
 
 class GatewayMetrics:
-    def __init__(self, registry: Registry, router=None, sessions=None):
+    def __init__(self, registry: Registry, router=None, sessions=None, step_kinds=()):
+        self.step_kinds = frozenset(step_kinds) | {UNSPECIFIED}
         self.prom = CollectorRegistry()
         self.prom.register(_BackendCollector(registry))
         if router is not None:
@@ -97,6 +108,15 @@ class GatewayMetrics:
                               "error type.", ["backend", "type"], registry=self.prom)
         self.batch_lines = Counter("hybridserve_gateway_batch_lines", "Batch API lines run, by outcome "
                                    "(ok: a 200 answer; error: an error line).", ["outcome"], registry=self.prom)
+        self.session_steps = Counter("hybridserve_gateway_session_steps", "Answered calls in agent "
+                                     "sessions (X-Session-Id), by step kind.", ["step_kind"],
+                                     registry=self.prom)
+        self.session_step_tokens = Counter("hybridserve_gateway_session_step_tokens", "Tokens of answered "
+                                           "session calls, by step kind and kind (prompt, completion, "
+                                           "cached: prompt tokens served from a prefix cache).",
+                                           ["step_kind", "kind"], registry=self.prom)
+        self.tool_calls = Counter("hybridserve_gateway_tool_calls", "Tool calls in the answers clients got, "
+                                  "by step kind.", ["step_kind"], registry=self.prom)
         self.added = Histogram("hybridserve_gateway_added_latency_seconds", "Time the gateway "
                                "itself adds to a request (before the upstream call plus after "
                                "its answer).", ["backend"], buckets=ADDED_BUCKETS,
@@ -111,10 +131,24 @@ class GatewayMetrics:
     def render(self) -> bytes:
         return generate_latest(self.prom)
 
+    def step_label(self, kind: str) -> str:
+        """A step kind as a label value: configured, `unspecified`, or `other`."""
+        return kind if kind in self.step_kinds else OTHER
+
     def account(self, backend: str, call) -> None:
-        """Count one answered call's cost and route."""
+        """Count one answered call's cost and route, its tool calls and, in a session, its step."""
+        o = call.outcome
         self.cost.labels(backend).inc(call.usd)
         self.device.labels(backend).inc(call.device_s)
         self.routed.labels(call.route.policy, backend).inc()
         if call.exhausted:
             self.budget_exhausted.inc()
+        step = self.step_label(call.step_kind)
+        if o.tool_calls:
+            self.tool_calls.labels(step).inc(o.tool_calls)
+        if call.hold is not None:
+            self.session_steps.labels(step).inc()
+            counts = o.counts
+            for kind, n in (("prompt", counts["prompt_tokens"]), ("completion", counts["completion_tokens"]),
+                            ("cached", o.cached)):
+                self.session_step_tokens.labels(step, kind).inc(n)

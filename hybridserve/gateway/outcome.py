@@ -4,6 +4,9 @@ The proxy fills one `Outcome` per request, on every path (plain, stream, tier ca
 configured rungs, verifier verdicts, votes, failover, client disconnect, error), and
 `Call.settle` books it once in the key ledger and the session book. The outcome knows
 nothing of the stores: `charge` says what to book against a reservation of a given size.
+For the session's trajectory it also counts the attempts that failed over and the tool
+calls of the answer the client got (a whole body's `message.tool_calls`, or a stream's
+distinct (choice, call) indexes across its deltas).
 
 The rule that keeps a reservation an upper bound: every upstream call is `sent`, and stays
 unmeasured until it reports usage (`measured`) or is known to have produced nothing
@@ -24,6 +27,29 @@ def cached_tokens(usage: dict) -> int:
     details = usage.get("prompt_tokens_details")
     n = details.get("cached_tokens") if isinstance(details, dict) else None
     return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0
+
+
+def tool_calls_in(choices) -> int:
+    """Tool calls in a whole answer's choices (`message.tool_calls`); malformed parts count none."""
+    n = 0
+    for c in choices if isinstance(choices, list) else ():
+        msg = c.get("message") if isinstance(c, dict) else None
+        calls = msg.get("tool_calls") if isinstance(msg, dict) else None
+        n += len(calls) if isinstance(calls, list) else 0
+    return n
+
+
+def tool_call_keys(choices) -> set[tuple[int, int]]:
+    """The (choice, tool call) indexes a stream chunk's deltas name: a call's first delta and its
+    argument fragments name the same pair, so a stream's tool calls are the distinct pairs seen."""
+    keys = set()
+    for c in choices if isinstance(choices, list) else ():
+        delta = c.get("delta") if isinstance(c, dict) else None
+        calls = delta.get("tool_calls") if isinstance(delta, dict) else None
+        for j, tc in enumerate(calls if isinstance(calls, list) else ()):
+            at = tc.get("index", j) if isinstance(tc, dict) else j
+            keys.add((c.get("index", 0), at))
+    return keys
 
 
 @dataclass(frozen=True)
@@ -58,6 +84,9 @@ class Outcome:
     exhausted: bool = False       # an answer ran into its session cut
     disconnected: bool = False    # the client left before the answer was done
     error: str | None = None      # the exception that ended the request, if one did
+    failovers: int = 0            # backend attempts that could not take the call (unreachable, saturated)
+    tool_calls: int = 0           # tool calls in the answer the client got (`saw_tool_calls`, `..._deltas`)
+    _stream_tools: set = field(default_factory=set, repr=False)
 
     # ---------------------------------------------------------------- filled in by the proxy
 
@@ -75,6 +104,15 @@ class Outcome:
         self.spends.append(spend)
         if answer is not None:
             self.answer = answer
+
+    def saw_tool_calls(self, answer: dict) -> None:
+        """Count the tool calls of the client's whole answer (it is the last one asked for)."""
+        self.tool_calls = tool_calls_in(answer.get("choices"))
+
+    def saw_tool_call_deltas(self, chunk: dict) -> None:
+        """Count the tool calls a stream chunk's deltas start or continue (the stream's calls so far)."""
+        self._stream_tools |= tool_call_keys(chunk.get("choices"))
+        self.tool_calls = len(self._stream_tools)
 
     # ---------------------------------------------------------------- read at settlement
 

@@ -25,7 +25,8 @@ answer within `gateway.request_timeout_s` → 504. A client that goes away close
 upstream connection, which makes the worker abort the sequence.
 
 Settlement: every path records what happened in the call's `Outcome` (each call sent, each
-usage measured, the tiers tried, a disconnect, an error), and `forward` settles it once:
+usage measured, the tiers tried, each failed-over attempt, the answer's tool calls, a
+disconnect, an error), and `forward` settles it once:
 after the answer or the exception, or for a stream when its relay closes.
 """
 from __future__ import annotations
@@ -110,10 +111,12 @@ class Proxy:
             except _Unreachable as err:
                 b.mark_down(str(err))
                 tried.append(f"{b.name}: {err}")
+                call.outcome.failovers += 1
                 logger.warning("%s backend %s unreachable: %s", request.state.request_id, b.name, err)
             except Saturated as err:
                 full.append(err)
                 tried.append(f"{b.name}: saturated")
+                call.outcome.failovers += 1
                 self.metrics.errors.labels(b.name, "saturated").inc()
                 logger.info("%s backend %s saturated; trying the next", request.state.request_id, b.name)
         if full:
@@ -223,12 +226,14 @@ class Proxy:
             except _Unreachable as err:
                 b.mark_down(str(err))
                 call.outcome.tried.append({**step, "error": f"unreachable: {err}"})
+                call.outcome.failovers += 1
                 logger.warning("%s cascade step %s unreachable: %s", request.state.request_id, b.name, err)
                 continue
             except Saturated as err:
                 if kept is None and j + 1 == len(steps):
                     raise
                 call.outcome.tried.append({**step, "error": "saturated"})
+                call.outcome.failovers += 1
                 self.metrics.errors.labels(b.name, "saturated").inc()
                 logger.info("%s cascade step %s saturated: %s", request.state.request_id, b.name, err)
                 continue
@@ -406,7 +411,9 @@ class Proxy:
             nonlocal ended
             try:
                 upstream = resp.iter_raw(read_timeout_s=self.timeout_s)
-                async for chunk in tap_usage(upstream, on_usage, call.adm.client_usage):
+                tapped = tap_usage(upstream, on_usage, call.adm.client_usage,
+                                   call.outcome.saw_tool_call_deltas)
+                async for chunk in tapped:
                     yield chunk
                     if time.monotonic() > deadline:
                         yield P.sse(GatewayTimeoutError("stream exceeded the gateway's request "

@@ -1,13 +1,15 @@
 """What the proxy relays besides answers: streams with their usage tapped, and saturated backends.
 
-`tap_usage` passes a backend's SSE bytes through as they come and amends only the event
-that carries `usage` (the receipt); `RelayResponse` releases the upstream stream however the
-client's response ends; `saturation` reads a worker's (or vLLM's) overload answer, 429
+`tap_usage` passes a backend's SSE bytes through as they come, amends only the event
+that carries `usage` (the receipt) and shows the events whose deltas carry tool calls to
+the call's outcome (the session counts them); `RelayResponse` releases the upstream
+stream however the client's response ends; `saturation` reads a worker's (or vLLM's) overload answer, 429
 `queue_full`, as `Saturated`, which the proxy answers by trying the next candidate.
 """
 from __future__ import annotations
 
 import json
+import re
 
 from starlette.responses import StreamingResponse
 
@@ -60,16 +62,23 @@ class RelayResponse(StreamingResponse):
 
 _USAGE = b'"usage":{'
 _NULL_USAGE = b',"usage":null'
+_TOOL_CALLS = re.compile(rb'"tool_calls"\s*:\s*\[\s*\{')   # a delta that carries tool calls
 
 
-async def tap_usage(chunks, on_usage, keep_usage: bool):
+def _plain(event: bytes) -> bool:
+    """An event the relay passes as it is: it carries neither usage nor tool calls."""
+    return _USAGE not in event and _TOOL_CALLS.search(event) is None
+
+
+async def tap_usage(chunks, on_usage, keep_usage: bool, on_tool_calls=None):
     """Relay SSE bytes as they come; the event that carries `usage` goes through `on_usage`
-    (which returns it amended with the receipt). With `keep_usage` false (the gateway asked
-    for usage, not the client) that event and the `"usage":null` of other chunks are dropped.
-    Whole events without usage pass as they are; only a usage event is parsed."""
+    (which returns it amended with the receipt), and with `on_tool_calls` each event whose
+    deltas carry tool calls is shown to it (parsed; passed on as it came). With `keep_usage`
+    false (the gateway asked for usage, not the client) the usage event and the `"usage":null`
+    of other chunks are dropped. Whole events with neither pass as they are, unparsed."""
     buf = b""
     async for chunk in chunks:
-        if not buf and chunk.endswith(b"\n\n") and _USAGE not in chunk:
+        if not buf and chunk.endswith(b"\n\n") and _plain(chunk):
             yield chunk if keep_usage else chunk.replace(_NULL_USAGE, b"")
             continue
         buf += chunk
@@ -77,20 +86,28 @@ async def tap_usage(chunks, on_usage, keep_usage: bool):
         if cut < 0:
             continue
         done, buf = buf[:cut + 2], buf[cut + 2:]
-        out = []
-        for event in done.split(b"\n\n")[:-1]:
-            if _USAGE in event and event.startswith(b"data: {"):
-                obj = json.loads(event[6:])
-                if isinstance(obj.get("usage"), dict):
-                    obj["usage"] = on_usage(obj["usage"])
-                if keep_usage:
-                    out.append(P.sse(obj))
-                elif obj.get("choices"):
-                    obj.pop("usage", None)
-                    out.append(P.sse(obj))
-            else:
-                out.append(event + b"\n\n" if keep_usage else event.replace(_NULL_USAGE, b"") + b"\n\n")
-        if out:
+        out = [_relay_event(event, on_usage, keep_usage, on_tool_calls)
+               for event in done.split(b"\n\n")[:-1]]
+        if any(out):
             yield b"".join(out)
     if buf:
         yield buf
+
+
+def _relay_event(event: bytes, on_usage, keep_usage: bool, on_tool_calls) -> bytes:
+    """One whole SSE event as the client gets it (b"" when it is dropped)."""
+    if _plain(event) or not event.startswith(b"data: {"):
+        return event + b"\n\n" if keep_usage else event.replace(_NULL_USAGE, b"") + b"\n\n"
+    obj = json.loads(event[6:])
+    if on_tool_calls is not None and _TOOL_CALLS.search(event):
+        on_tool_calls(obj)
+    if isinstance(obj.get("usage"), dict):
+        obj["usage"] = on_usage(obj["usage"])
+    elif _USAGE not in event:          # tool calls only: the event goes on unchanged
+        return event + b"\n\n" if keep_usage else event.replace(_NULL_USAGE, b"") + b"\n\n"
+    if keep_usage:
+        return P.sse(obj)
+    if obj.get("choices"):
+        obj.pop("usage", None)
+        return P.sse(obj)
+    return b""

@@ -38,7 +38,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from hybridserve.config import BudgetConfig
 from hybridserve.errors import StateUnavailableError
-from hybridserve.gateway.governor import PUBLIC, SESSION_TOTALS, Session, SessionHold, session_exhausted
+from hybridserve.gateway.governor import (MAX_STEP_KINDS, PUBLIC, RECENT_IDS, SESSION_TOTALS, STEP_COUNTS,
+                                          Session, SessionHold, Step, session_exhausted)
 from hybridserve.gateway.ledger import ANONYMOUS, PERIOD_S, Budgets, Reservation, budget_exhausted, budget_row
 
 logger = logging.getLogger(__name__)
@@ -144,18 +145,52 @@ redis.call('EXPIRE', KEYS[2], ARGV[9])
 return {cut, tostring(hu)}
 """
 
-# KEYS: session, held, totals, done.  ARGV: rid, marker ttl (s), session ttl (s), backend ('' for
-# none), then field, increment pairs added to the session and to the totals.
+# KEYS: session, held, totals, done, recent ids (a sorted set).  ARGV: rid, marker ttl (s), session
+# ttl (s), backend ('' for none), step kind ('' for none: a release or a cancellation books no
+# step), MAX_STEP_KINDS, started, ended, request id ('' for none), client retry mark (0/1),
+# RECENT_IDS, n, then n field, increment pairs added to the session and to the totals, then the
+# step's field, increment pairs added to its kind's row (`step:KIND:FIELD`; as in
+# `governor.Session.book_step`, a session keeps MAX_STEP_KINDS kinds apart, later new ones go to
+# 'other', governor.OTHER). A request id among the session's last RECENT_IDS is a client retry.
 _SESSION_SETTLE = """
 if not redis.call('SET', KEYS[4], '1', 'NX', 'EX', ARGV[2]) then return 0 end
 redis.call('HDEL', KEYS[2], ARGV[1])
-for i = 5, #ARGV, 2 do
-  if tonumber(ARGV[i + 1]) ~= 0 then
-    redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1])
-    redis.call('HINCRBYFLOAT', KEYS[3], ARGV[i], ARGV[i + 1])
+local function add(name, value)
+  if tonumber(value) ~= 0 then
+    redis.call('HINCRBYFLOAT', KEYS[1], name, value)
+    redis.call('HINCRBYFLOAT', KEYS[3], name, value)
   end
 end
+local last = 12 + 2 * tonumber(ARGV[12])
+for i = 13, last, 2 do add(ARGV[i], ARGV[i + 1]) end
 if ARGV[4] ~= '' then redis.call('HINCRBY', KEYS[1], 'backend:' .. ARGV[4], 1) end
+if ARGV[5] ~= '' then
+  local retry = ARGV[10] == '1'
+  if ARGV[9] ~= '' then
+    if redis.call('ZSCORE', KEYS[5], ARGV[9]) then
+      retry = true
+    else
+      redis.call('ZADD', KEYS[5], ARGV[8], ARGV[9])
+      redis.call('ZREMRANGEBYRANK', KEYS[5], 0, -tonumber(ARGV[11]) - 1)
+    end
+    redis.call('EXPIRE', KEYS[5], ARGV[3])
+  end
+  if retry then add('client_retries', 1) end
+  local kind = ARGV[5]
+  if redis.call('HEXISTS', KEYS[1], 'step:' .. kind .. ':calls') == 0 then
+    if tonumber(redis.call('HGET', KEYS[1], 'step_kinds') or '0') >= tonumber(ARGV[6]) then kind = 'other' end
+    if redis.call('HEXISTS', KEYS[1], 'step:' .. kind .. ':calls') == 0 then
+      redis.call('HINCRBY', KEYS[1], 'step_kinds', 1)
+    end
+  end
+  for i = last + 1, #ARGV, 2 do
+    redis.call('HINCRBYFLOAT', KEYS[1], 'step:' .. kind .. ':' .. ARGV[i], ARGV[i + 1])
+  end
+  local first = redis.call('HGET', KEYS[1], 'first_at')
+  if not first or tonumber(ARGV[7]) < tonumber(first) then redis.call('HSET', KEYS[1], 'first_at', ARGV[7]) end
+  local ended = redis.call('HGET', KEYS[1], 'last_at')
+  if not ended or tonumber(ARGV[8]) > tonumber(ended) then redis.call('HSET', KEYS[1], 'last_at', ARGV[8]) end
+end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
@@ -376,6 +411,16 @@ class RedisLedger(_Store, Budgets):
         return out
 
 
+def _steps(fields: dict[str, str]) -> dict[str, dict[str, float]]:
+    """A session hash's `step:KIND:FIELD` entries as governor.Session.steps (a kind may hold ':')."""
+    out: dict[str, dict[str, float]] = {}
+    for key, value in fields.items():
+        if key.startswith("step:"):
+            kind, name = key[5:].rsplit(":", 1)
+            out.setdefault(kind, dict.fromkeys(STEP_COUNTS, 0.0))[name] = float(value)
+    return out
+
+
 def _live_holds(held: dict[str, str], now: float) -> tuple[float, float]:
     """Sum of the reservations in a held-hash that are not past their deadline."""
     usd = tokens = 0.0
@@ -404,10 +449,13 @@ class RedisSessions(_Store):
 
     def _keys(self, sid: str, owner: str) -> list[str]:
         """The session's hash, its holds and the totals. A tenant (a key id, or '-') holds no
-        ':', so no two (tenant, id) pairs share a key, and the holds live apart from the
-        sessions, so no session id can name another session's holds."""
+        ':', so no two (tenant, id) pairs share a key, and the holds (and the recent request ids,
+        `_ids_key`) live apart from the sessions, so no session id can name another session's."""
         where = f"{owner or '-'}:{sid}"
         return [f"{self.prefix}:session:{where}", f"{self.prefix}:session-held:{where}", self.totals_key]
+
+    def _ids_key(self, sid: str, owner: str) -> str:
+        return f"{self.prefix}:session-ids:{owner or '-'}:{sid}"
 
     async def hold(self, sid: str, prompt_upper: int, max_tokens: int, usd_for_max: float,
                    owner: str = PUBLIC, samples: int = 1) -> SessionHold:
@@ -431,28 +479,42 @@ class RedisSessions(_Store):
         return SessionHold(sid, None, prompt_upper + samples * cut, float(out[1]), cut if cut < max_tokens else None,
                            cut if capped else None, rid=rid, owner=owner)
 
-    def _book(self, hold: SessionHold, backend: str | None, incr: dict[str, float]) -> None:
+    def _book(self, hold: SessionHold, backend: str | None, incr: dict[str, float],
+              step: Step | None = None) -> None:
         if hold.done:
             return
         hold.done = True
-        self.writer.put(self._book_write(hold, backend, incr), f"the booking of a call in session {hold.sid}")
+        self.writer.put(self._book_write(hold, backend, incr, step),
+                        f"the booking of a call in session {hold.sid}")
 
-    def _book_write(self, hold: SessionHold, backend: str | None, incr: dict[str, float]) -> Write:
-        """The write that adds a call's counts to its session and marks its hold done
-        (no counts: cancels the hold)."""
-        args = [hold.rid, self.marker_ttl, str(SESSION_TTL_S), backend or ""]
+    def _book_write(self, hold: SessionHold, backend: str | None, incr: dict[str, float],
+                    step: Step | None = None) -> Write:
+        """The write that adds a call's counts (and its `step`, when it was a call) to its session
+        and marks its hold done (no counts: cancels the hold)."""
+        args = [hold.rid, self.marker_ttl, str(SESSION_TTL_S), backend or "", step.kind if step else "",
+                str(MAX_STEP_KINDS), repr(step.started if step else 0.0), repr(step.ended if step else 0.0),
+                step.request_id if step else "", "1" if step and step.client_retry else "0", str(RECENT_IDS),
+                str(len(incr))]
         for name, value in incr.items():
             args += [name, repr(float(value))]
-        keys = [*self._keys(hold.sid, hold.owner), self.done_key(hold.rid)]
+        if step is not None:
+            row = {"calls": 1, "prompt_tokens": incr.get("prompt_tokens", 0),
+                   "completion_tokens": incr.get("completion_tokens", 0), "cached_tokens": step.cached_tokens,
+                   "usd": incr.get("usd", 0.0), "wall_s": step.wall_s, "tool_calls": step.tool_calls}
+            for name in STEP_COUNTS:
+                args += [name, repr(float(row[name]))]
+        keys = [*self._keys(hold.sid, hold.owner), self.done_key(hold.rid), self._ids_key(hold.sid, hold.owner)]
         return lambda: self._settle(keys=keys, args=args)
 
     def settle(self, hold: SessionHold, backend: str | None, usage: dict | None, usd: float,
                escalations: int = 0, exhausted: bool = False) -> None:
-        """Queue the call's counts for its session (once; later calls do nothing)."""
-        usage = usage or {}
+        """Queue the call's counts and its trajectory step for its session (once; later calls do nothing)."""
+        usage, step = usage or {}, hold.step
         self._book(hold, backend, {
             "calls": 1, "usd": usd, "escalations": escalations, "budget_hits": int(exhausted),
-            **{k: int(usage.get(k) or 0) for k in ("prompt_tokens", "completion_tokens", "thinking_tokens")}})
+            "cached_tokens": step.cached_tokens, "tool_calls": step.tool_calls, "failovers": step.failovers,
+            **{k: int(usage.get(k) or 0) for k in ("prompt_tokens", "completion_tokens", "thinking_tokens")}},
+            step)
 
     def release(self, hold: SessionHold) -> None:
         self._book(hold, None, {"budget_hits": 1})
@@ -472,10 +534,12 @@ class RedisSessions(_Store):
             return None
         r_usd, r_tok = _live_holds(holds, self.clock())
         num = {k: float(fields.get(k) or 0) for k in SESSION_TOTALS}
+        first, last = fields.get("first_at"), fields.get("last_at")
         return Session(sid, **{k: (v if k == "usd" else int(v)) for k, v in num.items()},
                        reserved_tokens=int(r_tok), reserved_usd=r_usd, owner=owner,
                        backends={k.removeprefix("backend:"): int(v) for k, v in fields.items()
-                                 if k.startswith("backend:")})
+                                 if k.startswith("backend:")}, steps=_steps(fields),
+                       first_at=float(first) if first else None, last_at=float(last) if last else None)
 
     async def refresh_totals(self) -> None:
         """Fetch the deployment-wide totals (every session that has called, over all replicas)."""

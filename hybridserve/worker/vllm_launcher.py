@@ -12,7 +12,9 @@ constrain hybridserve's. It
   name, as responses and vLLM's metrics labels show it), dtype, max model length,
   memory fraction or KV cache size (`--kv-cache-memory-bytes`, which on CPU replaces
   the legacy `VLLM_CPU_KVCACHE_SPACE`, whole GiB only), and for hybrids the
-  Mamba cache dtype and the prefix-caching mode (off on CPU, where it crashes);
+  Mamba cache dtype and the prefix-caching mode (off on CPU, where it crashes), and
+  for tools and structured outputs the tool-call parser (`tool_choice: auto`), the
+  guided-decoding backend and a chat template (`tool_args`);
 * adds a small ASGI middleware to vLLM (`--middleware`, from a stdlib-only module
   written next to the built-in checkpoints) so that a vLLM worker answers as a native
   one: it serves any `model` the gateway routed to it (`auto`, a tier, an alias: the
@@ -336,10 +338,26 @@ def prefix_caching(backend: BackendConfig) -> bool | None:
     return opt
 
 
+def resolve_chat_template(backend: BackendConfig) -> Path | None:
+    """`vllm.chat_template` as an absolute path (relative: from the working directory, then the
+    checkout), None when unset, or ConfigError when the file is not there."""
+    ref = backend.vllm.chat_template
+    if ref is None:
+        return None
+    p = Path(os.path.expanduser(ref))
+    candidates = [p] if p.is_absolute() else [Path.cwd() / p, _REPO / p]
+    for c in candidates:
+        if c.is_file():
+            return c.absolute()
+    raise ConfigError(f"backend '{backend.name}': `vllm.chat_template: {ref}` was not found (tried "
+                      f"{', '.join(str(c) for c in candidates)}); give the path of a Jinja template file")
+
+
 def check_vllm_backend(backend: BackendConfig) -> None:
     """Everything that can be checked before starting: raises ConfigError."""
     resolve_python(backend)
     prefix_caching(backend)
+    resolve_chat_template(backend)
 
 
 def model_ref(backend: BackendConfig) -> str:
@@ -381,7 +399,23 @@ def vllm_argv(backend: BackendConfig, python: str | os.PathLike, model: str, por
         argv.append("--enforce-eager")
     if o.shim:
         argv += ["--middleware", f"{SHIM_MODULE}.HybridserveShim"]
-    return argv + list(o.extra_args)
+    return argv + tool_args(backend) + list(o.extra_args)
+
+
+def tool_args(backend: BackendConfig) -> list[str]:
+    """vLLM's flags for tool calling and structured outputs: the tool-call parser (which is what
+    lets `tool_choice: auto` through), the guided-decoding backend and a chat template."""
+    o, out = backend.vllm, []
+    if o.tool_call_parser:
+        out += ["--enable-auto-tool-choice", "--tool-call-parser", o.tool_call_parser]
+    if o.structured_outputs_backend:
+        out += ["--structured-outputs-config.backend", o.structured_outputs_backend]
+    if o.structured_outputs_compact:
+        out += ["--structured-outputs-config.disable_any_whitespace", "true"]
+    template = resolve_chat_template(backend)
+    if template is not None:
+        out += ["--chat-template", str(template)]
+    return out
 
 
 def vllm_env(backend: BackendConfig, base: dict[str, str] | None = None) -> dict[str, str]:

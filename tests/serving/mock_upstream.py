@@ -18,6 +18,12 @@ produce. A filled stream sends FILL_ROUNDS events per choice (`delay_s` apart), 
 `"mock_logprob": x` a filled answer that asks for logprobs gets tokens of logprob x.
 A string `"mock_tag"` is counted in /stats `tags` (how many requests carried each tag), so
 tests can see how often the gateway sent one request (a batch line, say).
+With `"mock_tool_calls": k` the answer is a chat completion whose message asks for k tool
+calls (`finish_reason: "tool_calls"`); streamed, each call comes as two deltas (id and name,
+then its arguments), then a usage event when `stream_options.include_usage` asks; its usage
+counts 5 prompt tokens (3 of them cached) and 7 completion tokens per call. With
+`"mock_saturate": [names]` a mock whose NAME is listed answers 429 `queue_full`, as a worker
+with a full queue does.
 
 Run: python tests/serving/mock_upstream.py PORT NAME [LOGPROB]
 """
@@ -89,6 +95,11 @@ def make_app(name: str, logprob: float | None = None):
         STATS["last_request_id"] = headers.get(b"x-request-id", b"").decode()
         STATS["last_authorization"] = headers.get(b"authorization", b"").decode() or None
         delay = float(req.get("delay_s", 0.0))
+        if name in (req.get("mock_saturate") or ()):
+            return await _json(send, 429, {"error": {"message": "queue full", "type": "rate_limit_error",
+                                                     "param": None, "code": "queue_full"}})
+        if req.get("mock_tool_calls"):
+            return await _tool_calls(send, receive, name, req, delay)
         if req.get("stream") and req.get("mock_fill"):
             return await _filled_stream(send, receive, name, req, delay)
         if req.get("stream"):
@@ -157,6 +168,37 @@ async def _send_events(send, receive, events, delay: float) -> None:
         STATS["streams_finished"] += 1
     finally:
         disconnected.cancel()
+
+
+def _tool_call(j: int) -> dict:
+    return {"index": j, "id": f"call_{j}", "type": "function",
+            "function": {"name": "lookup", "arguments": json.dumps({"key": f"k{j}"})}}
+
+
+async def _tool_calls(send, receive, name: str, req: dict, delay: float) -> None:
+    """The `mock_tool_calls` answer: a chat message asking for k tool calls, whole or streamed."""
+    k = int(req["mock_tool_calls"])
+    usage = {"prompt_tokens": 5, "completion_tokens": 7 * k, "total_tokens": 5 + 7 * k,
+             "prompt_tokens_details": {"cached_tokens": 3}}
+    head = {"id": "chatcmpl-mock", "object": "chat.completion", "created": 0, "model": name}
+    if not req.get("stream"):
+        calls = [{k_: v for k_, v in _tool_call(j).items() if k_ != "index"} for j in range(k)]
+        return await _json(send, 200, {**head, "usage": usage, "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": calls},
+             "finish_reason": "tool_calls"}]})
+    chunk = {**head, "object": "chat.completion.chunk"}
+    events = [{**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": None},
+                                     "finish_reason": None}]}]
+    for j in range(k):
+        call = _tool_call(j)
+        first = {**call, "function": {"name": "lookup", "arguments": ""}}
+        rest = {"index": j, "function": {"arguments": call["function"]["arguments"]}}
+        events += [{**chunk, "choices": [{"index": 0, "delta": {"tool_calls": [d]}, "finish_reason": None}]}
+                   for d in (first, rest)]
+    events.append({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+    if (req.get("stream_options") or {}).get("include_usage"):
+        events.append({**chunk, "choices": [], "usage": usage})
+    await _send_events(send, receive, events, delay)
 
 
 async def _stream(send, receive, name: str, n: int, delay: float, crash_after: int | None) -> None:

@@ -58,6 +58,40 @@ def test_prefix_caching_defaults_and_refusal():
         backend(arch="transformer", vllm={"mamba_cache_dtype": "float32"}), "py", "m", 1)
 
 
+def test_argv_turns_on_tools_and_structured_outputs(tmp_path):
+    template = tmp_path / "tools.jinja"
+    template.write_text("{{ messages }}")
+    b = backend(arch="transformer", vllm={"python": sys.executable, "tool_call_parser": "hermes",
+                                          "structured_outputs_backend": "xgrammar",
+                                          "structured_outputs_compact": True, "chat_template": str(template),
+                                          "extra_args": ["--seed", "1"]})
+    argv = L.vllm_argv(b, "py", "m", 1)
+    at = argv.index("--tool-call-parser")
+    assert argv[at + 1] == "hermes" and argv[at - 1] == "--enable-auto-tool-choice"
+    assert argv[argv.index("--structured-outputs-config.backend") + 1] == "xgrammar"
+    assert argv[argv.index("--structured-outputs-config.disable_any_whitespace") + 1] == "true"
+    assert argv[argv.index("--chat-template") + 1] == str(template)
+    assert argv[-2:] == ["--seed", "1"]            # the user's own flags still come last
+    plain = L.vllm_argv(backend(arch="transformer"), "py", "m", 1)
+    for flag in ("--enable-auto-tool-choice", "--tool-call-parser", "--structured-outputs-config.backend",
+                 "--structured-outputs-config.disable_any_whitespace", "--chat-template"):
+        assert flag not in plain                   # vLLM's defaults unless asked
+
+
+def test_tool_and_structured_output_options_are_validated(tmp_path):
+    for bad, field in ((dict(structured_outputs_backend="lmfe"), "structured_outputs_backend"),
+                       (dict(tool_call_parser="Hermes parser"), "tool_call_parser"),
+                       (dict(chat_template=" "), "chat_template"),
+                       (dict(structured_outputs_compact=True), "structured_outputs_compact")):
+        with pytest.raises(ConfigError, match=field):
+            parse_config({"backends": [{"name": "v", "arch": "transformer", "engine": "vllm",
+                                        "checkpoint": "org/model", "price_per_hour": 1.0,
+                                        "vllm": {"python": sys.executable, **bad}}]})
+    missing = backend(vllm={"python": sys.executable, "chat_template": str(tmp_path / "none.jinja")})
+    with pytest.raises(ConfigError, match="chat_template.*not found"):
+        L.check_vllm_backend(missing)
+
+
 def test_env_isolates_vllm_from_hybridserve_venv(tmp_path, monkeypatch):
     monkeypatch.setenv("HYBRIDSERVE_CACHE", str(tmp_path))
     base = {"PYTHONPATH": "/hybridserve/site-packages", "VIRTUAL_ENV": "/x", "HOME": "/root"}
