@@ -57,9 +57,13 @@ class Sampler:
         return int(torch.multinomial(probs, 1, generator=gen).item())
 
 
+# A token a grammar forbids has logprob -inf, which JSON cannot carry; like vLLM, report it as this.
+MIN_LOGPROB = -9999.0
+
+
 def _record(logp_row: torch.Tensor, token: int, k: int) -> TokenLogprob:
     top: list[tuple[int, float]] = []
     if k > 0:
         vals, ids = torch.topk(logp_row, k)
-        top = list(zip(ids.tolist(), vals.tolist()))
-    return TokenLogprob(token_id=token, logprob=float(logp_row[token]), top=top)
+        top = list(zip(ids.tolist(), vals.clamp(min=MIN_LOGPROB).tolist()))
+    return TokenLogprob(token_id=token, logprob=max(float(logp_row[token]), MIN_LOGPROB), top=top)

@@ -72,6 +72,17 @@ def test_named_tool_choice_forces_a_valid_call(openai_client, model):
     assert out.choices[0].message.content is None
 
 
+def test_logprobs_of_a_forced_call_are_finite(openai_client):
+    """The grammar leaves most tokens -inf; top_logprobs must still be JSON (vLLM's -9999.0)."""
+    out = openai_client.chat.completions.create(
+        model=list(TINY)[0], **ASK, logprobs=True, top_logprobs=3,
+        tool_choice={"type": "function", "function": {"name": "take_note"}})
+    check_call(out.choices[0], "take_note")
+    entries = out.choices[0].logprobs.content
+    assert entries and all(-9999.0 <= t.logprob <= 0 for e in entries for t in [e, *e.top_logprobs])
+    assert any(t.logprob == -9999.0 for e in entries for t in e.top_logprobs), "forced tokens leave no rival"
+
+
 @pytest.mark.parametrize("model", list(TINY))
 def test_required_tool_choice_calls_one_of_the_tools(openai_client, model):
     out = openai_client.chat.completions.create(model=model, **ASK, tool_choice="required")
