@@ -304,9 +304,13 @@ class ChatCompletionRequest(_SamplingFields):
             for c in m.tool_calls or ():
                 n += len(c.function.name.encode()) + len(c.function.arguments.encode())
         if self.tools:
-            n += len(json.dumps([t.model_dump(exclude_none=True, by_alias=True) for t in self.tools],
-                                separators=(",", ":"), ensure_ascii=False).encode())
+            n += len(json.dumps(tool_dicts(self.tools), separators=(",", ":"), ensure_ascii=False).encode())
         return n
+
+
+def tool_dicts(tools: list[Tool]) -> list[dict[str, Any]]:
+    """Tool definitions as the client sent them (unset fields left out), for templates and sizes."""
+    return [t.model_dump(exclude_none=True, by_alias=True) for t in tools]
 
 
 async def read_body(request: Any, limit: int = MAX_BODY_BYTES) -> bytes:

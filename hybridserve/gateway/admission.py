@@ -56,16 +56,19 @@ class Admitted:
 
 
 def prompt_bytes(req: Any, chat: bool) -> int:
+    """The prompt's size for the router's token estimate: a chat's text (tools and calls
+    included), else the largest prompt's bytes."""
     if chat:
-        return sum(len(m.text().encode()) for m in req.messages)
+        return req.prompt_text_bytes()
     return max(len(p.encode()) if isinstance(p, str) else len(p) * BYTES_PER_TOKEN_GUESS
                for p in req.prompts())
 
 
-def prompt_bounds(req: Any, chat: bool) -> tuple[int, int]:
-    """(lower, upper) bound on the prompt's token count (the largest prompt of a batch)."""
+def prompt_bounds(req: Any, chat: bool, chat_bytes: int | None = None) -> tuple[int, int]:
+    """(lower, upper) bound on the prompt's token count (the largest prompt of a batch);
+    `chat_bytes`: a chat's `prompt_text_bytes()` when the caller has it already."""
     if chat:
-        nbytes = req.prompt_text_bytes()
+        nbytes = req.prompt_text_bytes() if chat_bytes is None else chat_bytes
         upper = nbytes + CHAT_OVERHEAD_TOKENS_PER_MESSAGE * (len(req.messages) + 1)
         if req.tools:
             upper += TOOLS_OVERHEAD_TOKENS
@@ -105,10 +108,11 @@ def admit(raw: bytes, chat: bool, registry: Registry) -> Admitted:
         raise ModelNotFoundError(f"model '{req.model}': unknown routing policy '{policy}'; use "
                                  + ", ".join(f"auto:{p}" for p in POLICY_NAMES))
     candidates, pinned = registry.resolve(model)
-    lower, upper = prompt_bounds(req, chat)
+    nbytes = prompt_bytes(req, chat)
+    lower, upper = prompt_bounds(req, chat, nbytes if chat else None)
     max_tokens = req.requested_max_tokens()
     fits = _check_fit(candidates, lower, max_tokens)
     sure = frozenset(b.name for b in fits if upper + (max_tokens or 1) <= b.config.max_context)
     return Admitted(req.model, bool(req.stream), pinned, fits, sure, data, raw, chat,
-                    req.include_usage(), max_tokens, policy, prompt_bytes(req, chat), lower, upper,
+                    req.include_usage(), max_tokens, policy, nbytes, lower, upper,
                     1 if chat else max(1, len(req.prompts())))

@@ -55,10 +55,6 @@ def template_reads_tools(tokenizer: Any) -> bool:
     return any(isinstance(t, str) and "tools" in t for t in texts)
 
 
-def tool_dicts(tools: list[P.Tool]) -> list[dict[str, Any]]:
-    return [t.model_dump(exclude_none=True, by_alias=True) for t in tools]
-
-
 _NOT_JSON = object()
 
 
@@ -85,11 +81,11 @@ def chat_messages(messages: list[P.ChatMessage], tools: list[P.Tool] | None,
     """The messages for `apply_chat_template`, and its extra keyword arguments: with `native`
     the template renders tools and calls itself, otherwise they are written out as text."""
     if native:
-        return [_native_message(m) for m in messages], ({"tools": tool_dicts(tools)} if tools else {})
+        return [_native_message(m) for m in messages], ({"tools": P.tool_dicts(tools)} if tools else {})
     msgs = [_text_message(m) for m in messages]
     if tools:
         preamble = TOOLS_PREAMBLE.format(tools="\n".join(
-            json.dumps(t, ensure_ascii=False) for t in tool_dicts(tools)))
+            json.dumps(t, ensure_ascii=False) for t in P.tool_dicts(tools)))
         first = next((m for m in msgs if m["role"] == "system"), None)
         if first is None:
             msgs.insert(0, {"role": "system", "content": preamble})

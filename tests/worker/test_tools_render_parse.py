@@ -13,7 +13,7 @@ import pytest
 from hybridserve import protocol as P
 from hybridserve.engine.guided import Guide
 from hybridserve.errors import InvalidRequestError
-from hybridserve.gateway.admission import prompt_bounds
+from hybridserve.gateway.admission import prompt_bounds, prompt_bytes
 from hybridserve.models.tokenizer import EOS_ID, VOCAB_USED, build_tokenizer
 from hybridserve.worker import tools as T
 from hybridserve.worker.serving import Renderer
@@ -307,3 +307,12 @@ def test_prompt_bounds_count_tools_and_call_arguments():
         {"id": "c", "type": "function", "function": {"name": "f", "arguments": args}}]}])
     lower2, upper2 = prompt_bounds(with_call, chat=True)
     assert lower2 >= lower0 + 3200 // 32 and upper2 >= upper0 + 3200
+
+
+def test_the_routing_estimate_counts_tools_as_the_bound_does():
+    """The router's prompt size (`prompt_bytes`) and the bound read the same chat text."""
+    big = {"type": "function", "function": {"name": "f", "description": "d" * 6400}}
+    plain, with_tools = chat(), chat(tools=[big])
+    assert prompt_bytes(with_tools, chat=True) >= prompt_bytes(plain, chat=True) + 6400
+    assert prompt_bytes(with_tools, chat=True) == with_tools.prompt_text_bytes()
+    assert prompt_bounds(with_tools, chat=True) == prompt_bounds(with_tools, True, prompt_bytes(with_tools, True))
