@@ -189,6 +189,14 @@ class Step:
         return max(0.0, self.ended - self.started)
 
 
+def step_row(step: Step, counts: dict[str, float]) -> dict[str, float]:
+    """One call's increments to its step kind's row (STEP_COUNTS): `counts` holds its prompt and
+    completion tokens and $; the rest comes from the step."""
+    row = {"calls": 1, "cached_tokens": step.cached_tokens, "wall_s": step.wall_s, "tool_calls": step.tool_calls,
+           **{k: counts.get(k, 0) for k in ("prompt_tokens", "completion_tokens", "usd")}}
+    return {name: row[name] for name in STEP_COUNTS}
+
+
 def book_kind(steps: dict[str, Any], kind: str) -> str:
     """The key a step of `kind` is booked under in a session that already has `steps`: its own
     while the session has fewer than MAX_STEP_KINDS kinds (a client chooses them), else OTHER."""
@@ -246,8 +254,7 @@ class Session:
         """Add one settled call's trajectory: its kind's row, the wall-time span, tool calls,
         failovers and (`retry`) a client retry. `counts` are its prompt/completion tokens and $."""
         row = self.steps.setdefault(book_kind(self.steps, step.kind), dict.fromkeys(STEP_COUNTS, 0))
-        for name, value in {**counts, "calls": 1, "cached_tokens": step.cached_tokens, "wall_s": step.wall_s,
-                            "tool_calls": step.tool_calls}.items():
+        for name, value in step_row(step, counts).items():
             row[name] += value
         self.cached_tokens += step.cached_tokens
         self.tool_calls += step.tool_calls

@@ -39,7 +39,7 @@ from urllib.parse import urlsplit, urlunsplit
 from hybridserve.config import BudgetConfig
 from hybridserve.errors import StateUnavailableError
 from hybridserve.gateway.governor import (MAX_STEP_KINDS, PUBLIC, RECENT_IDS, SESSION_TOTALS, STEP_COUNTS,
-                                          Session, SessionHold, Step, session_exhausted)
+                                          Session, SessionHold, Step, session_exhausted, step_row)
 from hybridserve.gateway.ledger import ANONYMOUS, PERIOD_S, Budgets, Reservation, budget_exhausted, budget_row
 
 logger = logging.getLogger(__name__)
@@ -498,11 +498,8 @@ class RedisSessions(_Store):
         for name, value in incr.items():
             args += [name, repr(float(value))]
         if step is not None:
-            row = {"calls": 1, "prompt_tokens": incr.get("prompt_tokens", 0),
-                   "completion_tokens": incr.get("completion_tokens", 0), "cached_tokens": step.cached_tokens,
-                   "usd": incr.get("usd", 0.0), "wall_s": step.wall_s, "tool_calls": step.tool_calls}
-            for name in STEP_COUNTS:
-                args += [name, repr(float(row[name]))]
+            for name, value in step_row(step, incr).items():
+                args += [name, repr(float(value))]
         keys = [*self._keys(hold.sid, hold.owner), self.done_key(hold.rid), self._ids_key(hold.sid, hold.owner)]
         return lambda: self._settle(keys=keys, args=args)
 
