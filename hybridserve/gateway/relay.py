@@ -65,6 +65,11 @@ _NULL_USAGE = b',"usage":null'
 _TOOL_CALLS = re.compile(rb'"tool_calls"\s*:\s*\[\s*\{')   # a delta that carries tool calls
 
 
+def _as_is(event: bytes, keep_usage: bool) -> bytes:
+    """Event bytes passed on unparsed (less the `"usage":null` when the client did not ask for usage)."""
+    return event if keep_usage else event.replace(_NULL_USAGE, b"")
+
+
 def _plain(event: bytes) -> bool:
     """An event the relay passes as it is: it carries neither usage nor tool calls."""
     return _USAGE not in event and _TOOL_CALLS.search(event) is None
@@ -79,7 +84,7 @@ async def tap_usage(chunks, on_usage, keep_usage: bool, on_tool_calls=None):
     buf = b""
     async for chunk in chunks:
         if not buf and chunk.endswith(b"\n\n") and _plain(chunk):
-            yield chunk if keep_usage else chunk.replace(_NULL_USAGE, b"")
+            yield _as_is(chunk, keep_usage)
             continue
         buf += chunk
         cut = buf.rfind(b"\n\n")
@@ -97,14 +102,14 @@ async def tap_usage(chunks, on_usage, keep_usage: bool, on_tool_calls=None):
 def _relay_event(event: bytes, on_usage, keep_usage: bool, on_tool_calls) -> bytes:
     """One whole SSE event as the client gets it (b"" when it is dropped)."""
     if _plain(event) or not event.startswith(b"data: {"):
-        return event + b"\n\n" if keep_usage else event.replace(_NULL_USAGE, b"") + b"\n\n"
+        return _as_is(event, keep_usage) + b"\n\n"
     obj = json.loads(event[6:])
     if on_tool_calls is not None and _TOOL_CALLS.search(event):
         on_tool_calls(obj)
     if isinstance(obj.get("usage"), dict):
         obj["usage"] = on_usage(obj["usage"])
     elif _USAGE not in event:          # tool calls only: the event goes on unchanged
-        return event + b"\n\n" if keep_usage else event.replace(_NULL_USAGE, b"") + b"\n\n"
+        return _as_is(event, keep_usage) + b"\n\n"
     if keep_usage:
         return P.sse(obj)
     if obj.get("choices"):
