@@ -119,6 +119,13 @@ class _RedisStore:
     def __init__(self, r: redis.Redis, prefix: str, where: str, clock=time.time):
         self.r, self.p, self.where, self.clock = r, prefix, where, clock
 
+    def _hgetall_all(self, keys: list[str]) -> list[dict]:
+        """HGETALL of each key, in one round trip (a page of a listing)."""
+        with self.r.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hgetall(key)
+            return pipe.execute()
+
     def _owned_page(self, zkey: str, after: str | None, limit: int, desc: bool = True) -> list[str]:
         """Up to `limit` ids of a creation-ordered zset after the id `after` (none when `after`
         is not in it)."""
@@ -183,7 +190,8 @@ class RedisBatchStore(_RedisStore):
     @_answering
     def list(self, owner: str, after: str | None, limit: int) -> tuple[list[dict], bool]:
         ids = self._owned_page(f"{self.p}:batches:{owner}", after, limit + 1)
-        rows = [r for r in (self.get(_text(i), owner) for i in ids) if r is not None]
+        raw = self._hgetall_all([self._k(_text(i)) for i in ids])
+        rows = [r for r in map(self._row, raw) if r is not None and r["owner"] == owner]
         return rows[:limit], len(rows) > limit
 
     @_answering
@@ -324,7 +332,11 @@ class RedisFileStore(_RedisStore):
     def get(self, file_id: str, owner: str) -> StoredFile | None:
         if not _ID_OK.match(file_id):
             return None
-        got = {_text(k): _text(v) for k, v in self.r.hgetall(self._k(file_id)).items()}
+        return self._file(self.r.hgetall(self._k(file_id)), owner)
+
+    @staticmethod
+    def _file(raw: dict, owner: str) -> StoredFile | None:
+        got = {_text(k): _text(v) for k, v in raw.items()}
         if not got or got["owner"] != owner:
             return None
         return StoredFile(got["id"], got["owner"], got["filename"], got["purpose"], int(got["bytes"]),
@@ -339,8 +351,8 @@ class RedisFileStore(_RedisStore):
             ids = self._owned_page(f"{self.p}:files:{owner}", cursor, limit + 1, desc=order != "asc")
             if not ids:
                 break
-            for i in ids:
-                f = self.get(_text(i), owner)
+            for raw in self._hgetall_all([self._k(_text(i)) for i in ids]):
+                f = self._file(raw, owner)
                 if f is not None and (purpose is None or f.purpose == purpose):
                     out.append(f)
             cursor = _text(ids[-1])
