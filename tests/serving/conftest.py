@@ -207,22 +207,30 @@ def native_and_mock_stack(tmp: Path, native: str, max_context: int = 512, gatewa
     stop_process(mock_proc, 5)
 
 
-@pytest.fixture(scope="module")
-def engine_stack(tmp_path_factory) -> Stack:
-    tmp = tmp_path_factory.mktemp("stack")
-    backends, extra = engine_backends(tmp)
-    stack = start_stack(tmp, backends, up_args=extra,
-                        aliases={"any-tiny": list(TINY)})
+def tiny_stack(tmp: Path, max_context: int = 512, aliases: dict | None = None):
+    """A stack of the two tiny native backends; yields it, stops it and checks it exited cleanly
+    (a fixture's body: `yield from tiny_stack(...)`)."""
+    backends, extra = engine_backends(tmp, max_context=max_context)
+    stack = start_stack(tmp, backends, up_args=extra, aliases=aliases)
     yield stack
     stop_process(stack.proc)
     assert stack.proc.returncode == 0, log_tail(stack.log)
 
 
-@pytest.fixture()
-def openai_client(engine_stack):
+def openai_client_of(stack: Stack):
+    """The `openai` client of a stack's gateway (no retries), closed afterwards (a fixture's
+    body: `yield from openai_client_of(stack)`)."""
     from openai import OpenAI
 
-    client = OpenAI(base_url=engine_stack.base_url, api_key=engine_stack.key, timeout=60,
-                    max_retries=0)
-    yield client
-    client.close()
+    with OpenAI(base_url=stack.base_url, api_key=stack.key, timeout=60, max_retries=0) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def engine_stack(tmp_path_factory) -> Stack:
+    yield from tiny_stack(tmp_path_factory.mktemp("stack"), aliases={"any-tiny": list(TINY)})
+
+
+@pytest.fixture()
+def openai_client(engine_stack):
+    yield from openai_client_of(engine_stack)

@@ -8,19 +8,14 @@ import signal
 import httpx
 import pytest
 
-from tests.serving.conftest import engine_backends, log_tail, start_stack, stop_process, wait_until
+from tests.serving.conftest import log_tail, tiny_stack, wait_until
 
 pytestmark = pytest.mark.timeout(200)
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("restart")
-    backends, extra = engine_backends(tmp)
-    s = start_stack(tmp, backends, up_args=extra)
-    yield s
-    stop_process(s.proc)
-    assert s.proc.returncode == 0, log_tail(s.log)
+    yield from tiny_stack(tmp_path_factory.mktemp("restart"))
 
 
 def post(stack, model: str) -> httpx.Response:

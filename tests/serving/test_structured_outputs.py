@@ -14,7 +14,7 @@ import jsonschema
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.serving.conftest import TINY, engine_backends, start_stack, stop_process
+from tests.serving.conftest import TINY, openai_client_of, tiny_stack
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -49,19 +49,12 @@ class Trip(BaseModel):
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("structured")
-    backends, extra = engine_backends(tmp)
-    s = start_stack(tmp, backends, up_args=extra)
-    yield s
-    stop_process(s.proc)
+    yield from tiny_stack(tmp_path_factory.mktemp("structured"))
 
 
 @pytest.fixture(scope="module")
 def client(stack):
-    from openai import OpenAI
-
-    with OpenAI(base_url=stack.base_url, api_key=stack.key, timeout=60, max_retries=0) as c:
-        yield c
+    yield from openai_client_of(stack)
 
 
 @pytest.mark.parametrize("model", list(TINY))
@@ -119,17 +112,22 @@ def smol():
         yield c
 
 
+def smol_choice(smol, question: str, **body) -> dict:
+    """SmolLM2's one greedy choice for a user question (the request must be a 200)."""
+    r = smol.post("/v1/chat/completions", json={"model": "smollm2-135m", "temperature": 0,
+                                                "messages": [{"role": "user", "content": question}], **body})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]
+
+
 def test_smollm2_forced_call_has_valid_arguments(smol):
     params = {"type": "object", "additionalProperties": False, "required": ["city"],
               "properties": {"city": {"type": "string", "maxLength": 20}}}
-    r = smol.post("/v1/chat/completions", json={
-        "model": "smollm2-135m", "temperature": 0, "max_tokens": 60,
-        "messages": [{"role": "user", "content": "What is the weather like in Paris?"}],
-        "tools": [{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
-                                                    "parameters": params}}],
-        "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
-    assert r.status_code == 200, r.text
-    choice = r.json()["choices"][0]
+    choice = smol_choice(
+        smol, "What is the weather like in Paris?", max_tokens=60,
+        tools=[{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                                 "parameters": params}}],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
     assert choice["finish_reason"] == "tool_calls", choice
     (call,) = choice["message"]["tool_calls"]
     args = json.loads(call["function"]["arguments"])
@@ -140,12 +138,8 @@ def test_smollm2_forced_call_has_valid_arguments(smol):
 def test_smollm2_json_schema_answer_validates(smol):
     schema = {"type": "object", "additionalProperties": False, "required": ["capital"],
               "properties": {"capital": {"type": "string", "maxLength": 24}}}
-    r = smol.post("/v1/chat/completions", json={
-        "model": "smollm2-135m", "temperature": 0, "max_tokens": 40,
-        "messages": [{"role": "user", "content": "What is the capital of France? Answer in JSON."}],
-        "response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}})
-    assert r.status_code == 200, r.text
-    choice = r.json()["choices"][0]
+    choice = smol_choice(smol, "What is the capital of France? Answer in JSON.", max_tokens=40,
+                         response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
     assert choice["finish_reason"] == "stop", choice
     answer = json.loads(choice["message"]["content"])
     jsonschema.validate(answer, schema)

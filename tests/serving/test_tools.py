@@ -17,7 +17,7 @@ import pytest
 from hybridserve import protocol as P
 from hybridserve.models.tokenizer import build_tokenizer
 from hybridserve.worker.serving import Renderer
-from tests.serving.conftest import TINY, engine_backends, start_stack, stop_process
+from tests.serving.conftest import TINY, openai_client_of, tiny_stack
 from tests.serving.test_stack import scrape
 
 pytestmark = pytest.mark.timeout(180)
@@ -39,19 +39,12 @@ CONTEXT = 2048   # the byte tokenizer spends a token per byte of the tools' JSON
 
 @pytest.fixture(scope="module")
 def engine_stack(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tools")
-    backends, extra = engine_backends(tmp, max_context=CONTEXT)
-    stack = start_stack(tmp, backends, up_args=extra)
-    yield stack
-    stop_process(stack.proc)
+    yield from tiny_stack(tmp_path_factory.mktemp("tools"), max_context=CONTEXT)
 
 
 @pytest.fixture(scope="module")
 def openai_client(engine_stack):
-    from openai import OpenAI
-
-    with OpenAI(base_url=engine_stack.base_url, api_key=engine_stack.key, timeout=60, max_retries=0) as client:
-        yield client
+    yield from openai_client_of(engine_stack)
 
 
 def check_call(choice, name: str | None = None):
