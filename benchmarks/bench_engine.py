@@ -13,6 +13,11 @@ times steps per second, next to this machine's single-thread read bandwidth (a s
 tensor far larger than the caches, measured once per run), and the batch-1 share of that
 ceiling against the 60 % target.
 
+The native engine runs without prefix caching and with a cache sized to the point: with it,
+a hybrid's Mamba snapshots took a quarter of that cache, the eight 2,048-token sequences no
+longer fitted, and preemptions cut the small-hybrid 2048 x 8 decode to 70 tok/s (the
+"outlier" of earlier runs; it decodes at 200+ with the cache it needs).
+
     python benchmarks/bench_engine.py                      # small pair, 512/2048/8192, batch 1 and 8
     python benchmarks/bench_engine.py --quick              # tiny pair, short contexts (smoke)
 """
@@ -79,16 +84,18 @@ def _timed(fn) -> float:
 def point_native(model_name: str, ctx: int, batch: int, new: int, chunk: int) -> dict:
     from transformers import AutoTokenizer
 
+    from hybridserve.cpu_malloc import tune_malloc
     from hybridserve.engine import EngineConfig, LLMEngine, SamplingParams
     from hybridserve.models.builtin import materialize
     from hybridserve.models.loader import load_model
 
+    tune_malloc()  # as the worker does (HYBRIDSERVE_MALLOC_TUNING=0: glibc's defaults)
     path = materialize(model_name)
     model = load_model(path)
     specs_bytes = _cache_bytes(model, batch, ctx + new)
     engine = LLMEngine(model, AutoTokenizer.from_pretrained(str(path)), EngineConfig(
         max_context=ctx + new, max_num_seqs=batch, max_num_batched_tokens=chunk, block_size=16,
-        cache_memory_gb=specs_bytes * 1.05 / 2**30 + 0.001), name=model_name)
+        cache_memory_gb=specs_bytes * 1.05 / 2**30 + 0.001, enable_prefix_caching=False), name=model_name)
     params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
     engine.generate([[1] * 16], SamplingParams(max_tokens=2, temperature=0.0))  # warm-up
     for i, p in enumerate(_prompts(batch, ctx)):
