@@ -72,7 +72,9 @@ class ModelRunner:
         """Run one step; returns [(seq, token, logprob)] for sequences that produced a token."""
         if sched.state_copies:
             self.cache.copy_states(*map(list, zip(*sched.state_copies)))
-        entries = sorted(sched.entries, key=lambda e: not (e[1] == 1 and e[0].num_computed > 0))
+        # decodes first, in seat order (a hybrid's CPU decode updates a run of consecutive seats in place)
+        entries = sorted(sched.entries, key=lambda e: (0, e[0].slot or 0) if e[1] == 1 and e[0].num_computed > 0
+                         else (1, 0))
         end_of = {id(seq): seq.num_computed + n for seq, n in entries}
         inner = [s for s in sched.snapshots if s.position < end_of[id(s.seq)]]
         ends = [(s.seq.slot, s.slot) for s in sched.snapshots if s.position == end_of[id(s.seq)]]

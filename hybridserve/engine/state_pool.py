@@ -9,6 +9,7 @@ sequence and need no reference counts. Snapshots are recycled least recently use
 """
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 
 
@@ -16,7 +17,7 @@ class StatePool:
     def __init__(self, num_seats: int, num_snapshots: int):
         self.num_seats = num_seats
         self.num_snapshots = num_snapshots
-        self._free_seats = list(range(num_seats - 1, -1, -1))
+        self._free_seats = list(range(num_seats))  # a heap: the lowest free seat is taken first
         self._lru: OrderedDict[int, bytes | None] = OrderedDict(
             (num_seats + i, None) for i in range(num_snapshots))  # slot -> name, oldest first
         self._by_hash: dict[bytes, int] = {}
@@ -27,14 +28,16 @@ class StatePool:
         return len(self._free_seats)
 
     def allocate_seat(self) -> int:
+        """The lowest free seat: the running sequences then hold seats 0..n-1 (one run the CPU decode
+        updates in place, with the decode rows in seat order) unless some finished in between."""
         if not self._free_seats:
             raise RuntimeError("no free state slot")
-        return self._free_seats.pop()
+        return heapq.heappop(self._free_seats)
 
     def free_seat(self, slot: int) -> None:
         if not 0 <= slot < self.num_seats or slot in self._free_seats:
             raise RuntimeError(f"state slot {slot} freed twice or never taken")
-        self._free_seats.append(slot)
+        heapq.heappush(self._free_seats, slot)
 
     # ---- snapshots
     @property

@@ -128,18 +128,28 @@ def selective_state_update_triton(
     return y
 
 
-def _consecutive_run(state_indices, n: int, state: torch.Tensor) -> int | None:
-    """First slot when the rows are slots k..k+n-1 in order of an fp32 CPU state, else None."""
+MAX_RUNS = 4  # more runs of consecutive slots than this: one gather/scatter instead
+
+
+def _slot_runs(state_indices, n: int, state: torch.Tensor) -> list[tuple[int, int, int]] | None:
+    """(first row, first slot, length) of each run of rows whose slots are consecutive, for an fp32
+    CPU state updated in place; None when the state is not that, or the rows make over MAX_RUNS runs."""
     if state.dtype != torch.float32 or state.is_cuda or not state.is_contiguous():
         return None
     if state_indices is None:
-        return 0
+        return [(0, 0, n)]
     if state_indices.is_cuda or n == 0:
         return None
-    first = int(state_indices[0])
-    if n > 1 and not bool((state_indices[1:] - state_indices[:-1] == 1).all()):
-        return None
-    return first
+    slots = state_indices.tolist()
+    runs = [[0, slots[0], 1]]
+    for row in range(1, n):
+        if slots[row] == slots[row - 1] + 1:
+            runs[-1][2] += 1
+        elif len(runs) == MAX_RUNS:
+            return None
+        else:
+            runs.append([row, slots[row], 1])
+    return [tuple(r) for r in runs]
 
 
 def selective_state_update_ref(
@@ -151,31 +161,43 @@ def selective_state_update_ref(
     if H % G:
         raise ValueError(f"heads ({H}) must be a multiple of B/C groups ({G})")
     N = B.shape[2]
-    run = _consecutive_run(state_indices, Bt, state)
+    runs = _slot_runs(state_indices, Bt, state)
     HG = H // G
     dt = process_dt(dt, dt_bias, dt_softplus)  # [Bt, H]
     decay = torch.exp(dt * A.float())  # [Bt, H]
     # This ref is the CPU decode path, so it is written for memory traffic and for the shapes
-    # CPU BLAS is fast at: no [Bt, H, P, N] temporaries; when the rows are one consecutive run
-    # of fp32 slots (the usual case: a stable batch holds slots 0..Bt-1 in order) the state is
-    # updated in place, with no gather/scatter; the heads of a B/C group share one
-    # [1, N] x [N, HG*P] product (a bmm with a one-column output is ~8x slower on CPU).
-    if run is not None:
-        new = state.narrow(0, run, Bt)  # [Bt, H, P, N], a view
-    else:
+    # CPU BLAS is fast at: no [Bt, H, P, N] temporaries; when the rows are a few runs of
+    # consecutive fp32 slots (the usual case: the runner orders decode rows by seat, and seats
+    # are handed out lowest first) each run's states are updated in place, with no gather/scatter
+    # (a gather of 8 rows out of order made the small hybrid's step 2.6 ms slower); the heads of a
+    # B/C group share one [1, N] x [N, HG*P] product (a bmm with a one-column output is ~8x slower
+    # on CPU).
+    dtx = (dt[..., None] * x.float()).view(Bt, G, HG * P, 1)
+    Bf, Cf = B.float(), C.float()
+    if runs is None:
         if state_indices is None:
             state_indices = torch.arange(Bt, device=state.device)
         new = state.index_select(0, state_indices).float()  # [Bt, H, P, N]
-    grouped = new.view(Bt, G, HG * P, N)
-    dtx = (dt[..., None] * x.float()).view(Bt, G, HG * P, 1)
-    new.mul_(decay[..., None, None])
-    grouped.addcmul_(dtx, B.float().view(Bt, G, 1, N))
-    if run is None:
+        y = _update_rows(new, decay, dtx, Bf, Cf)
         state.index_copy_(0, state_indices, new.to(state.dtype))
-    y = torch.bmm(C.float().reshape(Bt * G, 1, N), grouped.view(Bt * G, HG * P, N).transpose(1, 2))
+    else:
+        ys = [_update_rows(state.narrow(0, slot, n), decay[row:row + n], dtx[row:row + n], Bf[row:row + n],
+                           Cf[row:row + n]) for row, slot, n in runs]
+        y = ys[0] if len(ys) == 1 else torch.cat(ys)
     y = y.view(Bt, H, P)
     if D is not None:
         y = y + D.float()[:, None] * x.float()
     if z is not None:
         y = y * F.silu(z.float())
     return y.to(x.dtype)
+
+
+def _update_rows(new: torch.Tensor, decay, dtx, B, C) -> torch.Tensor:
+    """Rows' states [n, H, P, N] in place: decay, add dt*x (outer) B; returns their y [n, H*P]
+    (per B/C group: C against the group's heads)."""
+    n, G, HGP, _ = dtx.shape
+    N = B.shape[-1]
+    grouped = new.view(n, G, HGP, N)
+    new.mul_(decay[..., None, None])
+    grouped.addcmul_(dtx, B.view(n, G, 1, N))
+    return torch.bmm(C.reshape(n * G, 1, N), grouped.view(n * G, HGP, N).transpose(1, 2))

@@ -59,3 +59,12 @@ def test_snapshots_are_recycled_least_recently_used():
     states.free_seat(seat)
     with pytest.raises(RuntimeError):
         states.free_seat(seat)
+
+
+def test_seats_are_handed_out_lowest_first():
+    """So the running sequences keep seats 0..n-1: one run of rows the CPU decode updates in place."""
+    states = StatePool(num_seats=4, num_snapshots=0)
+    assert [states.allocate_seat() for _ in range(3)] == [0, 1, 2]
+    states.free_seat(1)
+    states.free_seat(0)
+    assert states.allocate_seat() == 0 and states.allocate_seat() == 1 and states.allocate_seat() == 3

@@ -111,3 +111,38 @@ def test_request_larger_than_cache_is_refused(make_engine):
     engine = make_engine(block_size=4, cache_memory_gb=budget / 2**30, max_context=4096)
     with pytest.raises(EngineCapacityError):
         engine.add_request("big", [1] * 10, SamplingParams(max_tokens=engine.capacity_tokens))
+
+
+@pytest.mark.parametrize("model_name", ["tiny-hybrid"])
+def test_hybrid_decode_rows_come_in_seat_order(make_engine, tokenizer, model_name, monkeypatch):
+    """A seat freed mid-batch goes to the next request (lowest free seat first), and the decode rows
+    reach the Mamba state update in seat order, one run of seats the CPU path updates in place,
+    with the same tokens as without company."""
+    from hybridserve.kernels import dispatch
+
+    seen = []
+    real = dispatch.selective_state_update
+
+    def spy(*args, state_indices=None, **kw):
+        seen.append(state_indices.tolist())
+        return real(*args, state_indices=state_indices, **kw)
+
+    monkeypatch.setattr(dispatch, "selective_state_update", spy)
+    engine = make_engine(max_num_seqs=4)
+    short, long_ = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), GREEDY
+    prompts = _encode(tokenizer, PROMPTS)
+    engine.add_request("a", prompts[0], short)
+    engine.add_request("b", prompts[1], long_)
+    engine.add_request("c", prompts[2], long_)
+    done = {}
+    while "a" not in done:
+        done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+    assert engine.seqs["b"].slot == 1 and engine.seqs["c"].slot == 2
+    engine.add_request("d", prompts[3], long_)
+    seen.clear()
+    while engine.has_unfinished():
+        done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+    assert [0, 1, 2] in seen  # d took seat 0, a's, and decodes first in the batch
+    assert seen and all(s == sorted(s) for s in seen)
+    assert done["d"] == hf_greedy(model_name, tuple(prompts[3]), 20)
+    assert done["b"] == hf_greedy(model_name, tuple(prompts[1]), 20)

@@ -46,20 +46,32 @@ def test_state_update_without_optional_inputs(device):
     assert_close("state", state, want_state, torch.float32)
 
 
-def test_ref_in_place_run_equals_gather_path():
-    """The ref's in-place fast path (slots k..k+n-1 in order) must equal its gather/scatter path."""
-    from hybridserve.kernels.state_update import selective_state_update_ref
+@pytest.mark.parametrize("slots, runs", [
+    ([3, 4, 5, 6, 7, 8], [(0, 3, 6)]),                               # one run: the usual batch
+    ([0, 1, 5, 6, 7, 10], [(0, 0, 2), (2, 5, 3), (5, 10, 1)]),        # a few runs, in place each
+    ([9, 7, 5, 3, 1, 0], None),                                       # over MAX_RUNS: gather/scatter
+])
+def test_ref_run_paths_equal_row_by_row(slots, runs):
+    """The ref's CPU decode updates runs of consecutive slots in place and gathers otherwise; every
+    way must give what updating each row on its own gives, and touch only the rows' slots."""
+    from hybridserve.kernels.state_update import _slot_runs, selective_state_update_ref
 
     g = torch.Generator().manual_seed(0)
-    H, P, N, n = 4, 8, 16, 3
-    state = torch.randn(6, H, P, N, generator=g)
+    H, P, N, n = 4, 8, 16, len(slots)
+    state = torch.randn(12, H, P, N, generator=g)
     x, dt = torch.randn(n, H, P, generator=g), torch.randn(n, H, generator=g)
-    B, C = torch.randn(n, 1, N, generator=g), torch.randn(n, 1, N, generator=g)
+    B, C = torch.randn(n, 2, N, generator=g), torch.randn(n, 2, N, generator=g)
+    z = torch.randn(n, H, P, generator=g)
     A, D, bias = -torch.rand(H, generator=g) * 4, torch.rand(H, generator=g), torch.randn(H, generator=g)
-    run, gathered = state.clone(), state.clone()
-    y_run = selective_state_update_ref(run, x, dt, A, B, C, D, dt_bias=bias, state_indices=torch.tensor([2, 3, 4]))
-    rev = torch.tensor([2, 1, 0])  # same rows, reversed order: not a run, so the gather path
-    y_gat = selective_state_update_ref(gathered, x[rev], dt[rev], A, B[rev], C[rev], D, dt_bias=bias,
-                                       state_indices=torch.tensor([4, 3, 2]))
-    assert torch.allclose(y_run, y_gat[rev], atol=1e-6) and torch.allclose(run, gathered, atol=1e-6)
-    assert not torch.allclose(run, state)  # the slots were really updated
+    idx = torch.tensor(slots)
+    assert _slot_runs(idx, n, state) == runs
+    got, want = state.clone(), state.clone()
+    y = selective_state_update_ref(got, x, dt, A, B, C, D, z=z, dt_bias=bias, state_indices=idx)
+    y_rows = torch.cat([selective_state_update_ref(want, x[r:r + 1], dt[r:r + 1], A, B[r:r + 1], C[r:r + 1], D,
+                                                   z=z[r:r + 1], dt_bias=bias, state_indices=idx[r:r + 1])
+                        for r in range(n)])
+    torch.testing.assert_close(y, y_rows, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    untouched = [s for s in range(12) if s not in slots]
+    assert torch.equal(got[untouched], state[untouched])
+    assert not torch.allclose(got[slots], state[slots])  # the slots were really updated
