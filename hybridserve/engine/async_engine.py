@@ -95,6 +95,13 @@ class AsyncEngine:
     def _deliver(self, stream: asyncio.Queue, item) -> None:
         self._loop.call_soon_threadsafe(stream.put_nowait, item)
 
+    def _deliver_all(self, items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+        """A step's outputs in one hand-over: one wake-up of the event loop per step, not one
+        per sequence (each wake-up is a self-pipe write and a loop turn that competes with
+        the next step's Python for the GIL)."""
+        if items:
+            self._loop.call_soon_threadsafe(_put_all, items)
+
     def _run(self) -> None:
         streams: dict[str, asyncio.Queue] = {}
         while not self._stop.is_set():
@@ -112,12 +119,14 @@ class AsyncEngine:
                     self._deliver(stream, UpstreamError(f"engine step failed: {exc}"))
                 streams.clear()
                 continue
+            ready = []
             for out in outputs:
                 stream = streams.get(out.request_id)
                 if stream is not None:
-                    self._deliver(stream, out)
+                    ready.append((stream, out))
                     if out.finished:
                         streams.pop(out.request_id, None)
+            self._deliver_all(ready)
         for rid in list(streams):
             self.engine.abort_request(rid)
 
@@ -138,3 +147,8 @@ class AsyncEngine:
                 streams.pop(cmd[1], None)
                 if self.engine.abort_request(cmd[1]) is not None:
                     log.info("request %s aborted; cache freed", cmd[1])
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for stream, item in items:
+        stream.put_nowait(item)

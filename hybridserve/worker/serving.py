@@ -222,6 +222,15 @@ def build_choices(request_id: str, prompts: list[list[int]], req: P._SamplingFie
 
 async def merge(engine: Any, choices: list[Choice]) -> AsyncIterator[tuple[Choice, Any]]:
     """Run the choices' engine streams together; yield (choice, output) as they come."""
+    if len(choices) == 1:  # the usual case: the engine's stream as it is, no task or queue between
+        choice = choices[0]
+        gen = engine.generate(choice.request_id, choice.prompt_ids, choice.params)
+        try:
+            async for out in gen:
+                yield choice, out
+        finally:
+            await gen.aclose()
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(choice: Choice) -> None:
