@@ -66,18 +66,19 @@ def ssd_scan(
         from hybridserve.kernels.ssd_triton import ssd_scan_triton
 
         return ssd_scan_triton(*args, **kwargs)
-    kwargs["chunk_size"] = min(chunk_size, cpu_chunk_size())
-    return ssd_scan_ref(*args, **kwargs, chunk_fn=_chunk_cpu)
+    # One piece per sequence (cut only at state_offsets), each scanned in all its chunks at once.
+    kwargs["chunk_size"] = max(x.shape[0], 1)
+    return ssd_scan_ref(*args, **kwargs, chunk_fn=_scan_cpu)
 
 
 def cpu_chunk_size() -> int:
     """Chunk length of the CPU scan (HYBRIDSERVE_CPU_SSD_CHUNK, default CPU_CHUNK).
 
     The result does not depend on it beyond rounding, so the CPU path picks what is fastest
-    there, not the model's chunk (256 for Granite 4.0-H): each chunk's [R, l, l] decays and
-    weights should stay in the core's L2. One thread, T = 2048, H = 16, P = N = 64 (the small
-    hybrid's layer): l = 256 took 214 ms, 128 72 ms, 64 30 ms, 32 32 ms; H = 32, N = 128:
-    676 / 329 / 74 / 90 ms (relative differences in y ~6e-6)."""
+    there, not the model's chunk (256 for Granite 4.0-H): the [H, l, l] decays grow with the
+    square of l. One thread, T = 2048, H = 16, P = N = 64 (the small hybrid's layer), chunk
+    by chunk: l = 256 took 214 ms, 128 72 ms, 64 30 ms, 32 32 ms; H = 32, N = 128: 676 / 329
+    / 74 / 90 ms (relative differences in y ~6e-6). `_scan_cpu` takes every chunk at once."""
     return int(os.environ.get("HYBRIDSERVE_CPU_SSD_CHUNK", CPU_CHUNK))
 
 
@@ -105,7 +106,7 @@ def ssd_scan_ref(
     """Torch reference of `ssd_scan`: per sequence, chunk by chunk, fp32 inside.
 
     `chunk_fn` computes one chunk: `_chunk_ref` (the default, the oracle of the kernel tests)
-    or `_chunk_cpu` (what `ssd_scan` runs on CPU)."""
+    or `_scan_cpu` (what `ssd_scan` runs on CPU, with one piece per sequence)."""
     chunk_fn = chunk_fn or _chunk_ref
     T, H, P = x.shape
     G, N = B.shape[1], B.shape[2]
@@ -182,29 +183,47 @@ def _chunk_ref(x, dt, A, B, C, state):
     return y, state
 
 
-def _chunk_cpu(x, dt, A, B, C, state):
-    """`_chunk_ref` as the CPU prefill path runs it: fewer passes over the [G, R, l, l] decays.
+def _scan_cpu(x, dt, A, B, C, state):
+    """`_chunk_ref` as the CPU prefill path runs it, over a whole piece of one sequence.
 
-    A decay is exp of a difference of the chunk's running sum of dt * A (as mamba-ssm's
-    kernels take it) rather than of a segment summed on its own, so there is no cumsum
-    over [l, l]; dt multiplies x once instead of every weight; the masking, exp and the
-    product with C.B happen in place. The difference costs at most ~|cum| * 6e-8 in each
-    exponent (fp32), well inside what the model tests allow against Hugging Face.
+    Same shapes as `_chunk_ref`, any length L. The piece is padded to whole chunks of
+    `cpu_chunk_size()` with dt = 0, which is exact: a padded step neither decays the state
+    nor adds to it. Each term is then one batched product over every chunk (and head)
+    instead of one per chunk; only the state passing, a [G, R, P, N] multiply-add per
+    chunk, stays a loop. Within a chunk it takes fewer passes over the [G, R, l, l] decays:
+    a decay is exp of a difference of the chunk's running sum of dt * A (as mamba-ssm's
+    kernels take it) rather than of a segment summed on its own, so there is no cumsum over
+    [l, l]; dt multiplies x once instead of every weight; the masking, exp and the product
+    with C.B happen in place. The difference costs at most ~|cum| * 6e-8 in each exponent
+    (fp32), well inside what the model tests allow against Hugging Face.
     """
-    dA = dt * A  # [l, G, R]
-    cum = dA.cumsum(0)  # [l, G, R]
-    c = cum.permute(1, 2, 0)  # [G, R, l]
-    decay = c[..., :, None] - c[..., None, :]  # [G, R, t, s]
-    decay.masked_fill_(_upper_mask(c.shape[-1], c.device), float("-inf")).exp_()
-    decay.mul_(torch.einsum("tgn,sgn->gts", C, B)[:, None])  # the weights, without dt
-    xdt = x * dt[..., None]  # [l, G, R, P]
-    y = torch.einsum("grts,sgrp->tgrp", decay, xdt)
-    y += torch.einsum("tgn,grpn->tgrp", C, state) * torch.exp(cum)[..., None]
-    to_end = torch.exp(cum[-1:] - cum)  # [l, G, R]
-    state = state * torch.exp(cum[-1])[..., None, None] + torch.einsum(
-        "tgrp,tgn->grpn", xdt * to_end[..., None], B
-    )
-    return y, state
+    L, G, R, P = x.shape
+    l = min(cpu_chunk_size(), L)
+    nc = -(-L // l)
+    pad = nc * l - L
+    if pad:
+        x, dt = F.pad(x, (0, 0, 0, 0, 0, 0, 0, pad)), F.pad(dt, (0, 0, 0, 0, 0, pad))
+        B, C = F.pad(B, (0, 0, 0, 0, 0, pad)), F.pad(C, (0, 0, 0, 0, 0, pad))
+    N = B.shape[-1]
+    x, dt = x.view(nc, l, G, R, P), dt.view(nc, l, G, R)
+    B, C = B.view(nc, l, G, N), C.view(nc, l, G, N)
+    cum = (dt * A).cumsum(1)  # [nc, l, G, R]
+    c = cum.permute(0, 2, 3, 1)  # [nc, G, R, l]
+    decay = c[..., :, None] - c[..., None, :]  # [nc, G, R, t, s]
+    decay.masked_fill_(_upper_mask(l, x.device), float("-inf")).exp_()
+    decay.mul_(torch.einsum("ctgn,csgn->cgts", C, B)[:, :, None])
+    xdt = x * dt[..., None]  # [nc, l, G, R, P]
+    y = torch.einsum("cgrts,csgrp->ctgrp", decay, xdt)
+    # each chunk's own contribution to the state at its end, then the states entering each chunk
+    to_end = torch.exp(cum[:, -1:] - cum)  # [nc, l, G, R]
+    local = torch.einsum("ctgrp,ctgn->cgrpn", xdt * to_end[..., None], B)  # [nc, G, R, P, N]
+    through = torch.exp(cum[:, -1])[..., None, None]  # [nc, G, R, 1, 1]
+    entering = torch.empty(nc, G, R, P, N, dtype=state.dtype, device=state.device)
+    for i in range(nc):
+        entering[i] = state
+        state = torch.addcmul(local[i], state, through[i])
+    y += torch.einsum("ctgn,cgrpn->ctgrp", C, entering) * torch.exp(cum)[..., None]
+    return y.reshape(nc * l, G, R, P)[:L], state
 
 
 _MASKS: dict[tuple[int, str], torch.Tensor] = {}

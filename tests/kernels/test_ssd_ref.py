@@ -93,17 +93,20 @@ def test_state_update_ref_equals_one_scan_step_and_hugging_face():
     assert_close("state vs HF", state[slots], hf_state, torch.float32)
 
 
-def test_the_cpu_chunk_matches_the_token_loop_and_the_reference():
-    """What `ssd_scan` runs on CPU (`_chunk_cpu`: differenced decays) against the step-by-step
-    loop, with steep decays too (A down to about -8: a chunk's running sum of dt * A reaches
-    the hundreds, where differencing it costs the most precision)."""
-    from hybridserve.kernels.ssd import _chunk_cpu
+def test_the_cpu_scan_matches_the_token_loop_and_the_reference(monkeypatch):
+    """What `ssd_scan` runs on CPU (`_scan_cpu`: every chunk of a piece at once, differenced
+    decays, dt = 0 padding) against the step-by-step loop, with pieces shorter than, equal to
+    and not a multiple of the chunk, and with steep decays too (A down to about -8: a chunk's
+    running sum of dt * A reaches the hundreds, where differencing it costs the most precision)."""
+    from hybridserve.kernels.ssd import _scan_cpu
 
-    for lens, chunk, steep in (([1, 13, 7], 4, False), ([300, 41], 256, False), ([260], 64, True)):
+    for lens, chunk, steep in (([1, 13, 7], 4, False), ([300, 41], 256, False), ([260], 64, True),
+                               ([64, 128, 5], 64, False)):
+        monkeypatch.setenv("HYBRIDSERVE_CPU_SSD_CHUNK", str(chunk))
         inp = ssd_inputs(lens, seed=len(lens))
         if steep:
             inp["A"] = inp["A"] * 4
-        y, final = ssd_scan_ref(**inp, chunk_size=chunk, chunk_fn=_chunk_cpu)
+        y, final = ssd_scan_ref(**inp, chunk_size=sum(lens), chunk_fn=_scan_cpu)
         y_want, final_want = ssd_naive(**inp)
         assert_close("y", y, y_want, torch.float32)
         assert_close("final", final, final_want, torch.float32)
@@ -111,20 +114,21 @@ def test_the_cpu_chunk_matches_the_token_loop_and_the_reference():
         torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
 
 
-def test_the_cpu_scan_runs_its_own_chunk_and_matches_the_models(monkeypatch):
-    """ssd_scan on CPU cuts chunks of cpu_chunk_size() whatever the model's chunk, with the same
-    result as the reference at the model's chunk; snapshot cuts still land where asked."""
+def test_the_cpu_scan_takes_whole_pieces_and_matches_the_models(monkeypatch):
+    """ssd_scan on CPU hands `_scan_cpu` one piece per sequence, cut only at the snapshot
+    offsets, whatever the model's chunk and the CPU chunk, with the same result as the
+    reference at the model's chunk; the kept states are the ones asked for."""
     from hybridserve.kernels import ssd
 
     inp = ssd_inputs([300, 77], H=4, P=8, G=2, N=16, seed=3)
     want_y, want_f, want_k = ssd_scan_ref(**inp, chunk_size=256, state_offsets=[128, 340])
-    real = ssd._chunk_cpu
+    real = ssd._scan_cpu
     for cpu_chunk in ("16", "64", "256"):
         monkeypatch.setenv("HYBRIDSERVE_CPU_SSD_CHUNK", cpu_chunk)
         seen = []
-        monkeypatch.setattr(ssd, "_chunk_cpu", lambda x, *a: (seen.append(x.shape[0]), real(x, *a))[1])
+        monkeypatch.setattr(ssd, "_scan_cpu", lambda x, *a: (seen.append(x.shape[0]), real(x, *a))[1])
         y, f, k = ssd.ssd_scan(**inp, chunk_size=256, state_offsets=[128, 340])
-        assert max(seen) == min(int(cpu_chunk), 128), seen   # 128: the snapshot cut halves a 256 chunk
+        assert seen == [128, 172, 40, 37], seen
         torch.testing.assert_close(y, want_y, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(f, want_f, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(k, want_k, atol=1e-4, rtol=1e-4)
