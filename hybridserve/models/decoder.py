@@ -64,9 +64,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, batch: ForwardBatch, cache) -> torch.Tensor:
         mixer = self.mamba if self.layer_type == "mamba" else self.self_attn
-        h = h + mixer(self.input_layernorm(h), batch, cache) * self.residual_multiplier
+        h = torch.add(h, mixer(self.input_layernorm(h), batch, cache), alpha=self.residual_multiplier)
         mlp = self.shared_mlp if hasattr(self, "shared_mlp") else self.mlp
-        return h + mlp(self.post_attention_layernorm(h)) * self.residual_multiplier
+        return torch.add(h, mlp(self.post_attention_layernorm(h)), alpha=self.residual_multiplier)
 
 
 class _Body(nn.Module):
