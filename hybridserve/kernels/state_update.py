@@ -160,7 +160,6 @@ def selective_state_update_ref(
     G = B.shape[1]
     if H % G:
         raise ValueError(f"heads ({H}) must be a multiple of B/C groups ({G})")
-    N = B.shape[2]
     runs = _slot_runs(state_indices, Bt, state)
     HG = H // G
     dt = process_dt(dt, dt_bias, dt_softplus)  # [Bt, H]
