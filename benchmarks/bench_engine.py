@@ -84,12 +84,10 @@ def _timed(fn) -> float:
 def point_native(model_name: str, ctx: int, batch: int, new: int, chunk: int) -> dict:
     from transformers import AutoTokenizer
 
-    from hybridserve.cpu_malloc import tune_malloc
     from hybridserve.engine import EngineConfig, LLMEngine, SamplingParams
     from hybridserve.models.builtin import materialize
     from hybridserve.models.loader import load_model
 
-    tune_malloc()  # as the worker does (HYBRIDSERVE_MALLOC_TUNING=0: glibc's defaults)
     path = materialize(model_name)
     model = load_model(path)
     specs_bytes = _cache_bytes(model, batch, ctx + new)

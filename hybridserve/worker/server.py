@@ -8,7 +8,6 @@ from typing import Any, Callable
 
 from hybridserve.config import BackendConfig, HybridserveConfig
 from hybridserve.cpu_binding import available_cores, default_threads
-from hybridserve.cpu_malloc import tune_malloc
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +50,6 @@ def serve_worker(cfg: HybridserveConfig, backend_name: str, host: str, port: int
                             else " (a remote backend is already running elsewhere)"))
     factory = load_factory(engine_factory) if engine_factory else native_engine
     size_compute_threads(os.environ, available_cores())
-    if backend.device == "cpu":
-        tune_malloc()
     logger.info("loading %s (%s)", backend.name, backend.checkpoint)
     engine, params_cls = factory(backend)
     app = create_app(engine, params_cls)

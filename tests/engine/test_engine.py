@@ -146,3 +146,13 @@ def test_hybrid_decode_rows_come_in_seat_order(make_engine, tokenizer, model_nam
     assert seen and all(s == sorted(s) for s in seen)
     assert done["d"] == hf_greedy(model_name, tuple(prompts[3]), 20)
     assert done["b"] == hf_greedy(model_name, tuple(prompts[1]), 20)
+
+
+def test_a_cpu_engine_tunes_malloc_for_every_caller(make_engine, monkeypatch):
+    """The worker, `hybridserve bench` and the benchmarks all build engines this way."""
+    import hybridserve.engine.engine as engine_module
+
+    calls = []
+    monkeypatch.setattr(engine_module, "tune_malloc", lambda: calls.append(1))
+    make_engine()
+    assert calls == [1]
