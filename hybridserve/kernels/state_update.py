@@ -155,7 +155,8 @@ def _slot_runs(state_indices, n: int, state: torch.Tensor) -> list[tuple[int, in
 def selective_state_update_ref(
     state, x, dt, A, B, C, D=None, *, z=None, dt_bias=None, dt_softplus=True, state_indices=None
 ):
-    """Torch reference of `selective_state_update`, batched over rows (no Python loop)."""
+    """Torch reference of `selective_state_update`, batched over rows (a loop only over the few
+    runs of consecutive slots that are updated in place)."""
     Bt, H, P = x.shape
     G = B.shape[1]
     if H % G:
@@ -192,8 +193,8 @@ def selective_state_update_ref(
 
 
 def _update_rows(new: torch.Tensor, decay, dtx, B, C) -> torch.Tensor:
-    """Rows' states [n, H, P, N] in place: decay, add dt*x (outer) B; returns their y [n, H*P]
-    (per B/C group: C against the group's heads)."""
+    """Rows' states [n, H, P, N] in place: decay, add dt*x (outer) B; returns their y as
+    [n * G, 1, HG * P] (per B/C group: C against the group's heads)."""
     n, G, HGP, _ = dtx.shape
     N = B.shape[-1]
     grouped = new.view(n, G, HGP, N)
