@@ -43,21 +43,81 @@ def test_a_packed_linear_with_its_plain_copy_equals_f_linear_at_every_row_count(
         assert rel_err(dual(x), F.linear(x, lin.weight, lin.bias)) < 1e-5
 
 
+def _timer_where(plain_wins_up_to: int, calls: list):
+    """A stand-in for `time_products`: the plain product is faster up to that many rows."""
+    def timer(linears, rows):
+        calls.append((len(linears), rows))
+        return (1.0, 2.0) if rows <= plain_wins_up_to else (2.0, 1.0)
+    return timer
+
+
 @needs_onednn
-def test_plain_copies_are_kept_for_small_models_or_as_told(monkeypatch):
+def test_plain_copies_are_kept_for_small_models_where_they_measure_faster_or_as_told(monkeypatch):
     from hybridserve.models import cpu_linear
 
     def kept(model):
         prepack_linears(model)
-        return [m.plain_weight is not None for m in model.modules() if isinstance(m, PackedLinear)]
-    assert kept(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))) == [True, True]
+        return [m.plain_max_rows if m.plain_weight is not None else None
+                for m in model.modules() if isinstance(m, PackedLinear)]
+    small = lambda: nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))   # noqa: E731
+    calls = []
+    monkeypatch.setattr(cpu_linear, "time_products", _timer_where(2, calls))
+    assert kept(small()) == [2, 2] and calls == [(2, 1), (2, 2)]
+    monkeypatch.setattr(cpu_linear, "time_products", _timer_where(1, calls))
+    assert kept(small()) == [1, 1] and cpu_linear.LAST_CALIBRATION["plain_max_rows"] == 1
+    calls.clear()
+    monkeypatch.setattr(cpu_linear, "time_products", _timer_where(0, calls))
+    assert kept(small()) == [None, None] and calls == [(2, 1)]      # lost at one row: not timed at two
+    monkeypatch.setattr(cpu_linear, "time_products", _timer_where(2, calls))
     monkeypatch.setattr(cpu_linear, "DUAL_MAX_BYTES", 8 * 8 * 4)   # below the two weights together
-    assert kept(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))) == [False, False]
-    monkeypatch.setenv("HYBRIDSERVE_CPU_PREPACK", "dual")
-    assert kept(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))) == [True, True]
+    assert kept(small()) == [None, None]
+    calls.clear()
+    monkeypatch.setenv("HYBRIDSERVE_CPU_PREPACK", "dual")             # as told: kept, nothing timed
+    monkeypatch.setattr(cpu_linear, "time_products", _timer_where(0, calls))
+    assert kept(small()) == [cpu_linear.PLAIN_MAX_ROWS] * 2 and calls == []
     monkeypatch.setenv("HYBRIDSERVE_CPU_PREPACK", "packed")
     monkeypatch.setattr(cpu_linear, "DUAL_MAX_BYTES", 1 << 40)
-    assert kept(nn.Sequential(nn.Linear(8, 8))) == [False]
+    assert kept(nn.Sequential(nn.Linear(8, 8))) == [None]
+
+
+@needs_onednn
+def test_a_near_tie_keeps_no_plain_copy():
+    from hybridserve.models import cpu_linear
+
+    lins = [PackedLinear(nn.Linear(8, 8), keep_plain=True)]
+    assert cpu_linear.calibrate_plain_rows(lins, timer=lambda ls, r: (0.97, 1.0)) == 0   # within the margin
+    assert cpu_linear.calibrate_plain_rows(lins, timer=lambda ls, r: (0.90, 1.0)) == 2
+
+
+@needs_onednn
+def test_the_real_measurement_times_both_products_and_the_model_stays_exact():
+    from hybridserve.models import cpu_linear
+
+    lins = [PackedLinear(nn.Linear(64, 96), keep_plain=True) for _ in range(3)]
+    plain_s, packed_s = cpu_linear.time_products(lins, rows=1, repeats=2)
+    assert 0 < plain_s < 1 and 0 < packed_s < 1
+    model = nn.Sequential(nn.Linear(64, 96), nn.Linear(96, 64))
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        want = model(x)
+        prepack_linears(model)
+        got = model(x)
+    rows = cpu_linear.LAST_CALIBRATION["plain_max_rows"]
+    assert rows in (0, 1, 2) and set(cpu_linear.LAST_CALIBRATION["rows"]) <= {1, 2}
+    assert all((m.plain_weight is not None) == (rows > 0) for m in model.modules() if isinstance(m, PackedLinear))
+    assert rel_err(got, want) < 1e-5
+
+
+@needs_onednn
+def test_the_timed_sample_stays_within_its_byte_budget():
+    from hybridserve.models import cpu_linear
+
+    lins = [PackedLinear(nn.Linear(16, 16), keep_plain=True) for _ in range(10)]   # 1 KiB each
+    assert cpu_linear._sample(lins, 1 << 20) == lins
+    picked = cpu_linear._sample(lins, 3 * 1024)
+    assert 1 <= len(picked) <= 3 and picked[0] is lins[0]
+    assert len({id(m) for m in picked}) == len(picked)
+    assert [lins.index(m) for m in picked] == sorted(lins.index(m) for m in picked)
 
 
 @needs_onednn
