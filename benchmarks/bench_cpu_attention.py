@@ -8,8 +8,14 @@ this machine's single-pass read bandwidth (a `sum` over a buffer as large as the
 below a few MB both stay in the CPU cache, so that share is not DRAM's).
 The last stdout line is one JSON object.
 
+`--prefill` times the prefill kernel instead: causal attention of a chunk of Q_LEN queries
+at the end of a CTX-token context (the same heads), against torch's path for it (fused SDPA
+for a whole prompt, the unmasked-prefix + causal-chunk split for a later chunk), in GFLOP/s
+(the causal half counted once) and the ratio.
+
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_cpu_attention.py
     .venv/bin/python benchmarks/bench_cpu_attention.py --threads 2 --points 8x8192,1x16384
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_cpu_attention.py --prefill   # 512x512,2048x2048,2048x8192
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ import time
 import torch
 
 from hybridserve.kernels import cpu_attention
-from hybridserve.kernels.paged_attention import paged_attention_decode_ref
+from hybridserve.kernels.paged_attention import _FLASH_CPU, _suffix_attention_cpu, paged_attention_decode_ref
 
 
 def timed(fn, repeat: int) -> float:
@@ -33,16 +39,54 @@ def timed(fn, repeat: int) -> float:
     return best
 
 
+def prefill(points: str, repeat: int) -> None:
+    Hq, Hkv, D = 8, 2, 64
+    print(f"CPU prefill attention, {torch.get_num_threads()} thread(s), Hq {Hq} Hkv {Hkv} D {D}, fp32, "
+          f"best of {repeat}")
+    print(f"{'Q_LENxCTX':>11} | {'kernel ms':>9} {'GFLOP/s':>7} | {'torch ms':>8} {'GFLOP/s':>7} | {'x torch':>7}")
+    rows, g = [], torch.Generator().manual_seed(0)
+    for point in points.split(","):
+        T, ctx = (int(x) for x in point.split("x"))
+        q = torch.randn(Hq, T, D, generator=g)
+        k, v = torch.randn(Hkv, ctx, D, generator=g), torch.randn(Hkv, ctx, D, generator=g)
+        scale = D ** -0.5
+        if T == ctx:
+            def torch_path():
+                return torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True,
+                                                                        scale=scale, enable_gqa=True)
+        else:
+            def torch_path():
+                return _suffix_attention_cpu(q[None], k[None], v[None], scale)
+        flops = 4 * Hq * D * (T * (ctx - T) + T * T / 2)
+        t_k = timed(lambda: cpu_attention.prefill_attention_cpu(q, k, v, scale), repeat)
+        t_t = timed(torch_path, repeat)
+        row = {"q_len": T, "context": ctx, "kernel_ms": t_k * 1e3, "torch_ms": t_t * 1e3,
+               "kernel_gflop_s": flops / t_k / 1e9, "torch_gflop_s": flops / t_t / 1e9, "speedup": t_t / t_k}
+        rows.append(row)
+        print(f"{point:>11} | {row['kernel_ms']:>9.1f} {row['kernel_gflop_s']:>7.0f} | {row['torch_ms']:>8.1f} "
+              f"{row['torch_gflop_s']:>7.0f} | {row['speedup']:>7.2f}", flush=True)
+    print(json.dumps({"bench": "cpu_prefill_attention", "threads": torch.get_num_threads(),
+                      "rows": [{k: (round(x, 3) if isinstance(x, float) else x) for k, x in r.items()}
+                               for r in rows]}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--points", default="1x2048,8x2048,1x16384,8x8192", help="BATCHxCONTEXT, comma-separated")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: as set)")
     ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--prefill", action="store_true", help="time the prefill kernel (points: Q_LENxCTX)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     if not cpu_attention.available():
         raise SystemExit(f"the C++ kernel is unavailable here: {cpu_attention.why_unavailable()}")
+    if a.prefill:
+        if _FLASH_CPU is None:
+            raise SystemExit("this torch has no fused CPU attention to compare with")
+        prefill(a.points if a.points != ap.get_default("points") else "512x512,2048x2048,2048x8192",
+                max(1, a.repeat // 3))
+        return
     Hq, Hkv, D, BS = 8, 2, 64, 16
     print(f"CPU paged decode attention, {torch.get_num_threads()} thread(s), Hq {Hq} Hkv {Hkv} D {D} "
           f"block {BS}, fp32, best of {a.repeat}")

@@ -279,9 +279,40 @@ def paged_attention_prefill(
 ) -> torch.Tensor:
     """Causal attention for the last q_len_s positions of each sequence; returns [T, Hq, Dh].
 
-    The torch reference runs on every device (a Triton prefill kernel is not written).
+    On CPU in fp32 with a head size that is a multiple of 16 (up to 256) each sequence goes to
+    the C++ kernel (`cpu_attention.prefill_attention_cpu`): torch's fused CPU attention runs
+    its block products through MKL, which takes a generic path on AMD CPUs (60-80 GFLOP/s on
+    an EPYC box where the kernel reaches ~150: 2.0x at 2K x 8K, 2.5x at 2K causal, 3.4x at
+    512). `HYBRIDSERVE_CPU_PREFILL_ATTENTION=0` (or no compiler) keeps the torch reference,
+    which every other device runs (a Triton prefill kernel is not written).
     """
+    if cpu_attention.prefill_usable(q, q.shape[-1]):
+        out = torch.empty_like(q)
+        for start, end, qs, k, v in _sequences(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens):
+            out[start:end] = cpu_attention.prefill_attention_cpu(qs[0], k[0], v[0], scale).transpose(0, 1)
+        return out
     return paged_attention_prefill_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
+
+
+def _sequences(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens):
+    """Per sequence with queries: (start, end, qs [1, Hq, q_len, Dh], k/v [1, Hkv, ctx, Dh]),
+    gathered from the paged cache into contiguous copies (fp32 on CPU, the input dtype on CUDA)."""
+    Dh, block_size, Hkv = q.shape[2], k_cache.shape[1], k_cache.shape[2]
+    dtype = q.dtype if q.is_cuda else torch.float32
+    bounds = cu_seqlens_q.tolist()
+    for s, ctx in enumerate(context_lens.tolist()):
+        start, end = bounds[s], bounds[s + 1]
+        if end == start:
+            continue
+        pos = torch.arange(ctx, device=q.device)
+        blocks = block_tables[s, pos // block_size].long()
+        # [1, H, len, Dh], contiguous: the layout SDPA's fused CPU kernel takes (3-D or strided
+        # inputs fall back to the math path, which materialises [Hq, q_len, ctx] scores)
+        slots = blocks * block_size + pos % block_size
+        k = k_cache.view(-1, Hkv, Dh).index_select(0, slots).to(dtype).transpose(0, 1).contiguous()[None]
+        v = v_cache.view(-1, Hkv, Dh).index_select(0, slots).to(dtype).transpose(0, 1).contiguous()[None]
+        qs = q[start:end].to(dtype).transpose(0, 1).contiguous()[None]
+        yield start, end, qs, k, v
 
 
 def paged_attention_prefill_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale):
@@ -294,26 +325,9 @@ def paged_attention_prefill_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q,
     devices take SDPA's lower-right causal bias. Long prompts stay on the fused kernels. fp32 on CPU; the input dtype on CUDA
     (the fused kernels keep the softmax in fp32).
     """
-    T, Hq, Dh = q.shape
-    block_size = k_cache.shape[1]
-    dtype = q.dtype if q.is_cuda else torch.float32
     out = torch.empty_like(q)
-    bounds = cu_seqlens_q.tolist()
-    lens = context_lens.tolist()
-    for s, ctx in enumerate(lens):
-        start, end = bounds[s], bounds[s + 1]
-        q_len = end - start
-        if q_len == 0:
-            continue
-        pos = torch.arange(ctx, device=q.device)
-        blocks = block_tables[s, pos // block_size].long()
-        # [1, H, len, Dh], contiguous: the layout SDPA's fused CPU kernel takes (3-D or strided
-        # inputs fall back to the math path, which materialises [Hq, q_len, ctx] scores)
-        slots = blocks * block_size + pos % block_size
-        Hkv = k_cache.shape[2]
-        k = k_cache.view(-1, Hkv, Dh).index_select(0, slots).to(dtype).transpose(0, 1).contiguous()[None]
-        v = v_cache.view(-1, Hkv, Dh).index_select(0, slots).to(dtype).transpose(0, 1).contiguous()[None]
-        qs = q[start:end].to(dtype).transpose(0, 1).contiguous()[None]
+    for start, end, qs, k, v in _sequences(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens):
+        q_len, ctx = end - start, k.shape[2]
         if q_len == ctx:  # the whole context is new: plain causal attention
             o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale, enable_gqa=True)[0]
         elif _FLASH_CPU is not None and not qs.is_cuda:

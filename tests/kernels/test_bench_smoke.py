@@ -39,3 +39,13 @@ def test_bench_cpu_attention_runs_and_reports_each_point():
     assert [(r["batch"], r["context"], r["tables"]) for r in result["rows"]] == [
         (1, 64, "in order"), (1, 64, "shuffled"), (2, 32, "in order"), (2, 32, "shuffled")]
     assert all(r["kernel_ms"] > 0 and r["speedup_over_ref"] > 0 for r in result["rows"])
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_cpu_attention.py"), "--prefill", "--points", "64x64,16x80",
+         "--repeat", "1", "--threads", "1"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "cpu_prefill_attention"
+    assert [(r["q_len"], r["context"]) for r in result["rows"]] == [(64, 64), (16, 80)]
+    assert all(r["kernel_gflop_s"] > 0 and r["speedup"] > 0 for r in result["rows"])

@@ -96,3 +96,80 @@ def test_switched_off_by_the_environment():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "HYBRIDSERVE_CPU_KERNELS": "0"})
     assert out.stdout.strip() == "False HYBRIDSERVE_CPU_KERNELS=0", out.stderr
+
+
+def prefill_fp64(q, k, v, scale):
+    """Causal attention of the last T positions of ctx, float64: q [Hq, T, D], k/v [Hkv, ctx, D]."""
+    Hq, T, _ = q.shape
+    Hkv, ctx = k.shape[0], k.shape[1]
+    kk = k.double().repeat_interleave(Hq // Hkv, 0)
+    vv = v.double().repeat_interleave(Hq // Hkv, 0)
+    scores = q.double() @ kk.transpose(1, 2) * scale                       # [Hq, T, ctx]
+    visible = torch.ones(T, ctx, dtype=torch.bool).tril(ctx - T)
+    return torch.softmax(scores.masked_fill(~visible, float("-inf")), -1) @ vv
+
+
+@needs_kernel
+@pytest.mark.parametrize("Hq, Hkv, T, ctx, D", [
+    (8, 2, 1, 1, 64),          # one token, one key
+    (8, 2, 5, 70, 64),         # a short chunk late in a context that is not whole key blocks
+    (9, 3, 130, 130, 64),      # SmolLM2's heads, a whole causal prompt
+    (8, 2, 300, 700, 64),      # the small pair's heads, a later chunk
+    (4, 4, 33, 200, 128),      # no grouping, a larger head
+    (2, 1, 17, 17, 32),
+    (6, 2, 64, 64, 256),       # the largest head it takes
+    (3, 1, 7, 129, 16),
+])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prefill_matches_float64_attention(Hq, Hkv, T, ctx, D, threads):
+    g = torch.Generator().manual_seed(Hq * T + ctx + D)
+    q, k, v = (torch.randn(Hq, T, D, generator=g), torch.randn(Hkv, ctx, D, generator=g),
+               torch.randn(Hkv, ctx, D, generator=g))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for scale in (D ** -0.5, 3.0):     # 3.0: scores far apart, most weights underflow to 0
+            got = cpu_attention.prefill_attention_cpu(q, k, v, scale)
+            exact = prefill_fp64(q, k, v, scale)
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                q[None], k[None], v[None], scale=scale, enable_gqa=True,
+                attn_mask=torch.ones(T, ctx, dtype=torch.bool).tril(ctx - T))[0]
+            ours, theirs = (got.double() - exact).abs().max(), (ref.double() - exact).abs().max()
+            assert got.shape == q.shape and ours <= max(2 * theirs, 2e-6), (ours, theirs)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernel
+def test_prefill_refuses_what_it_does_not_take():
+    q, k = torch.randn(4, 8, 64), torch.randn(2, 16, 64)
+    with pytest.raises(RuntimeError, match="shapes do not agree"):
+        cpu_attention.prefill_attention_cpu(torch.randn(4, 20, 64), k, k, 0.1)     # more queries than context
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        cpu_attention.prefill_attention_cpu(torch.randn(4, 8, 24), torch.randn(2, 16, 24),
+                                            torch.randn(2, 16, 24), 0.1)
+    with pytest.raises(RuntimeError, match="fp32"):
+        cpu_attention.prefill_attention_cpu(q.double(), k.double(), k.double(), 0.1)
+    assert not cpu_attention.prefill_usable(q, 24) and not cpu_attention.prefill_usable(q.half(), 64)
+
+
+@needs_kernel
+@pytest.mark.parametrize("Dh", [16, 64, 12])
+def test_paged_prefill_on_cpu_goes_to_the_kernel_where_it_applies(monkeypatch, Dh):
+    """Chunks of several sequences, first and later ones: the kernel where the head size fits,
+    the torch reference otherwise and when switched off; both agree."""
+    lens, q_lens = [37, 9, 20, 1, 70], [11, 9, 20, 1, 5]
+    _, k, v, tables, _ = paged(lens, 8, 2, Dh, 4, torch.float32, "cpu", seed=3)
+    q = torch.randn(sum(q_lens), 8, Dh, generator=torch.Generator().manual_seed(4))
+    cu = torch.tensor([0] + q_lens).cumsum(0)
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    calls = []
+    real = cpu_attention.prefill_attention_cpu
+    monkeypatch.setattr(cpu_attention, "prefill_attention_cpu", lambda *a: calls.append(1) or real(*a))
+    out = PA.paged_attention_prefill(q, k, v, tables, cu, ctx, Dh ** -0.5)
+    assert len(calls) == (len(lens) if Dh % 16 == 0 else 0)
+    ref = PA.paged_attention_prefill_ref(q, k, v, tables, cu, ctx, Dh ** -0.5)
+    torch.testing.assert_close(out, ref, atol=3e-6, rtol=3e-5)
+    calls.clear()
+    monkeypatch.setenv("HYBRIDSERVE_CPU_PREFILL_ATTENTION", "0")
+    assert torch.equal(PA.paged_attention_prefill(q, k, v, tables, cu, ctx, Dh ** -0.5), ref) and calls == []
