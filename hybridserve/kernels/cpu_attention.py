@@ -51,17 +51,23 @@ _SOURCE = r"""
 // around it vectorize: 2^n * e^r with n = round(x / ln 2), |r| <= ln 2 / 2 (ln 2 split in
 // two for an exact r), e^r by a degree-6 Taylor polynomial (relative error ~2e-7, about
 // 2 ulp); below -87 it returns 0, where expf underflows anyway.
-static inline float exp_neg(float x) {
-  x = std::max(x, -87.0f);
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
-  float p = 1.0f / 720.0f;
+// e^r for |r| <= ln 2 / 2, the Taylor polynomial by Horner (a float or a vector of them)
+template <class T> static inline T exp_taylor6(T r) {
+  T p = r * 0.0f + 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
   p = p * r + 1.0f / 24.0f;
   p = p * r + 1.0f / 6.0f;
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
+  return p;
+}
+
+static inline float exp_neg(float x) {
+  x = std::max(x, -87.0f);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
+  const float p = exp_taylor6(r);
   int32_t bits;
   std::memcpy(&bits, &p, sizeof bits);
   bits += static_cast<int32_t>(n) << 23;
@@ -281,13 +287,7 @@ static inline v16 exp_neg16(v16 x) {
   const v16 big = splat16(12582912.0f);
   const v16 n = (x * 1.44269504088896341f + big) - big;
   const v16 r = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
-  v16 p = splat16(1.0f / 720.0f);
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  const v16 p = exp_taylor6(r);
   i16v bits;
   std::memcpy(&bits, &p, sizeof bits);
   bits += __builtin_convertvector(n, i16v) << 23;
