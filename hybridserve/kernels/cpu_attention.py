@@ -524,11 +524,14 @@ def prefill_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     return mod.prefill_attention(q, k, v, float(scale))
 
 
-def prefill_usable(q: torch.Tensor, head_dim: int) -> bool:
-    """Whether a prefill call on these queries goes to the C++ kernel (CPU, fp32, a head size
-    that is a multiple of 16 up to 256, HYBRIDSERVE_CPU_PREFILL_ATTENTION not 0)."""
-    return (not q.is_cuda and q.dtype == torch.float32 and head_dim % 16 == 0 and 0 < head_dim <= 256
-            and os.environ.get("HYBRIDSERVE_CPU_PREFILL_ATTENTION", "1") != "0" and available())
+def prefill_usable(q: torch.Tensor) -> bool:
+    """Whether a prefill call on these queries ([..., head size]) goes to the C++ kernel: CPU,
+    fp32, HYBRIDSERVE_CPU_PREFILL_ATTENTION not 0, and a head size the kernel takes (its own
+    `prefill_supported`: a multiple of 16 up to 256)."""
+    if (q.is_cuda or q.dtype != torch.float32 or not available()
+            or os.environ.get("HYBRIDSERVE_CPU_PREFILL_ATTENTION", "1") == "0"):
+        return False
+    return _module.prefill_supported(q.shape[-1])
 
 
 def usable(q: torch.Tensor, k_cache: torch.Tensor) -> bool:

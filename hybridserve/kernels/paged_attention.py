@@ -286,7 +286,7 @@ def paged_attention_prefill(
     512). `HYBRIDSERVE_CPU_PREFILL_ATTENTION=0` (or no compiler) keeps the torch reference,
     which every other device runs (a Triton prefill kernel is not written).
     """
-    if cpu_attention.prefill_usable(q, q.shape[-1]):
+    if cpu_attention.prefill_usable(q):
         out = torch.empty_like(q)
         for start, end, qs, k, v in _sequences(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens):
             out[start:end] = cpu_attention.prefill_attention_cpu(qs[0], k[0], v[0], scale).transpose(0, 1)

@@ -150,7 +150,8 @@ def test_prefill_refuses_what_it_does_not_take():
                                             torch.randn(2, 16, 24), 0.1)
     with pytest.raises(RuntimeError, match="fp32"):
         cpu_attention.prefill_attention_cpu(q.double(), k.double(), k.double(), 0.1)
-    assert not cpu_attention.prefill_usable(q, 24) and not cpu_attention.prefill_usable(q.half(), 64)
+    assert not cpu_attention.prefill_usable(torch.randn(4, 8, 24)) and not cpu_attention.prefill_usable(q.half())
+    assert cpu_attention.prefill_usable(q)
 
 
 @needs_kernel
