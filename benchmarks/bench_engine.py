@@ -49,16 +49,24 @@ def _peak_rss_mb() -> float:
 
 
 def weight_bytes_per_step(model) -> int:
-    """Bytes of weights one decode step reads: every parameter and weight buffer once (a packed
-    linear's one copy, not its plain twin too), less the embedding table unless it is the
-    lm_head's weight too (tied: the lm_head reads all of it)."""
+    """Bytes of weights one batch-1 decode step reads: every parameter and weight buffer once
+    (of a packed linear, the one copy its route sends one row to: packed, plain or panel),
+    less the embedding table unless it is the lm_head's weight too (tied: the lm_head reads all of it)."""
     import torch
+
+    from hybridserve.models.cpu_linear import PackedLinear
 
     tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     read = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}   # a tied lm_head
+    skip = set()
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            one_row = m.route[1] if len(m.route) > 1 else "packed"
+            read.add(id(getattr(m, f"{one_row}_weight")))
+            skip.update(id(t) for t in (m.packed_weight, m.plain_weight, m.panel_weight) if t is not None)
     seen, total = set(), 0
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if t is None or id(t) in seen or name.endswith("plain_weight") or "rotary" in name:
+        if t is None or id(t) in seen or "rotary" in name or (id(t) in skip and id(t) not in read):
             continue
         seen.add(id(t))
         if id(t) in tables and id(t) not in read:
@@ -79,21 +87,27 @@ def read_bandwidth_gbs() -> float:
 
 
 def product_read_gbs() -> float:
-    """The read rate of the weight product a batch-1 decode runs: one row through oneDNN's packed
-    linear over 512 MiB of weights (64 of 4096 x 512), best of five passes. Not the target's
-    ceiling, a second reference: on a box where a sum reads 35 GB/s this read 25, so a decode
-    that does nothing but its weight products reaches ~70 % of the sum ceiling at most."""
+    """The read rate of the weight product a batch-1 decode runs: one row through the product
+    `cpu_linear`'s calibration picks for one row on this machine (oneDNN's packed linear, MKL's
+    GEMV or the C++ panel kernel) over 512 MiB of weights (64 of 4096 x 512), best of five passes.
+    Not the target's ceiling, a second reference: how close to the sum ceiling a decode that did
+    nothing but its weight products could come."""
     import torch
+    from torch import nn
+
+    from hybridserve.models import cpu_linear
 
     torch.set_num_threads(1)
-    if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+    if not cpu_linear.prepack_available("cpu", torch.float32):
         return 0.0
-    weights = [torch.ops.mkldnn._reorder_linear_weight(torch.randn(4096, 512), 64) for _ in range(64)]
+    model = nn.Sequential(*[nn.Linear(512, 4096, bias=False) for _ in range(64)])
+    cpu_linear.prepack_linears(model)
     x = torch.randn(1, 512)
 
     def one_pass():
-        for w in weights:
-            torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+        with torch.no_grad():
+            for m in model:
+                m(x)
     one_pass()
     return 64 * 4096 * 512 * 4 / min(_timed(one_pass) for _ in range(5)) / 1e9
 

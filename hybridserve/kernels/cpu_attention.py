@@ -26,17 +26,12 @@ cache is not fp32, the caller keeps the torch reference; `available()` says whic
 """
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
-import platform
-import shutil
-import sys
-import threading
 
 import torch
 
-logger = logging.getLogger(__name__)
+from hybridserve.kernels._cpp import CppKernel
+
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -456,61 +451,28 @@ torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor 
 }
 """
 
-_lock = threading.Lock()
-_module = None
-_failed: str | None = None
-
-
-def _build_name() -> str:
-    """Extension name: source and CPU model in it, since -march=native binds it to this CPU."""
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu += next((line for line in fh if line.startswith("model name")), "")
-    except OSError:
-        pass
-    digest = hashlib.sha256((_SOURCE + cpu + torch.__version__).encode()).hexdigest()[:12]
-    return f"hybridserve_cpu_attention_{digest}"
+_KERNEL = CppKernel("hybridserve_cpu_attention", _SOURCE,
+                    ["paged_decode", "prefill_attention", "prefill_supported"], "CPU attention kernel")
 
 
 def _load():
-    global _module, _failed
-    with _lock:
-        if _module is not None or _failed is not None:
-            return _module
-        if os.environ.get("HYBRIDSERVE_CPU_KERNELS", "1") == "0":
-            _failed = "HYBRIDSERVE_CPU_KERNELS=0"
-            return None
-        bindir = os.path.dirname(sys.executable)   # pip's `ninja` lands beside the venv's python
-        if shutil.which("ninja") is None and os.path.exists(os.path.join(bindir, "ninja")):
-            os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
-        try:
-            from torch.utils.cpp_extension import load_inline
-
-            flags = ["-O3", "-fopenmp"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else [])
-            _module = load_inline(name=_build_name(), cpp_sources=_SOURCE, functions=["paged_decode", "prefill_attention", "prefill_supported"],
-                                  extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
-        except Exception as e:  # no compiler, no ninja, a read-only cache: keep the torch path
-            _failed = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-            logger.warning("CPU attention kernel unavailable, using the torch reference (%s)", _failed)
-        return _module
+    return _KERNEL.module()
 
 
 def available() -> bool:
     """Whether the kernel is built (building it now if it was not tried yet)."""
-    return _load() is not None
+    return _KERNEL.available()
 
 
 def why_unavailable() -> str | None:
-    _load()
-    return _failed
+    return _KERNEL.why_unavailable()
 
 
 def paged_attention_decode_cpu(q, k_cache, v_cache, block_tables, context_lens, scale):
     """The C++ kernel, same contract as `paged_attention_decode_ref` (fp32 caches)."""
     mod = _load()
     if mod is None:
-        raise RuntimeError(f"the CPU attention kernel is unavailable ({_failed})")
+        raise RuntimeError(f"the CPU attention kernel is unavailable ({why_unavailable()})")
     return mod.paged_decode(q.contiguous(), k_cache, v_cache, block_tables.to(torch.int32),
                             context_lens.to(torch.int32), float(scale))
 
@@ -520,7 +482,7 @@ def prefill_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     (fp32, contiguous; Hq a multiple of Hkv) -> [Hq, T, D]. The C++ kernel's prefill entry."""
     mod = _load()
     if mod is None:
-        raise RuntimeError(f"the CPU attention kernel is unavailable ({_failed})")
+        raise RuntimeError(f"the CPU attention kernel is unavailable ({why_unavailable()})")
     return mod.prefill_attention(q, k, v, float(scale))
 
 
@@ -531,7 +493,7 @@ def prefill_usable(q: torch.Tensor) -> bool:
     if (q.is_cuda or q.dtype != torch.float32 or not available()
             or os.environ.get("HYBRIDSERVE_CPU_PREFILL_ATTENTION", "1") == "0"):
         return False
-    return _module.prefill_supported(q.shape[-1])
+    return _load().prefill_supported(q.shape[-1])
 
 
 def usable(q: torch.Tensor, k_cache: torch.Tensor) -> bool:

@@ -1,31 +1,35 @@
-"""Linears with oneDNN-packed weights, for fp32 inference on CPU.
+"""Linears for fp32 inference on CPU: oneDNN-packed weights, and for the few rows of a
+decode step the product that measured fastest on this machine.
 
-The CPU decode step is mostly linears at small M (a batch of 8 rows against each
-weight), where the default `F.linear` streams fp32 weights at ~7 GB/s on the dev
-box. oneDNN with weights reordered once into its blocked layout ran the same
-products 1.5-2x faster at M = 8 and 1.1-1.4x at prefill sizes (M = 64..2048),
-with relative differences of ~1e-6 (accumulation order). vLLM's CPU backend packs
-its weights the same way.
+The CPU decode step is mostly linears at small M (one row per running sequence), bound by
+how fast the weights stream from memory, and which product streams them fastest depends
+on the machine:
 
-At one or two rows (batch-1 and batch-2 decode) which product wins depends on the
-machine. On one dev box (11 GB/s single-thread reads) MKL's GEMV on the plain row-major
-weight ran 1.3-1.7x faster than oneDNN's packed product (512x2192: 194 vs 240 us); on
-an AMD EPYC box (35 GB/s) the packed product streamed 192 MB of weights at 25 GB/s
-against MKL's 13 GB/s at one row and 22 against 8 at two (batch-1 decode of the small
-hybrid: 66 -> 120 tok/s). So no fixed rule: while the model's linear weights are
-small (at most DUAL_MAX_BYTES together), `prepack_linears` keeps the plain weights
-too, times both products over the model's own linears at one and two rows
-(`calibrate_plain_rows`: a few passes, well under a second), and keeps the plain copies
-only for the row counts where they measured faster (`plain_max_rows`, 0-2); where
-they lost, they are released.
+* oneDNN with the weights reordered once into its blocked layout (`packed`) ran the
+  products at M = 8 1.5-2x faster than the default `F.linear` on the first dev box, and
+  1.1-1.4x at prefill sizes (M = 64..2048); vLLM's CPU backend packs its weights the same
+  way. It is the product for every row count nobody measured faster.
+* MKL's GEMV on the plain row-major weight (`plain`) ran 1.3-1.7x faster than `packed`
+  at one or two rows on that box (11 GB/s reads), and half as fast on an AMD EPYC box.
+* The C++ panel kernel (`panel`, kernels/cpu_gemm.py, up to 8 rows in one pass) read the
+  weights at the `sum` rate (24 GB/s) on an AMD EPYC box where `packed` read 12-20 at one
+  row and 8-15 at eight.
 
-`prepack_linears(model)` swaps every `nn.Linear` for a `PackedLinear` (the plain weight
-is released unless it keeps it, or something else, e.g. a tied embedding, still holds
-it). `HYBRIDSERVE_CPU_PREPACK`: `0` off, `packed` packed copies only, `dual` both
-copies whatever their size and the plain one for up to PLAIN_MAX_ROWS rows, without
-measuring; unset: measured as above up to DUAL_MAX_BYTES, else packed. The last
-decision is in `LAST_CALIBRATION` (and the log). Never used where it does not apply
-(non-CPU, non-fp32, or a torch without oneDNN).
+So no fixed rule. While the model's linear weights are small (at most DUAL_MAX_BYTES
+together), `prepack_linears` keeps the plain weights beside the packed ones, times every
+candidate over the model's own linears at 1, 2, 4 and 8 rows (`calibrate_routes`: an
+even sample of at most CALIBRATE_MAX_BYTES, a few alternating passes, well under a
+second for the small models) and gives each row count its winner (`route`): a product
+that needs a second copy of the weights must beat `packed` by PLAIN_MARGIN, and row
+counts between the timed ones take the winner at the next timed count up. The copies no
+route uses are released.
+
+`prepack_linears(model)` swaps every `nn.Linear` for a `PackedLinear`.
+`HYBRIDSERVE_CPU_PREPACK`: `0` off, `packed` packed copies only, `dual` the plain copy
+for up to PLAIN_MAX_ROWS rows, `panel` the panel copy for up to PANEL_MAX_ROWS rows
+(both whatever the size, without measuring); unset: measured as above up to
+DUAL_MAX_BYTES, else packed. The last decision is in `LAST_CALIBRATION` (and the log).
+Never used where it does not apply (non-CPU, non-fp32, or a torch without oneDNN).
 """
 from __future__ import annotations
 
@@ -37,20 +41,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridserve.kernels import cpu_gemm
+
 _ENV = "HYBRIDSERVE_CPU_PREPACK"
 _BATCH_HINT = 64  # oneDNN's layout hint; 8..2048 measured the same, 1 was slower
-PLAIN_MAX_ROWS = 2            # the most rows a plain copy is measured at and used for
-DUAL_MAX_BYTES = 2 << 30      # linear weights (fp32) up to which both copies are kept by default
+PLAIN_MAX_ROWS = 2            # the most rows the plain copy is timed at and used for
+PANEL_MAX_ROWS = cpu_gemm.MAX_ROWS   # the most rows the panel kernel computes in one pass
+CALIBRATE_ROWS = (1, 2, 4, 8)       # row counts timed; others take the next timed count up
+DUAL_MAX_BYTES = 2 << 30      # linear weights (fp32) up to which the extra copies are kept to be timed
 CALIBRATE_MAX_BYTES = 256 << 20   # weights timed per pass (an even sample of the linears beyond it)
-PLAIN_MARGIN = 0.95           # the plain product must take under this share of the packed one's time
-LAST_CALIBRATION: dict = {}   # the last `calibrate_plain_rows` result, for logs and benchmarks
+PLAIN_MARGIN = 0.95           # a product with its own copy must take under this share of packed's time
+LAST_CALIBRATION: dict = {}   # the last `calibrate_routes` result, for logs and benchmarks
+MAX_ROWS = {"plain": PLAIN_MAX_ROWS, "panel": PANEL_MAX_ROWS}
 
 log = logging.getLogger(__name__)
 
 
 def prepack_available(device: str | torch.device, dtype: torch.dtype) -> bool:
     """True where packed linears apply: CPU, fp32, oneDNN present, not switched off."""
-    if os.environ.get(_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if _mode() in ("0", "false", "no", "off"):
         return False
     ops = torch.ops.mkldnn
     return (torch.device(device).type == "cpu" and dtype == torch.float32
@@ -58,10 +67,20 @@ def prepack_available(device: str | torch.device, dtype: torch.dtype) -> bool:
             and hasattr(ops, "_linear_pointwise") and hasattr(ops, "_reorder_linear_weight"))
 
 
-class PackedLinear(nn.Module):
-    """`y = x @ W.T + b` with W in oneDNN's packed layout (inference only)."""
+def _mode() -> str:
+    return os.environ.get(_ENV, "").strip().lower()
 
-    def __init__(self, linear: nn.Linear, keep_plain: bool = False):
+
+def routes_upto(kind: str, rows: int) -> tuple[str, ...]:
+    """A route that sends 1..rows rows to `kind` (index = row count; past its end: packed)."""
+    return ("packed",) + (kind,) * rows
+
+
+class PackedLinear(nn.Module):
+    """`y = x @ W.T + b` with W in oneDNN's packed layout (inference only), and optionally a
+    plain and/or a panel copy of W for the row counts `route` sends to them."""
+
+    def __init__(self, linear: nn.Linear, keep_plain: bool = False, panels: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         with torch.no_grad():
@@ -69,12 +88,21 @@ class PackedLinear(nn.Module):
             packed = torch.ops.mkldnn._reorder_linear_weight(plain, _BATCH_HINT)
         self.register_buffer("packed_weight", packed, persistent=False)
         self.register_buffer("plain_weight", plain if keep_plain else None, persistent=False)
+        self.register_buffer("panel_weight", cpu_gemm.pack_panels(plain) if panels else None, persistent=False)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
-        self.plain_max_rows = PLAIN_MAX_ROWS if keep_plain else 0
+        self.route: tuple[str, ...] = ("packed",)
+        if panels:
+            self.route = routes_upto("panel", PANEL_MAX_ROWS)
+        elif keep_plain:
+            self.route = routes_upto("plain", PLAIN_MAX_ROWS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] <= self.plain_max_rows:
+        n = flat.shape[0]
+        kind = self.route[n] if n < len(self.route) else "packed"
+        if kind == "panel":
+            y = self.panel(flat)
+        elif kind == "plain":
             y = self.plain(flat)
         else:
             y = self.packed(flat)
@@ -86,19 +114,36 @@ class PackedLinear(nn.Module):
     def packed(self, flat: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(flat, self.packed_weight, self.bias, "none", [], "")
 
-    def drop_plain(self) -> None:
-        self.plain_weight, self.plain_max_rows = None, 0
+    def panel(self, flat: torch.Tensor) -> torch.Tensor:
+        if flat.stride(-1) != 1:
+            flat = flat.contiguous()
+        return cpu_gemm.panel_linear(flat, self.panel_weight, self.bias, self.out_features)
+
+    def ensure_panels(self) -> None:
+        if self.panel_weight is None:
+            self.panel_weight = cpu_gemm.pack_panels(self.plain_weight)
+
+    def set_route(self, route: tuple[str, ...]) -> None:
+        """Use `route` and release the copies it does not use (the plain one last: panels are made from it)."""
+        if "panel" in route:
+            self.ensure_panels()
+        else:
+            self.panel_weight = None
+        if "plain" not in route:
+            self.plain_weight = None
+        self.route = tuple(route)
+
+    def uses(self, kind: str) -> int:
+        """How many leading row counts go to `kind` (0 if none)."""
+        return sum(1 for k in self.route[1:] if k == kind)
 
     def extra_repr(self) -> str:
-        plain = f", plain copy for <= {self.plain_max_rows} rows" if self.plain_max_rows else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN-packed{plain}"
+        extra = "".join(f", {k} copy for <= {self.uses(k)} rows" for k in ("plain", "panel") if self.uses(k))
+        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN-packed{extra}"
 
 
 def keep_plain_copies(model: nn.Module) -> bool:
-    """Whether `prepack_linears` keeps the plain weights too (see the module docstring)."""
-    mode = os.environ.get(_ENV, "").strip().lower()
-    if mode in ("dual", "packed"):
-        return mode == "dual"
+    """Whether the model's linear weights are small enough (DUAL_MAX_BYTES) for their extra copies to be timed."""
     size = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if type(m) is nn.Linear)
     return size <= DUAL_MAX_BYTES
 
@@ -118,59 +163,70 @@ def _sample(linears: list[PackedLinear], max_bytes: int) -> list[PackedLinear]:
     return out
 
 
-def time_products(linears: list[PackedLinear], rows: int, repeats: int = 3) -> tuple[float, float]:
-    """Best-of-`repeats` seconds for one pass of the plain and of the packed product over
-    `linears` at `rows` rows, the two alternating (so that drift on a noisy box hits both)."""
+def time_products(linears: list[PackedLinear], rows: int, kinds: list[str], repeats: int = 3) -> dict[str, float]:
+    """Best-of-`repeats` seconds for one pass of each product in `kinds` over `linears` at
+    `rows` rows, the products alternating (so that drift on a noisy box hits them all)."""
     inputs = {m.in_features: torch.randn(rows, m.in_features) for m in linears}
-    best = {"plain": float("inf"), "packed": float("inf")}
+    best = {k: float("inf") for k in kinds}
     with torch.no_grad():
-        for rnd in range(repeats + 1):      # round 0 warms both up and is not kept
-            for kind in best:
+        for rnd in range(repeats + 1):      # round 0 warms them up and is not kept
+            for kind in kinds:
                 t0 = time.perf_counter()
                 for m in linears:
                     getattr(m, kind)(inputs[m.in_features])
                 if rnd:
                     best[kind] = min(best[kind], time.perf_counter() - t0)
-    return best["plain"], best["packed"]
+    return best
 
 
-def calibrate_plain_rows(linears: list[PackedLinear], timer=None) -> int:
-    """The row count up to which the plain weights' product measured faster than the packed one
-    (by PLAIN_MARGIN: the plain copy costs memory), checked at 1 row, then 2; 0 if it lost at 1."""
+def calibrate_routes(sample: list[PackedLinear], kinds: list[str], timer=None) -> tuple[str, ...]:
+    """Each row count's product, timed at CALIBRATE_ROWS over `sample` (linears holding the copies
+    `kinds` need) among `kinds`: the fastest, if it is `packed` or beats it by PLAIN_MARGIN."""
     timer = timer or time_products
-    sample = _sample(linears, CALIBRATE_MAX_BYTES)
-    rows, figures = 0, {}
-    for r in range(1, PLAIN_MAX_ROWS + 1):
-        plain_s, packed_s = timer(sample, r)
-        figures[r] = {"plain_us": round(plain_s * 1e6, 1), "packed_us": round(packed_s * 1e6, 1)}
-        if plain_s >= PLAIN_MARGIN * packed_s:
-            break
-        rows = r
+    winners, figures = {}, {}
+    for r in CALIBRATE_ROWS:
+        cands = ["packed"] + [k for k in kinds if k != "packed" and r <= MAX_ROWS[k]]
+        if len(cands) == 1:
+            winners[r] = "packed"
+            continue
+        took = timer(sample, r, cands)
+        figures[r] = {f"{k}_us": round(took[k] * 1e6, 1) for k in cands}
+        best = min(cands[1:], key=took.__getitem__)
+        winners[r] = best if took[best] < PLAIN_MARGIN * took["packed"] else "packed"
+    route = ("packed",) + tuple(winners[min(c for c in CALIBRATE_ROWS if c >= r)]
+                                for r in range(1, max(CALIBRATE_ROWS) + 1))
     LAST_CALIBRATION.clear()
-    LAST_CALIBRATION.update(plain_max_rows=rows, linears_timed=len(sample), rows=figures)
-    log.info("CPU linears: plain weights for up to %d rows (timed over %d linears: %s)", rows, len(sample), figures)
-    return rows
+    LAST_CALIBRATION.update(route={r: route[r] for r in range(1, len(route))}, linears_timed=len(sample),
+                            rows=figures)
+    log.info("CPU linears by row count: %s (timed over %d linears: %s)",
+             LAST_CALIBRATION["route"], len(sample), figures)
+    return route
 
 
 def prepack_linears(model: nn.Module, keep_plain: bool | None = None) -> int:
-    """Replace every `nn.Linear` under `model` with a `PackedLinear` (keeping the plain weights
-    as `keep_plain` says; None: `keep_plain_copies`, and unless told `dual`, only for the row
-    counts where `calibrate_plain_rows` measured them faster); returns how many."""
-    told = keep_plain is not None or os.environ.get(_ENV, "").strip().lower() == "dual"
+    """Replace every `nn.Linear` under `model` with a `PackedLinear`; returns how many.
+
+    keep_plain True/False: keep the plain weights for 1-2 rows, or packed only (no measuring).
+    None: HYBRIDSERVE_CPU_PREPACK, and unset, the products measured as the module says."""
+    mode = _mode()
+    measured = keep_plain is None and mode not in ("dual", "packed", "panel") and keep_plain_copies(model)
+    panels_told = keep_plain is None and mode == "panel" and cpu_gemm.available()
     if keep_plain is None:
-        keep_plain = keep_plain_copies(model)
+        keep_plain = measured or mode == "dual"
     # Names only, so that each plain weight can be freed as soon as its module is swapped
     # (peak memory: the weights plus one packed copy, not two copies of everything).
     sites = [(parent, name) for parent in model.modules()
              for name, child in parent.named_children() if type(child) is nn.Linear]
     for parent, name in sites:
-        setattr(parent, name, PackedLinear(getattr(parent, name), keep_plain))
-    if keep_plain and not told and sites:
+        setattr(parent, name, PackedLinear(getattr(parent, name), keep_plain or measured, panels_told))
+    if measured and sites:
         linears = [getattr(parent, name) for parent, name in sites]
-        rows = calibrate_plain_rows(linears)
+        kinds = ["plain"] + (["panel"] if cpu_gemm.available() else [])
+        sample = _sample(linears, CALIBRATE_MAX_BYTES)
+        if "panel" in kinds:
+            for m in sample:
+                m.ensure_panels()
+        route = calibrate_routes(sample, kinds)
         for m in linears:
-            if rows:
-                m.plain_max_rows = rows
-            else:
-                m.drop_plain()
+            m.set_route(route)
     return len(sites)

@@ -9,6 +9,7 @@ import torch
 from test_paged_attention import paged
 
 from hybridserve.kernels import cpu_attention
+from hybridserve.kernels._cpp import CppKernel
 from hybridserve.kernels import paged_attention as PA
 
 needs_kernel = pytest.mark.skipif(not cpu_attention.available(),
@@ -79,12 +80,13 @@ def test_a_failed_build_falls_back_to_the_reference(monkeypatch, caplog):
     def no_compiler(*a, **k):
         raise RuntimeError("Error building extension: c++: not found")
     monkeypatch.setattr(ext, "load_inline", no_compiler)
-    monkeypatch.setattr(cpu_attention, "_module", None)
-    monkeypatch.setattr(cpu_attention, "_failed", None)
+    fresh = CppKernel(cpu_attention._KERNEL.name, cpu_attention._KERNEL.source, cpu_attention._KERNEL.functions,
+                      cpu_attention._KERNEL.what)
+    monkeypatch.setattr(cpu_attention, "_KERNEL", fresh)
     with caplog.at_level("WARNING"):
         assert not cpu_attention.available()
     assert "c++: not found" in cpu_attention.why_unavailable()
-    assert "using the torch reference" in caplog.text
+    assert "CPU attention kernel unavailable, using the torch path" in caplog.text
     q, k, v, tables, ctx = paged([9], 4, 2, 16, 4, torch.float32, "cpu")
     assert not cpu_attention.usable(q, k)
     with pytest.raises(RuntimeError, match="unavailable"):

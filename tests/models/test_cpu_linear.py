@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridserve.models.builtin import materialize
-from hybridserve.models.cpu_linear import PackedLinear, prepack_available, prepack_linears
+from hybridserve.kernels import cpu_gemm
+from hybridserve.models.cpu_linear import PackedLinear, prepack_available, prepack_linears, routes_upto
 from hybridserve.models.loader import load_model
 from tests.models.helpers import make_cache, rel_err, run_chunk
 
@@ -32,80 +33,117 @@ def test_packed_linear_equals_f_linear(bias, lead):
 
 
 @needs_onednn
-@pytest.mark.parametrize("rows", [1, 2, 3, 64])
-def test_a_packed_linear_with_its_plain_copy_equals_f_linear_at_every_row_count(rows):
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 64])
+@pytest.mark.parametrize("copies", ["plain", "panel"])
+def test_a_packed_linear_with_its_extra_copy_equals_f_linear_at_every_row_count(rows, copies):
+    if copies == "panel" and not cpu_gemm.available():
+        pytest.skip("the C++ panel kernel cannot be built here")
     g = torch.Generator().manual_seed(rows)
     lin = nn.Linear(48, 40)
     x = torch.randn(rows, 48, generator=g)
-    dual = PackedLinear(lin, keep_plain=True)
-    assert dual.plain_weight is not None and "plain copy" in repr(dual)
+    dual = PackedLinear(lin, keep_plain=copies == "plain", panels=copies == "panel")
+    assert getattr(dual, f"{copies}_weight") is not None and f"{copies} copy" in repr(dual)
     with torch.no_grad():
         assert rel_err(dual(x), F.linear(x, lin.weight, lin.bias)) < 1e-5
+        assert rel_err(dual(x.t().contiguous().t()), F.linear(x, lin.weight, lin.bias)) < 1e-5  # strided rows
 
 
-def _timer_where(plain_wins_up_to: int, calls: list):
-    """A stand-in for `time_products`: the plain product is faster up to that many rows."""
-    def timer(linears, rows):
-        calls.append((len(linears), rows))
-        return (1.0, 2.0) if rows <= plain_wins_up_to else (2.0, 1.0)
+def _timer(fastest: dict[int, str], calls: list):
+    """A stand-in for `time_products`: at each row count the named product takes 1 s, the rest 2 s."""
+    def timer(linears, rows, kinds):
+        calls.append((len(linears), rows, tuple(kinds)))
+        return {k: 1.0 if k == fastest.get(rows, "packed") else 2.0 for k in kinds}
     return timer
 
 
+def _routes(model):
+    prepack_linears(model)
+    return [(m.route, m.plain_weight is not None, m.panel_weight is not None)
+            for m in model.modules() if isinstance(m, PackedLinear)]
+
+
 @needs_onednn
-def test_plain_copies_are_kept_for_small_models_where_they_measure_faster_or_as_told(monkeypatch):
+def test_each_row_count_gets_the_product_that_measured_fastest_and_unused_copies_go(monkeypatch):
     from hybridserve.models import cpu_linear
 
-    def kept(model):
-        prepack_linears(model)
-        return [m.plain_max_rows if m.plain_weight is not None else None
-                for m in model.modules() if isinstance(m, PackedLinear)]
+    monkeypatch.delenv("HYBRIDSERVE_CPU_PREPACK", raising=False)
+    monkeypatch.setattr(cpu_gemm, "available", lambda: True)
     small = lambda: nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))   # noqa: E731
     calls = []
-    monkeypatch.setattr(cpu_linear, "time_products", _timer_where(2, calls))
-    assert kept(small()) == [2, 2] and calls == [(2, 1), (2, 2)]
-    monkeypatch.setattr(cpu_linear, "time_products", _timer_where(1, calls))
-    assert kept(small()) == [1, 1] and cpu_linear.LAST_CALIBRATION["plain_max_rows"] == 1
+    monkeypatch.setattr(cpu_linear, "time_products", _timer({1: "plain", 2: "panel", 4: "panel"}, calls))
+    got = _routes(small())
+    want = ("packed", "plain", "panel", "panel", "panel", "packed", "packed", "packed", "packed")
+    assert got == [(want, True, True)] * 2          # 3 takes 4's winner, 5-7 take 8's
+    assert calls == [(2, 1, ("packed", "plain", "panel")), (2, 2, ("packed", "plain", "panel")),
+                     (2, 4, ("packed", "panel")), (2, 8, ("packed", "panel"))]    # plain: 1-2 rows only
+    assert cpu_linear.LAST_CALIBRATION["route"][3] == "panel"
+    assert cpu_linear.LAST_CALIBRATION["rows"][1] == {"packed_us": 2e6, "plain_us": 1e6, "panel_us": 2e6}
+    monkeypatch.setattr(cpu_linear, "time_products", _timer({r: "panel" for r in (1, 2, 4, 8)}, calls))
+    assert _routes(small()) == [(("packed",) + ("panel",) * 8, False, True)] * 2
+    monkeypatch.setattr(cpu_linear, "time_products", _timer({1: "plain"}, calls))
+    assert _routes(small()) == [(("packed", "plain") + ("packed",) * 7, True, False)] * 2
+    monkeypatch.setattr(cpu_linear, "time_products", _timer({}, calls))
+    assert _routes(small()) == [(("packed",) * 9, False, False)] * 2
+    monkeypatch.setattr(cpu_gemm, "available", lambda: False)       # no kernel: not a candidate
     calls.clear()
-    monkeypatch.setattr(cpu_linear, "time_products", _timer_where(0, calls))
-    assert kept(small()) == [None, None] and calls == [(2, 1)]      # lost at one row: not timed at two
-    monkeypatch.setattr(cpu_linear, "time_products", _timer_where(2, calls))
-    monkeypatch.setattr(cpu_linear, "DUAL_MAX_BYTES", 8 * 8 * 4)   # below the two weights together
-    assert kept(small()) == [None, None]
-    calls.clear()
-    monkeypatch.setenv("HYBRIDSERVE_CPU_PREPACK", "dual")             # as told: kept, nothing timed
-    monkeypatch.setattr(cpu_linear, "time_products", _timer_where(0, calls))
-    assert kept(small()) == [cpu_linear.PLAIN_MAX_ROWS] * 2 and calls == []
-    monkeypatch.setenv("HYBRIDSERVE_CPU_PREPACK", "packed")
-    monkeypatch.setattr(cpu_linear, "DUAL_MAX_BYTES", 1 << 40)
-    assert kept(nn.Sequential(nn.Linear(8, 8))) == [None]
+    monkeypatch.setattr(cpu_linear, "time_products", _timer({1: "plain", 2: "plain"}, calls))
+    assert _routes(small()) == [(("packed", "plain", "plain") + ("packed",) * 6, True, False)] * 2
+    assert [c[2] for c in calls] == [("packed", "plain")] * 2         # 4 and 8 rows: packed alone, not timed
 
 
 @needs_onednn
-def test_a_near_tie_keeps_no_plain_copy():
+def test_big_models_and_the_environment_skip_the_measurement(monkeypatch):
+    from hybridserve.models import cpu_linear
+
+    small = lambda: nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))   # noqa: E731
+    calls = []
+    monkeypatch.setattr(cpu_linear, "time_products", _timer({1: "plain"}, calls))
+    monkeypatch.delenv("HYBRIDSERVE_CPU_PREPACK", raising=False)
+    monkeypatch.setattr(cpu_linear, "DUAL_MAX_BYTES", 8 * 8 * 4)   # below the two weights together
+    assert _routes(small()) == [(("packed",), False, False)] * 2
+    monkeypatch.setattr(cpu_linear, "DUAL_MAX_BYTES", 1 << 40)
+    monkeypatch.setenv("HYBRIDSERVE_CPU_PREPACK", "dual")             # as told: kept, nothing timed
+    assert _routes(small()) == [(routes_upto("plain", cpu_linear.PLAIN_MAX_ROWS), True, False)] * 2
+    monkeypatch.setenv("HYBRIDSERVE_CPU_PREPACK", "packed")
+    assert _routes(small()) == [(("packed",), False, False)] * 2
+    if cpu_gemm.available():
+        monkeypatch.setenv("HYBRIDSERVE_CPU_PREPACK", "panel")
+        assert _routes(small()) == [(routes_upto("panel", cpu_linear.PANEL_MAX_ROWS), False, True)] * 2
+    assert calls == []
+
+
+@needs_onednn
+def test_a_near_tie_keeps_packed():
     from hybridserve.models import cpu_linear
 
     lins = [PackedLinear(nn.Linear(8, 8), keep_plain=True)]
-    assert cpu_linear.calibrate_plain_rows(lins, timer=lambda ls, r: (0.97, 1.0)) == 0   # within the margin
-    assert cpu_linear.calibrate_plain_rows(lins, timer=lambda ls, r: (0.90, 1.0)) == 2
+    near = lambda ls, r, kinds: {k: 1.0 if k == "packed" else 0.97 for k in kinds}   # noqa: E731
+    assert cpu_linear.calibrate_routes(lins, ["plain"], timer=near) == ("packed",) * 9   # within the margin
+    clear = lambda ls, r, kinds: {k: 1.0 if k == "packed" else 0.90 for k in kinds}  # noqa: E731
+    assert cpu_linear.calibrate_routes(lins, ["plain"], timer=clear) == ("packed", "plain", "plain") + ("packed",) * 6
 
 
 @needs_onednn
-def test_the_real_measurement_times_both_products_and_the_model_stays_exact():
+def test_the_real_measurement_times_every_product_and_the_model_stays_exact(monkeypatch):
     from hybridserve.models import cpu_linear
 
-    lins = [PackedLinear(nn.Linear(64, 96), keep_plain=True) for _ in range(3)]
-    plain_s, packed_s = cpu_linear.time_products(lins, rows=1, repeats=2)
-    assert 0 < plain_s < 1 and 0 < packed_s < 1
+    monkeypatch.delenv("HYBRIDSERVE_CPU_PREPACK", raising=False)
+    lins = [PackedLinear(nn.Linear(64, 96), keep_plain=True, panels=cpu_gemm.available()) for _ in range(3)]
+    kinds = ["packed", "plain"] + (["panel"] if cpu_gemm.available() else [])
+    took = cpu_linear.time_products(lins, rows=1, kinds=kinds, repeats=2)
+    assert set(took) == set(kinds) and all(0 < s < 1 for s in took.values())
     model = nn.Sequential(nn.Linear(64, 96), nn.Linear(96, 64))
-    x = torch.randn(1, 64)
     with torch.no_grad():
-        want = model(x)
+        want = {r: model(torch.ones(r, 64) * r) for r in (1, 3, 8, 20)}
         prepack_linears(model)
-        got = model(x)
-    rows = cpu_linear.LAST_CALIBRATION["plain_max_rows"]
-    assert rows in (0, 1, 2) and set(cpu_linear.LAST_CALIBRATION["rows"]) <= {1, 2}
-    assert all((m.plain_weight is not None) == (rows > 0) for m in model.modules() if isinstance(m, PackedLinear))
-    assert rel_err(got, want) < 1e-5
+        got = {r: model(torch.ones(r, 64) * r) for r in want}
+    route = cpu_linear.LAST_CALIBRATION["route"]
+    assert set(route) == set(range(1, 9)) and set(cpu_linear.LAST_CALIBRATION["rows"]) == {1, 2, 4, 8}
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            assert (m.plain_weight is not None) == ("plain" in route.values())
+            assert (m.panel_weight is not None) == ("panel" in route.values())
+    assert all(rel_err(got[r], want[r]) < 1e-5 for r in want)
 
 
 @needs_onednn

@@ -1,0 +1,77 @@
+"""Build-on-first-use C++ extensions for the CPU kernels (torch's `load_inline`).
+
+Each `CppKernel` compiles its source once per process, lazily and under a lock, with
+-O3, OpenMP and, on x86, -march=native (so the cached build's name carries the CPU
+model along with a digest of the source and the torch version). Where it cannot be
+built (no compiler, no ninja, a read-only cache) or HYBRIDSERVE_CPU_KERNELS=0, `module()`
+returns None, `why_unavailable()` says why, and callers keep their torch path.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+import threading
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def _cpu_model() -> str:
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu += next((line for line in fh if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return cpu
+
+
+class CppKernel:
+    """One inline C++ extension: `name` prefixes the build, `functions` are bound to Python."""
+
+    def __init__(self, name: str, source: str, functions: list[str], what: str):
+        self.name, self.source, self.functions, self.what = name, source, functions, what
+        self._lock = threading.Lock()
+        self._module = None
+        self._failed: str | None = None
+
+    def build_name(self) -> str:
+        """Extension name: source and CPU model in it, since -march=native binds it to this CPU."""
+        digest = hashlib.sha256((self.source + _cpu_model() + torch.__version__).encode()).hexdigest()[:12]
+        return f"{self.name}_{digest}"
+
+    def module(self):
+        """The built extension, building it now if it was not tried yet; None if it cannot be."""
+        with self._lock:
+            if self._module is not None or self._failed is not None:
+                return self._module
+            if os.environ.get("HYBRIDSERVE_CPU_KERNELS", "1") == "0":
+                self._failed = "HYBRIDSERVE_CPU_KERNELS=0"
+                return None
+            bindir = os.path.dirname(sys.executable)   # pip's `ninja` lands beside the venv's python
+            if shutil.which("ninja") is None and os.path.exists(os.path.join(bindir, "ninja")):
+                os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+            try:
+                from torch.utils.cpp_extension import load_inline
+
+                flags = ["-O3", "-fopenmp"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else [])
+                self._module = load_inline(name=self.build_name(), cpp_sources=self.source,
+                                           functions=self.functions, extra_cflags=flags,
+                                           extra_ldflags=["-fopenmp"], verbose=False)
+            except Exception as e:  # keep the torch path
+                msg = str(e).strip()
+                self._failed = f"{type(e).__name__}: {msg.splitlines()[-1] if msg else ''}"
+                logger.warning("%s unavailable, using the torch path (%s)", self.what, self._failed)
+            return self._module
+
+    def available(self) -> bool:
+        return self.module() is not None
+
+    def why_unavailable(self) -> str | None:
+        self.module()
+        return self._failed
