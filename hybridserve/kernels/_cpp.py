@@ -47,6 +47,8 @@ class CppKernel:
 
     def module(self):
         """The built extension, building it now if it was not tried yet; None if it cannot be."""
+        if self._module is not None:   # the per-call path: no lock once built
+            return self._module
         with self._lock:
             if self._module is not None or self._failed is not None:
                 return self._module

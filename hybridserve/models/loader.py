@@ -65,6 +65,10 @@ def load_model(directory: str | Path, dtype: str | torch.dtype = "float32", devi
         from hybridserve.kernels import cpu_attention
 
         cpu_attention.available()   # build (or load) the C++ decode kernel now, not at the first token
+    if device == "cpu" and torch_dtype == torch.float32:
+        from hybridserve.kernels import cpu_ops
+
+        cpu_ops.available()         # the C++ norm and rotary, likewise
     if prepack:
         prepack_linears(model)
         # What is left (embedding, norms, conv, A/D) still points into the safetensors file's
