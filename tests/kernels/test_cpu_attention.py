@@ -39,6 +39,8 @@ def exact_fp64(q, k_cache, v_cache, tables, ctx, scale):
     ([5, 300, 17], 12, 4, 80, 1),         # one token per block
     ([70, 2], 3, 1, 128, 32),
     ([40, 9], 4, 2, 20, 8),               # a head size that is not a multiple of 8: the generic loops
+    ([600, 130], 9, 3, 64, 16),           # SmolLM2's heads, past the 16-lane path's prefetch distance
+    ([40, 3], 9, 1, 16, 16),              # 9 query heads per kv head: past the 16-lane path, 8 lanes
 ])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_matches_the_reference(lens, Hq, Hkv, Dh, page, threads):
@@ -56,6 +58,20 @@ def test_matches_the_reference(lens, Hq, Hkv, Dh, page, threads):
             assert ours <= max(2 * theirs, 2e-6), (ours, theirs)
     finally:
         torch.set_num_threads(before)
+
+
+@needs_kernel
+def test_the_16_lane_and_8_lane_decode_paths_agree_where_both_apply():
+    mod = cpu_attention._load()
+    assert mod.decode16_supported(64, 4) and mod.decode16_supported(256, 8)
+    assert not mod.decode16_supported(24, 1) and not mod.decode16_supported(64, 9)
+    assert not mod.decode16_supported(272, 1)
+    q, k, v, tables, ctx = paged([333, 1, 47], 8, 2, 64, 16, torch.float32, "cpu", seed=5)
+    args = (q, k, v, tables.int(), ctx.int(), 0.125)
+    torch.testing.assert_close(mod.paged_decode16(*args), mod.paged_decode(*args), rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="not a multiple of 16|query heads per kv head"):
+        mod.paged_decode16(q[..., :24].contiguous(), k[..., :24].contiguous(), v[..., :24].contiguous(),
+                           *args[3:])
 
 
 @needs_kernel
