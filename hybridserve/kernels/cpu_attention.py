@@ -141,40 +141,66 @@ template <int NV> static void pick(int64_t D, scores_fn* sf, values_fn* vf) {
   }
 }
 
-torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                           torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
+// What both decode entries check and derive from their arguments (the tensors kept alive here).
+struct DecodeSetup {
+  torch::Tensor out, tables, lens;
+  int64_t B, Hq, D, BS, Hkv, G, bt_stride, tok_stride, blk_stride;
+  const float *qp, *kp, *vp;
+  const int32_t *bt, *cl;
+  float* op;
+  float sc;
+};
+
+static DecodeSetup decode_setup(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                                const torch::Tensor& block_tables, const torch::Tensor& context_lens, double scale) {
   TORCH_CHECK(q.dtype() == torch::kFloat32 && k_cache.dtype() == torch::kFloat32 &&
               v_cache.dtype() == torch::kFloat32, "paged_decode: fp32 only");
   TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
               "paged_decode: contiguous tensors only");
   TORCH_CHECK(block_tables.dtype() == torch::kInt32 && context_lens.dtype() == torch::kInt32,
               "paged_decode: int32 block tables and lengths");
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
-  const int64_t BS = k_cache.size(1), Hkv = k_cache.size(2);
-  TORCH_CHECK(Hq % Hkv == 0 && k_cache.size(3) == D, "paged_decode: shapes do not agree");
-  const int64_t G = Hq / Hkv;
-  auto out = torch::empty_like(q);
-  auto tables = block_tables.contiguous();
-  auto lens = context_lens.contiguous();
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
-  const int32_t* bt = tables.data_ptr<int32_t>();
-  const int32_t* cl = lens.data_ptr<int32_t>();
-  float* op = out.data_ptr<float>();
-  const int64_t bt_stride = tables.size(1), tok_stride = Hkv * D, blk_stride = BS * Hkv * D;
-  const float sc = static_cast<float>(scale);
+  DecodeSetup c;
+  c.B = q.size(0); c.Hq = q.size(1); c.D = q.size(2);
+  c.BS = k_cache.size(1); c.Hkv = k_cache.size(2);
+  TORCH_CHECK(c.Hq % c.Hkv == 0 && k_cache.size(3) == c.D, "paged_decode: shapes do not agree");
+  c.G = c.Hq / c.Hkv;
+  c.out = torch::empty_like(q);
+  c.tables = block_tables.contiguous();
+  c.lens = context_lens.contiguous();
+  c.qp = q.data_ptr<float>(); c.kp = k_cache.data_ptr<float>(); c.vp = v_cache.data_ptr<float>();
+  c.bt = c.tables.data_ptr<int32_t>(); c.cl = c.lens.data_ptr<int32_t>();
+  c.op = c.out.data_ptr<float>();
+  c.bt_stride = c.tables.size(1); c.tok_stride = c.Hkv * c.D; c.blk_stride = c.BS * c.Hkv * c.D;
+  c.sc = static_cast<float>(scale);
+  return c;
+}
+
+// Work items: a sequence's kv heads [g0, g1), split into head ranges only when there are fewer
+// sequences than threads; `parts` ranges of `per` kv heads each
+static void decode_parts(const DecodeSetup& c, int64_t* parts, int64_t* per) {
+  const int64_t threads = at::get_num_threads();
+  *parts = std::min<int64_t>(c.Hkv, (threads + c.B - 1) / std::max<int64_t>(c.B, 1));
+  *per = (c.Hkv + *parts - 1) / *parts;
+}
+
+torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                           torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
+  const DecodeSetup c = decode_setup(q, k_cache, v_cache, block_tables, context_lens, scale);
+  const int64_t Hq = c.Hq, D = c.D, BS = c.BS, Hkv = c.Hkv, G = c.G;
+  const int64_t bt_stride = c.bt_stride, tok_stride = c.tok_stride, blk_stride = c.blk_stride;
+  const float *qp = c.qp, *kp = c.kp, *vp = c.vp;
+  const int32_t *bt = c.bt, *cl = c.cl;
+  float* op = c.op;
+  const float sc = c.sc;
   scores_fn fixed_scores = nullptr;
   values_fn fixed_values = nullptr;
   pick<32>(D, &fixed_scores, &fixed_values);           // D = 8, 16, ..., 256
 
-  // A work item is one sequence's kv heads [g0, g1) with their query heads: it reads each
-  // token's K/V for those heads as one contiguous run, block after block. Sequences are split
-  // into head ranges only when there are fewer of them than threads.
-  const int64_t threads = at::get_num_threads();
-  const int64_t parts = std::min<int64_t>(Hkv, (threads + B - 1) / std::max<int64_t>(B, 1));
-  const int64_t per = (Hkv + parts - 1) / parts;
-  at::parallel_for(0, B * parts, 1, [&](int64_t begin, int64_t end) {
+  // A work item (decode_parts) reads each token's K/V for its kv heads as one contiguous run,
+  // block after block.
+  int64_t parts, per;
+  decode_parts(c, &parts, &per);
+  at::parallel_for(0, c.B * parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qs(Hq * D), acc(Hq * D), m(Hq), l(Hq), s(BS * Hq), mm(BS * Hq);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / parts, g0 = (i % parts) * per, g1 = std::min(Hkv, g0 + per);
@@ -253,7 +279,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
       }
     }
   });
-  return out;
+  return c.out;
 }
 
 // ---- prefill: causal attention of the last T positions of a context, K/V contiguous per kv head
@@ -592,49 +618,38 @@ bool decode16_supported(int64_t D, int64_t G) { return pick_item16<16>(D, G) != 
 // same contract as paged_decode; head size a multiple of 16 up to 256
 torch::Tensor paged_decode16(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                              torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
-  TORCH_CHECK(q.dtype() == torch::kFloat32 && k_cache.dtype() == torch::kFloat32 &&
-              v_cache.dtype() == torch::kFloat32, "paged_decode16: fp32 only");
-  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
-              "paged_decode16: contiguous tensors only");
-  TORCH_CHECK(block_tables.dtype() == torch::kInt32 && context_lens.dtype() == torch::kInt32,
-              "paged_decode16: int32 block tables and lengths");
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
-  const int64_t BS = k_cache.size(1), Hkv = k_cache.size(2);
-  TORCH_CHECK(Hq % Hkv == 0 && k_cache.size(3) == D, "paged_decode16: shapes do not agree");
-  const int64_t G = Hq / Hkv;
-  const item16_fn item = pick_item16<16>(D, G);
-  TORCH_CHECK(item != nullptr, "paged_decode16: head size ", D, " with ", G, " query heads per kv head (a ",
+  const DecodeSetup c = decode_setup(q, k_cache, v_cache, block_tables, context_lens, scale);
+  const item16_fn item = pick_item16<16>(c.D, c.G);
+  TORCH_CHECK(item != nullptr, "paged_decode16: head size ", c.D, " with ", c.G, " query heads per kv head (a ",
               "multiple of 16 up to 256, and up to ", MAX_G16, ")");
-  auto out = torch::empty_like(q);
-  auto tables = block_tables.contiguous();
-  auto lens = context_lens.contiguous();
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
-  const int32_t* bt = tables.data_ptr<int32_t>();
-  const int32_t* cl = lens.data_ptr<int32_t>();
-  float* op = out.data_ptr<float>();
-  const int64_t bt_stride = tables.size(1), tok_stride = Hkv * D, blk_stride = BS * Hkv * D;
-  const float sc = static_cast<float>(scale);
-  const int64_t threads = at::get_num_threads();
-  const int64_t parts = std::min<int64_t>(Hkv, (threads + B - 1) / std::max<int64_t>(B, 1));
-  const int64_t per = (Hkv + parts - 1) / parts;
-  at::parallel_for(0, B * parts, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(Hq * D), m(Hq), l(Hq), part((MAX_G16 + 1) * 256);
+  int64_t parts, per;
+  decode_parts(c, &parts, &per);
+  at::parallel_for(0, c.B * parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(c.Hq * c.D), m(c.Hq), l(c.Hq), part((MAX_G16 + 1) * 256);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / parts, g0 = (i % parts) * per, g1 = std::min(Hkv, g0 + per);
+      const int64_t b = i / parts, g0 = (i % parts) * per, g1 = std::min(c.Hkv, g0 + per);
       if (g0 >= g1) continue;
-      item(qp + (b * Hq + g0 * G) * D, sc, g1 - g0, cl[b], bt + b * bt_stride,
-           kp + g0 * D, vp + g0 * D, BS, tok_stride, blk_stride, acc.data(), m.data(), l.data(),
-           part.data(), op + (b * Hq + g0 * G) * D);
+      item(c.qp + (b * c.Hq + g0 * c.G) * c.D, c.sc, g1 - g0, c.cl[b], c.bt + b * c.bt_stride,
+           c.kp + g0 * c.D, c.vp + g0 * c.D, c.BS, c.tok_stride, c.blk_stride, acc.data(), m.data(), l.data(),
+           part.data(), c.op + (b * c.Hq + g0 * c.G) * c.D);
     }
   });
-  return out;
+  return c.out;
+}
+
+// one decode entry for Python: the 16-lane path where it applies, else the 8-lane one
+torch::Tensor paged_decode_any(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                               torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
+  const int64_t G = k_cache.dim() == 4 && k_cache.size(2) > 0 ? q.size(1) / k_cache.size(2) : 0;
+  if (q.dim() == 3 && decode16_supported(q.size(2), G))
+    return paged_decode16(q, k_cache, v_cache, block_tables, context_lens, scale);
+  return paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale);
 }
 """
 
 _KERNEL = CppKernel("hybridserve_cpu_attention", _SOURCE,
-                    ["paged_decode", "paged_decode16", "decode16_supported", "prefill_attention", "prefill_supported"], "CPU attention kernel")
+                    ["paged_decode", "paged_decode16", "paged_decode_any", "decode16_supported", "prefill_attention",
+                     "prefill_supported"], "CPU attention kernel")
 
 
 def _load():
@@ -655,9 +670,8 @@ def paged_attention_decode_cpu(q, k_cache, v_cache, block_tables, context_lens, 
     mod = _load()
     if mod is None:
         raise RuntimeError(f"the CPU attention kernel is unavailable ({why_unavailable()})")
-    fn = mod.paged_decode16 if mod.decode16_supported(q.shape[-1], q.shape[1] // k_cache.shape[2]) else mod.paged_decode
-    return fn(q.contiguous(), k_cache, v_cache, block_tables.to(torch.int32), context_lens.to(torch.int32),
-              float(scale))
+    return mod.paged_decode_any(q.contiguous(), k_cache, v_cache, block_tables.to(torch.int32),
+                                context_lens.to(torch.int32), float(scale))
 
 
 def prefill_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
