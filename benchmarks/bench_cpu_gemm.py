@@ -9,21 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-
 import torch
+from bench_cpu_attention import timed as best   # best of n runs, after one warm-up
 
 from hybridserve.kernels import cpu_gemm
-
-
-def best(fn, n: int) -> float:
-    fn()
-    out = float("inf")
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        out = min(out, time.perf_counter() - t0)
-    return out
 
 
 def main() -> None:
