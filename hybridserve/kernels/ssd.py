@@ -190,8 +190,12 @@ def _scan_cpu(x, dt, A, B, C, state):
     `cpu_chunk_size()` with dt = 0, which is exact: a padded step neither decays the state
     nor adds to it. Each term is then one batched product over every chunk (and head)
     instead of one per chunk; only the state passing, a [G, R, P, N] multiply-add per
-    chunk, stays a loop. Within a chunk it takes fewer passes over the [G, R, l, l] decays:
-    a decay is exp of a difference of the chunk's running sum of dt * A (as mamba-ssm's
+    chunk written straight into the states entering the next, stays a loop. Everything
+    inside runs head-major ([chunk, G, R, l, ...]) so every product is a plain batched GEMM
+    on contiguous operands: x is transposed once (with dt multiplied in), to_end and
+    exp(cum) are folded into per-head copies of B and C, and only y is transposed back
+    (one thread, T = 2048, 16 heads, P = N = 64: 30 -> 26 ms against the einsum form).
+    Within a chunk it takes fewer passes over the [G, R, l, l] decays: a decay is exp of a difference of the chunk's running sum of dt * A (as mamba-ssm's
     kernels take it) rather than of a segment summed on its own, so there is no cumsum over
     [l, l]; dt multiplies x once instead of every weight; the masking, exp and the product
     with C.B happen in place. The difference costs at most ~|cum| * 6e-8 in each exponent
@@ -205,25 +209,28 @@ def _scan_cpu(x, dt, A, B, C, state):
         x, dt = F.pad(x, (0, 0, 0, 0, 0, 0, 0, pad)), F.pad(dt, (0, 0, 0, 0, 0, pad))
         B, C = F.pad(B, (0, 0, 0, 0, 0, pad)), F.pad(C, (0, 0, 0, 0, 0, pad))
     N = B.shape[-1]
-    x, dt = x.view(nc, l, G, R, P), dt.view(nc, l, G, R)
-    B, C = B.view(nc, l, G, N), C.view(nc, l, G, N)
-    cum = (dt * A).cumsum(1)  # [nc, l, G, R]
-    c = cum.permute(0, 2, 3, 1)  # [nc, G, R, l]
-    decay = c[..., :, None] - c[..., None, :]  # [nc, G, R, t, s]
+    dth = dt.view(nc, l, G, R).permute(0, 2, 3, 1)  # [nc, G, R, l]
+    cum = (dth * A[..., None]).cumsum(-1).contiguous()  # [nc, G, R, l]
+    Bh = B.view(nc, l, G, N).transpose(1, 2)  # [nc, G, l, N]
+    Ch = C.view(nc, l, G, N).transpose(1, 2)
+    xdt = torch.empty(nc, G, R, l, P, dtype=x.dtype, device=x.device)
+    torch.mul(x.view(nc, l, G, R, P).permute(0, 2, 3, 1, 4), dth[..., None], out=xdt)
+    decay = cum[..., :, None] - cum[..., None, :]  # [nc, G, R, t, s]
     decay.masked_fill_(_upper_mask(l, x.device), float("-inf")).exp_()
-    decay.mul_(torch.einsum("ctgn,csgn->cgts", C, B)[:, :, None])
-    xdt = x * dt[..., None]  # [nc, l, G, R, P]
-    y = torch.einsum("cgrts,csgrp->ctgrp", decay, xdt)
-    # each chunk's own contribution to the state at its end, then the states entering each chunk
-    to_end = torch.exp(cum[:, -1:] - cum)  # [nc, l, G, R]
-    local = torch.einsum("ctgrp,ctgn->cgrpn", xdt * to_end[..., None], B)  # [nc, G, R, P, N]
-    through = torch.exp(cum[:, -1])[..., None, None]  # [nc, G, R, 1, 1]
-    entering = torch.empty(nc, G, R, P, N, dtype=state.dtype, device=state.device)
+    decay.mul_(torch.matmul(Ch, Bh.transpose(-1, -2))[:, :, None])
+    y = torch.matmul(decay, xdt)  # [nc, G, R, l, P]
+    Bs = Bh[:, :, None] * torch.exp(cum[..., -1:] - cum)[..., None]  # [nc, G, R, l, N]
+    local = torch.matmul(xdt.transpose(-1, -2), Bs)  # [nc, G, R, P, N]
+    through = torch.exp(cum[..., -1])[..., None, None]  # [nc, G, R, 1, 1]
+    entering = torch.empty(nc + 1, G, R, P, N, dtype=state.dtype, device=state.device)
+    entering[0] = state
     for i in range(nc):
-        entering[i] = state
-        state = torch.addcmul(local[i], state, through[i])
-    y += torch.einsum("ctgn,cgrpn->ctgrp", C, entering) * torch.exp(cum)[..., None]
-    return y.reshape(nc * l, G, R, P)[:L], state
+        torch.addcmul(local[i], entering[i], through[i], out=entering[i + 1])
+    f = nc * G * R
+    Cs = torch.empty(nc, G, R, l, N, dtype=x.dtype, device=x.device)
+    torch.mul(Ch[:, :, None], torch.exp(cum)[..., None], out=Cs)
+    torch.baddbmm(y.view(f, l, P), Cs.view(f, l, N), entering[:nc].view(f, P, N).transpose(1, 2), out=y.view(f, l, P))
+    return y.permute(0, 3, 1, 2, 4).reshape(nc * l, G, R, P)[:L], entering[nc]
 
 
 _MASKS: dict[tuple[int, str], torch.Tensor] = {}
