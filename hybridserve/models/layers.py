@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridserve.kernels import cpu_ops
+from hybridserve.kernels import cpu_mamba, cpu_ops
 from hybridserve.kernels import dispatch as K
 from hybridserve.models.args import ModelArgs, RopeArgs
 from hybridserve.models.batch import ForwardBatch
@@ -127,22 +127,34 @@ class MambaMixer(nn.Module):
     def forward(self, h: torch.Tensor, batch: ForwardBatch, cache: tuple[torch.Tensor, torch.Tensor]):
         m = self.m
         conv_states, ssm_states = cache  # [slots, conv_dim, d_conv-1], [slots, H, P, N]
-        gate, xbc, dt = self.in_proj(h).split([m.d_inner, m.conv_dim, m.num_heads], dim=-1)
+        zxbcdt = self.in_proj(h)  # [T, d_inner + conv_dim + H]: gate | xBC | dt
         A = -torch.exp(self.A_log.float())
         w = self.conv1d.weight.squeeze(1)  # [conv_dim, d_conv]
         nd, t = batch.num_decodes, h.shape[0]
         ys = []
         if nd:
-            xbc_d = K.causal_conv1d_update(xbc[:nd], conv_states, w, self.conv1d.bias,
-                                           state_indices=batch.state_indices[:nd], activation="silu")
-            x, b, c = self._split_xbc(xbc_d)
-            ys.append(K.selective_state_update(ssm_states, x, dt[:nd], A, b, c, self.D, dt_bias=self.dt_bias,
-                                               dt_softplus=True, state_indices=batch.state_indices[:nd]))
+            ys.append(self._decode(zxbcdt[:nd], A, w, batch, conv_states, ssm_states))
         if t > nd:
-            ys.append(self._prefill(xbc[nd:], dt[nd:], A, w, batch, conv_states, ssm_states))
+            gate, xbc, dt = zxbcdt[nd:].split([m.d_inner, m.conv_dim, m.num_heads], dim=-1)
+            y = self._prefill(xbc, dt, A, w, batch, conv_states, ssm_states)
+            ys.append(K.gated_rms_norm(y.reshape(t - nd, m.d_inner), gate, self.norm.weight, self.norm.eps))
         y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=0)
-        y = K.gated_rms_norm(y.reshape(t, m.d_inner), gate, self.norm.weight, self.norm.eps)
         return self.out_proj(y.to(h.dtype))
+
+    def _decode(self, zxbcdt, A, w, batch: ForwardBatch, conv_states, ssm_states) -> torch.Tensor:
+        """[nd, d_inner]: conv, state update and gated norm of the decode rows (one C++ call on CPU fp32)."""
+        m, nd = self.m, zxbcdt.shape[0]
+        slots = batch.state_indices[:nd]
+        if cpu_mamba.usable(zxbcdt, conv_states, ssm_states):
+            return cpu_mamba.mamba_decode(zxbcdt, conv_states, ssm_states, slots, w, self.conv1d.bias,
+                                          self.dt_bias, A, self.D, self.norm.weight, n_groups=m.n_groups,
+                                          eps=self.norm.eps)
+        gate, xbc, dt = zxbcdt.split([m.d_inner, m.conv_dim, m.num_heads], dim=-1)
+        xbc = K.causal_conv1d_update(xbc, conv_states, w, self.conv1d.bias, state_indices=slots, activation="silu")
+        x, b, c = self._split_xbc(xbc)
+        y = K.selective_state_update(ssm_states, x, dt, A, b, c, self.D, dt_bias=self.dt_bias, dt_softplus=True,
+                                     state_indices=slots)
+        return K.gated_rms_norm(y.reshape(nd, m.d_inner), gate, self.norm.weight, self.norm.eps)
 
     def _prefill(self, xbc, dt, A, w, batch: ForwardBatch, conv_states, ssm_states):
         m, nd = self.m, batch.num_decodes

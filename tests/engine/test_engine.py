@@ -118,16 +118,21 @@ def test_hybrid_decode_rows_come_in_seat_order(make_engine, tokenizer, model_nam
     """A seat freed mid-batch goes to the next request (lowest free seat first), and the decode rows
     reach the Mamba state update in seat order, one run of seats the CPU path updates in place,
     with the same tokens as without company."""
-    from hybridserve.kernels import dispatch
+    from hybridserve.kernels import cpu_mamba, dispatch
 
     seen = []
-    real = dispatch.selective_state_update
+    real_update, real_fused = dispatch.selective_state_update, cpu_mamba.mamba_decode
 
-    def spy(*args, state_indices=None, **kw):
+    def spy_update(*args, state_indices=None, **kw):   # the torch path (and Triton on CUDA)
         seen.append(state_indices.tolist())
-        return real(*args, state_indices=state_indices, **kw)
+        return real_update(*args, state_indices=state_indices, **kw)
 
-    monkeypatch.setattr(dispatch, "selective_state_update", spy)
+    def spy_fused(zxbcdt, conv_states, ssm_states, state_indices, *args, **kw):   # the C++ step on CPU
+        seen.append(state_indices.tolist())
+        return real_fused(zxbcdt, conv_states, ssm_states, state_indices, *args, **kw)
+
+    monkeypatch.setattr(dispatch, "selective_state_update", spy_update)
+    monkeypatch.setattr(cpu_mamba, "mamba_decode", spy_fused)
     engine = make_engine(max_num_seqs=4)
     short, long_ = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), GREEDY
     prompts = _encode(tokenizer, PROMPTS)

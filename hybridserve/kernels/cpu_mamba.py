@@ -1,0 +1,209 @@
+"""One decode step of a Mamba-2 mixer on CPU, between its two linears, as one C++ call.
+
+Contract (`mamba_decode`): for each row b of `zxbcdt` [Bt, d_inner + conv_dim + H] (the
+in_proj output, split as gate z | conv input xBC | dt) with slot i = state_indices[b]:
+
+    xBC' = silu(bias + conv over conv_states[i] ++ xBC)      conv_states[i] shifted in place
+    x, B, C = split(xBC')                                     [H, P], [G, N], [G, N]
+    dt = softplus(dt + dt_bias)                               [H]
+    state[i] = exp(dt * A) * state[i] + dt * x (outer) B      ssm_states[i] in place, [H, P, N]
+    y = state[i] . C + D * x                                  [H, P]
+    out[b] = norm_w * rmsnorm(y * silu(z))                    over all d_inner channels
+
+which is what `causal_conv1d_update`, `selective_state_update` and `gated_rms_norm` do in
+turn (`mamba_decode_ref` calls exactly those). At batch 1 those three refs are ~40 torch ops
+per layer whose dispatch costs far more than their arithmetic (the state is 256 KiB a layer
+for the small hybrid): the six mixers of small-hybrid spent ~1.5 ms of a 7 ms step outside
+their linears at batch 1 and ~7 ms of 18 at batch 8 on one thread. The C++ step reads each
+state once, updates it in place and leaves the gated-norm output ready for out_proj.
+
+On CPU in fp32 (contiguous states, the kernel built) `mamba_decode` calls the extension; in
+every other case, or with HYBRIDSERVE_CPU_KERNELS=0, it runs the reference.
+"""
+from __future__ import annotations
+
+import torch
+
+from hybridserve.kernels._cpp import CppKernel
+from hybridserve.kernels.conv1d import causal_conv1d_update_ref
+from hybridserve.kernels.gated_rmsnorm import gated_rms_norm_ref
+from hybridserve.kernels.state_update import selective_state_update_ref
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+typedef float v16 __attribute__((vector_size(64)));
+static inline v16 load16(const float* p) { v16 r; std::memcpy(&r, p, sizeof r); return r; }
+static inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+static inline float hsum16(v16 v) { float s = 0.0f; for (int j = 0; j < 16; ++j) s += v[j]; return s; }
+static inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
+static inline float softplus(float v) { return v <= 20.0f ? std::log1p(std::exp(v)) : v; }
+
+struct Shapes { int64_t d_inner, Dc, K, H, P, G, N, ld; };
+
+// xc[0:Dc] = silu(bias + taps over the slot's K-1 previous inputs and this one); state shifted in place
+static void conv_step(const float* xin, float* cs, const float* w, const float* bias, float* xc, const Shapes& s) {
+  const int64_t km1 = s.K - 1;
+  for (int64_t c = 0; c < s.Dc; ++c) {
+    const float* wc = w + c * s.K;
+    float* hist = cs + c * km1;
+    float acc = xin[c] * wc[km1];
+    for (int64_t k = 0; k < km1; ++k) acc += hist[k] * wc[k];
+    if (bias) acc += bias[c];
+    for (int64_t k = 0; k + 1 < km1; ++k) hist[k] = hist[k + 1];
+    if (km1 > 0) hist[km1 - 1] = xin[c];
+    xc[c] = silu(acc);
+  }
+}
+
+// one head's [P, N] state: decay, add dt*x (outer) B, y[p] = state[p] . C + D x[p]
+static void head_step(float* st, const float* x, const float* B, const float* C, float dt, float decay,
+                      float d, float* y, const Shapes& s) {
+  for (int64_t p = 0; p < s.P; ++p) {
+    float* row = st + p * s.N;
+    const float dx = dt * x[p];
+    v16 acc = v16{};
+    int64_t n = 0;
+    for (; n + 16 <= s.N; n += 16) {
+      const v16 v = load16(row + n) * decay + dx * load16(B + n);
+      store16(row + n, v);
+      acc += v * load16(C + n);
+    }
+    float yp = hsum16(acc);
+    for (; n < s.N; ++n) {
+      const float v = row[n] * decay + dx * B[n];
+      row[n] = v;
+      yp += v * C[n];
+    }
+    y[p] = yp + d * x[p];
+  }
+}
+
+// out[0:d_inner] = w * rmsnorm(y * silu(z)), y held in out on entry
+static void gated_norm(float* out, const float* z, const float* w, double eps, int64_t n) {
+  float ss = 0.0f;
+  for (int64_t i = 0; i < n; ++i) { out[i] *= silu(z[i]); ss += out[i] * out[i]; }
+  const float rstd = 1.0f / std::sqrt(ss / (float)n + (float)eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = (out[i] * rstd) * w[i];
+}
+
+torch::Tensor mamba_decode(torch::Tensor zxbcdt, torch::Tensor conv_states, torch::Tensor ssm_states,
+                           torch::Tensor slots, torch::Tensor conv_w, torch::Tensor conv_b,
+                           torch::Tensor dt_bias, torch::Tensor A, torch::Tensor D, torch::Tensor norm_w,
+                           int64_t d_inner, int64_t n_groups, double eps) {
+  for (auto* t : {&conv_states, &ssm_states, &conv_w, &dt_bias, &A, &D, &norm_w})
+    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous(),
+                "mamba_decode: states and parameters must be contiguous fp32");
+  TORCH_CHECK(zxbcdt.dim() == 2 && zxbcdt.scalar_type() == torch::kFloat32 && zxbcdt.stride(1) == 1,
+              "mamba_decode: zxbcdt must be [Bt, d_inner + conv_dim + H] fp32 with contiguous rows");
+  TORCH_CHECK(ssm_states.dim() == 4 && conv_states.dim() == 3 && conv_w.dim() == 2,
+              "mamba_decode: ssm_states [slots, H, P, N], conv_states [slots, Dc, K-1], conv_w [Dc, K]");
+  TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.dim() == 1 && slots.size(0) == zxbcdt.size(0),
+              "mamba_decode: slots must be [Bt] int64");
+  Shapes s{d_inner, conv_w.size(0), conv_w.size(1), ssm_states.size(1), ssm_states.size(2), n_groups,
+           ssm_states.size(3), zxbcdt.stride(0)};
+  TORCH_CHECK(s.H * s.P == d_inner && s.Dc == d_inner + 2 * s.G * s.N && s.G > 0 && s.H % s.G == 0,
+              "mamba_decode: d_inner, groups and state shapes disagree");
+  TORCH_CHECK(zxbcdt.size(1) == d_inner + s.Dc + s.H && conv_states.size(1) == s.Dc &&
+              conv_states.size(2) == s.K - 1 && norm_w.numel() == d_inner && A.numel() == s.H &&
+              D.numel() == s.H && dt_bias.numel() == s.H,
+              "mamba_decode: zxbcdt, conv state or parameter sizes disagree with the layer");
+  const bool has_bias = conv_b.numel() > 0;
+  TORCH_CHECK(!has_bias || (conv_b.scalar_type() == torch::kFloat32 && conv_b.is_contiguous() &&
+              conv_b.numel() == s.Dc), "mamba_decode: conv bias must be [Dc] fp32");
+  const int64_t Bt = zxbcdt.size(0), num_slots = ssm_states.size(0);
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  for (int64_t b = 0; b < Bt; ++b)
+    TORCH_CHECK(sl[b] >= 0 && sl[b] < num_slots && sl[b] < conv_states.size(0), "mamba_decode: slot out of range");
+  auto out = torch::empty({Bt, d_inner}, zxbcdt.options());
+  const float* zp = zxbcdt.data_ptr<float>();
+  float* csp = conv_states.data_ptr<float>();
+  float* ssp = ssm_states.data_ptr<float>();
+  const float* wp = conv_w.data_ptr<float>();
+  const float* bp = has_bias ? conv_b.data_ptr<float>() : nullptr;
+  const float *dtb = dt_bias.data_ptr<float>(), *Ap = A.data_ptr<float>(), *Dp = D.data_ptr<float>();
+  const float* nw = norm_w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t heads_per_group = s.H / s.G, state_size = s.H * s.P * s.N;
+  at::parallel_for(0, Bt, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> xc(s.Dc);
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* row = zp + b * s.ld;
+      const float *z = row, *dt_raw = row + d_inner + s.Dc;
+      conv_step(row + d_inner, csp + sl[b] * s.Dc * (s.K - 1), wp, bp, xc.data(), s);
+      float* y = op + b * d_inner;
+      float* st = ssp + sl[b] * state_size;
+      for (int64_t h = 0; h < s.H; ++h) {
+        const int64_t g = h / heads_per_group;
+        const float dt = softplus(dt_raw[h] + dtb[h]);
+        const float* B = xc.data() + d_inner + g * s.N;
+        const float* C = xc.data() + d_inner + s.G * s.N + g * s.N;
+        head_step(st + h * s.P * s.N, xc.data() + h * s.P, B, C, dt, std::exp(dt * Ap[h]), Dp[h], y + h * s.P, s);
+      }
+      gated_norm(y, z, nw, eps, d_inner);
+    }
+  });
+  return out;
+}
+"""
+
+_KERNEL = CppKernel("hybridserve_cpu_mamba", _SOURCE, ["mamba_decode"], "CPU Mamba decode kernel")
+
+
+def available() -> bool:
+    return _KERNEL.available()
+
+
+def usable(zxbcdt: torch.Tensor, conv_states: torch.Tensor, ssm_states: torch.Tensor) -> bool:
+    """Whether `mamba_decode` takes the C++ path for these tensors."""
+    return (zxbcdt.device.type == "cpu" and zxbcdt.dim() == 2 and zxbcdt.stride(-1) == 1
+            and all(t.dtype == torch.float32 for t in (zxbcdt, conv_states, ssm_states))
+            and conv_states.is_contiguous() and ssm_states.is_contiguous() and _KERNEL.module() is not None)
+
+
+def mamba_decode(
+    zxbcdt: torch.Tensor,  # [Bt, d_inner + conv_dim + H] in_proj output: gate | xBC | dt
+    conv_states: torch.Tensor,  # [num_slots, conv_dim, K-1], shifted in place
+    ssm_states: torch.Tensor,  # [num_slots, H, P, N], updated in place
+    state_indices: torch.Tensor,  # [Bt] int64
+    conv_weight: torch.Tensor,  # [conv_dim, K]
+    conv_bias: torch.Tensor | None,  # [conv_dim]
+    dt_bias: torch.Tensor,  # [H]
+    A: torch.Tensor,  # [H] (negative: -exp(A_log))
+    D: torch.Tensor,  # [H]
+    norm_weight: torch.Tensor,  # [d_inner]
+    *,
+    n_groups: int,
+    eps: float,
+) -> torch.Tensor:
+    """Conv, state update and gated norm of one decode token per row; returns [Bt, d_inner]."""
+    d_inner = norm_weight.shape[0]
+    if usable(zxbcdt, conv_states, ssm_states) and all(
+            t.dtype == torch.float32 for t in (conv_weight, dt_bias, A, D, norm_weight)):
+        bias = conv_bias if conv_bias is not None else torch.empty(0)
+        return _KERNEL.module().mamba_decode(
+            zxbcdt, conv_states, ssm_states, state_indices.to(torch.int64), conv_weight.contiguous(),
+            bias.contiguous(), dt_bias.contiguous(), A.contiguous(), D.contiguous(), norm_weight.contiguous(),
+            d_inner, n_groups, float(eps))
+    return mamba_decode_ref(zxbcdt, conv_states, ssm_states, state_indices, conv_weight, conv_bias, dt_bias,
+                            A, D, norm_weight, n_groups=n_groups, eps=eps)
+
+
+def mamba_decode_ref(zxbcdt, conv_states, ssm_states, state_indices, conv_weight, conv_bias, dt_bias, A, D,
+                     norm_weight, *, n_groups: int, eps: float) -> torch.Tensor:
+    """Torch reference of `mamba_decode`: the three decode refs in turn."""
+    Bt = zxbcdt.shape[0]
+    H, P, N = ssm_states.shape[1:]
+    d_inner, conv_dim = H * P, conv_states.shape[1]
+    gate, xbc, dt = zxbcdt.split([d_inner, conv_dim, H], dim=-1)
+    xbc = causal_conv1d_update_ref(xbc, conv_states, conv_weight, conv_bias, state_indices=state_indices,
+                                   activation="silu")
+    x, b, c = xbc.split([d_inner, n_groups * N, n_groups * N], dim=-1)
+    y = selective_state_update_ref(ssm_states, x.reshape(Bt, H, P), dt, A, b.reshape(Bt, n_groups, N),
+                                   c.reshape(Bt, n_groups, N), D, dt_bias=dt_bias, dt_softplus=True,
+                                   state_indices=state_indices)
+    return gated_rms_norm_ref(y.reshape(Bt, d_inner), gate, norm_weight, eps)
