@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hybridserve.kernels import cpu_mamba
 from hybridserve.kernels._backend import lazy_jit, next_pow2, tl, triton, use_triton
 
 ACTIVATIONS = (None, "silu", "swish")
@@ -38,6 +39,8 @@ def causal_conv1d(
     )
     if use_triton(x):
         return causal_conv1d_triton(x, weight, bias, **kwargs)
+    if cpu_mamba.causal_conv1d_usable(x, weight, conv_states):
+        return cpu_mamba.causal_conv1d_cpu(x, weight, bias, **kwargs)
     return causal_conv1d_ref(x, weight, bias, **kwargs)
 
 

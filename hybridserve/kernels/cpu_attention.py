@@ -36,7 +36,7 @@ import os
 
 import torch
 
-from hybridserve.kernels._cpp import CppKernel
+from hybridserve.kernels._cpp import EXP_NEG_CPP, CppKernel
 
 
 _SOURCE = r"""
@@ -48,35 +48,7 @@ _SOURCE = r"""
 #include <limits>
 #include <vector>
 
-// exp for x <= 0 (scores minus their running max), as plain arithmetic so that the loops
-// around it vectorize: 2^n * e^r with n = round(x / ln 2), |r| <= ln 2 / 2 (ln 2 split in
-// two for an exact r), e^r by a degree-6 Taylor polynomial (relative error ~2e-7, about
-// 2 ulp); below -87 it returns 0, where expf underflows anyway.
-// e^r for |r| <= ln 2 / 2, the Taylor polynomial by Horner (a float or a vector of them)
-template <class T> static inline T exp_taylor6(T r) {
-  T p = r * 0.0f + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  return p;
-}
-
-static inline float exp_neg(float x) {
-  x = std::max(x, -87.0f);
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
-  const float p = exp_taylor6(r);
-  int32_t bits;
-  std::memcpy(&bits, &p, sizeof bits);
-  bits += static_cast<int32_t>(n) << 23;
-  float out;
-  std::memcpy(&out, &bits, sizeof out);
-  return out;
-}
-
+"""+ EXP_NEG_CPP + r"""
 // Head sizes that are a multiple of 8 up to 256 take these: the head's accumulators live in
 // vector registers across a block's tokens (GCC/Clang vector extensions: AVX on x86, NEON
 // pairs on ARM), and the G query heads that share a kv head are scored off one load of K.

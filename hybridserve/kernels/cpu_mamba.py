@@ -24,23 +24,26 @@ from __future__ import annotations
 
 import torch
 
-from hybridserve.kernels._cpp import CppKernel
-from hybridserve.kernels.conv1d import causal_conv1d_update_ref
-from hybridserve.kernels.gated_rmsnorm import gated_rms_norm_ref
-from hybridserve.kernels.state_update import selective_state_update_ref
+from hybridserve.kernels._cpp import EXP_NEG_CPP, CppKernel
 
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <vector>
-
+""" + EXP_NEG_CPP + r"""
 typedef float v16 __attribute__((vector_size(64)));
 static inline v16 load16(const float* p) { v16 r; std::memcpy(&r, p, sizeof r); return r; }
 static inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
 static inline float hsum16(v16 v) { float s = 0.0f; for (int j = 0; j < 16; ++j) s += v[j]; return s; }
-static inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
+// v * sigmoid(v) from e^-|v| (cannot overflow); plain arithmetic, so loops over it vectorize
+static inline float silu(float v) {
+  const float e = exp_neg(v < 0.0f ? v : -v);
+  return v * (v < 0.0f ? e : 1.0f) / (1.0f + e);
+}
 static inline float softplus(float v) { return v <= 20.0f ? std::log1p(std::exp(v)) : v; }
 
 struct Shapes { int64_t d_inner, Dc, K, H, P, G, N, ld; };
@@ -56,8 +59,9 @@ static void conv_step(const float* xin, float* cs, const float* w, const float* 
     if (bias) acc += bias[c];
     for (int64_t k = 0; k + 1 < km1; ++k) hist[k] = hist[k + 1];
     if (km1 > 0) hist[km1 - 1] = xin[c];
-    xc[c] = silu(acc);
+    xc[c] = acc;
   }
+  for (int64_t c = 0; c < s.Dc; ++c) xc[c] = silu(xc[c]);
 }
 
 // one head's [P, N] state: decay, add dt*x (outer) B, y[p] = state[p] . C + D x[p]
@@ -83,12 +87,19 @@ static void head_step(float* st, const float* x, const float* B, const float* C,
   }
 }
 
-// out[0:d_inner] = w * rmsnorm(y * silu(z)), y held in out on entry
-static void gated_norm(float* out, const float* z, const float* w, double eps, int64_t n) {
-  float ss = 0.0f;
-  for (int64_t i = 0; i < n; ++i) { out[i] *= silu(z[i]); ss += out[i] * out[i]; }
-  const float rstd = 1.0f / std::sqrt(ss / (float)n + (float)eps);
-  for (int64_t i = 0; i < n; ++i) out[i] = (out[i] * rstd) * w[i];
+// out[0:n] = w * rmsnorm(y * silu(z)) over each group of `group` channels (y may be out itself)
+static void gated_norm(float* out, const float* y, const float* z, const float* w, double eps, int64_t n,
+                       int64_t group) {
+  for (int64_t i = 0; i < n; ++i) out[i] = y[i] * silu(z[i]);
+  for (int64_t g0 = 0; g0 < n; g0 += group) {
+    v16 acc = v16{};   // 16 partial sums: a single running sum would be one dependent add per channel
+    int64_t i = g0;
+    for (; i + 16 <= g0 + group; i += 16) { const v16 v = load16(out + i); acc += v * v; }
+    float ss = hsum16(acc);
+    for (; i < g0 + group; ++i) ss += out[i] * out[i];
+    const float rstd = 1.0f / std::sqrt(ss / (float)group + (float)eps);
+    for (int64_t i = g0; i < g0 + group; ++i) out[i] = (out[i] * rstd) * w[i];
+  }
 }
 
 torch::Tensor mamba_decode(torch::Tensor zxbcdt, torch::Tensor conv_states, torch::Tensor ssm_states,
@@ -144,14 +155,91 @@ torch::Tensor mamba_decode(torch::Tensor zxbcdt, torch::Tensor conv_states, torc
         const float* C = xc.data() + d_inner + s.G * s.N + g * s.N;
         head_step(st + h * s.P * s.N, xc.data() + h * s.P, B, C, dt, std::exp(dt * Ap[h]), Dp[h], y + h * s.P, s);
       }
-      gated_norm(y, z, nw, eps, d_inner);
+      gated_norm(y, y, z, nw, eps, d_inner, d_inner);
     }
   });
   return out;
 }
+
+// out [T, D] = w * rmsnorm(y * silu(z)) per row and group of channels; y, z rows contiguous, any row stride
+torch::Tensor gated_rms_norm(torch::Tensor y, torch::Tensor z, torch::Tensor w, double eps, int64_t group) {
+  TORCH_CHECK(y.dim() == 2 && z.dim() == 2 && y.sizes() == z.sizes() && y.stride(1) == 1 && z.stride(1) == 1 &&
+              y.scalar_type() == torch::kFloat32 && z.scalar_type() == torch::kFloat32,
+              "gated_rms_norm: y and z must be [T, D] fp32 with contiguous rows");
+  const int64_t T = y.size(0), D = y.size(1);
+  TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.is_contiguous() && w.numel() == D && group > 0 &&
+              D % group == 0, "gated_rms_norm: weight must be [D] fp32 and the group must divide D");
+  auto out = torch::empty({T, D}, y.options());
+  const float *yp = y.data_ptr<float>(), *zp = z.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t ly = y.stride(0), lz = z.stride(0);
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) gated_norm(op + t * D, yp + t * ly, zp + t * lz, wp, eps, D, group);
+  });
+  return out;
+}
+
+// Causal depthwise conv over packed sequences (prefill): out[t] = act(bias + sum_k w[:, k] x[t-K+1+k]),
+// inputs before a sequence's first token from its slot's conv state (or zeros); the state is then
+// set to the sequence's last K-1 inputs (older state columns where the sequence is shorter).
+torch::Tensor causal_conv1d(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::Tensor conv_states,
+                            torch::Tensor cu, torch::Tensor slots, torch::Tensor has_init, bool act) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.stride(1) == 1,
+              "causal_conv1d: x must be [T, Dc] fp32 with contiguous rows");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat32 && w.size(0) == x.size(1),
+              "causal_conv1d: weight must be [Dc, K] fp32");
+  TORCH_CHECK(conv_states.dim() == 3 && conv_states.is_contiguous() && conv_states.scalar_type() == torch::kFloat32 &&
+              conv_states.size(1) == x.size(1) && conv_states.size(2) == w.size(1) - 1,
+              "causal_conv1d: conv_states must be contiguous fp32 [slots, Dc, K-1]");
+  TORCH_CHECK(cu.scalar_type() == torch::kInt64 && slots.scalar_type() == torch::kInt64 &&
+              has_init.scalar_type() == torch::kBool && cu.numel() == slots.numel() + 1 &&
+              has_init.numel() == slots.numel() && cu.is_contiguous() && slots.is_contiguous() &&
+              has_init.is_contiguous(), "causal_conv1d: cu_seqlens [S+1], slots [S] int64, has_initial_state [S] bool");
+  const int64_t T = x.size(0), Dc = x.size(1), K = w.size(1), km1 = K - 1, S = slots.numel(), ld = x.stride(0);
+  const bool has_bias = bias.numel() > 0;
+  TORCH_CHECK(!has_bias || (bias.scalar_type() == torch::kFloat32 && bias.is_contiguous() && bias.numel() == Dc),
+              "causal_conv1d: bias must be [Dc] fp32");
+  const int64_t *cp = cu.data_ptr<int64_t>(), *sp = slots.data_ptr<int64_t>();
+  const bool* hp = has_init.data_ptr<bool>();
+  TORCH_CHECK(cp[0] == 0 && cp[S] == T, "causal_conv1d: cu_seqlens must run from 0 to T");
+  for (int64_t i = 0; i < S; ++i)
+    TORCH_CHECK(cp[i] <= cp[i + 1] && sp[i] >= 0 && sp[i] < conv_states.size(0), "causal_conv1d: bad cu_seqlens or slot");
+  auto wt = w.t().contiguous();  // [K, Dc]: tap k of every channel in one row
+  auto out = torch::empty({T, Dc}, x.options());
+  const float *xp = x.data_ptr<float>(), *wp = wt.data_ptr<float>(), *bp = has_bias ? bias.data_ptr<float>() : nullptr;
+  float *op = out.data_ptr<float>(), *csp = conv_states.data_ptr<float>();
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t start = cp[s], L = cp[s + 1] - start;
+    float* st = csp + sp[s] * Dc * km1;
+    std::vector<float> prev(km1 * Dc, 0.0f);  // [K-1, Dc]: the inputs before the sequence
+    if (hp[s])
+      for (int64_t c = 0; c < Dc; ++c)
+        for (int64_t j = 0; j < km1; ++j) prev[j * Dc + c] = st[c * km1 + j];
+    // input row i of (prev ++ sequence), i in [0, K-1+L)
+    auto row = [&](int64_t i) { return i < km1 ? prev.data() + i * Dc : xp + (start + i - km1) * ld; };
+    at::parallel_for(0, L, 64, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        float* o = op + (start + t) * Dc;
+        if (bp) std::memcpy(o, bp, Dc * sizeof(float)); else std::fill(o, o + Dc, 0.0f);
+        for (int64_t k = 0; k < K; ++k) {
+          const float* in = row(t + k);
+          const float* wk = wp + k * Dc;
+          for (int64_t c = 0; c < Dc; ++c) o[c] += wk[c] * in[c];
+        }
+        if (act) for (int64_t c = 0; c < Dc; ++c) o[c] = silu(o[c]);
+      }
+    });
+    for (int64_t j = 0; j < km1; ++j) {  // new state column j: input row L + j of (prev ++ sequence)
+      const float* in = row(L + j);
+      for (int64_t c = 0; c < Dc; ++c) st[c * km1 + j] = in[c];
+    }
+  }
+  return out;
+}
 """
 
-_KERNEL = CppKernel("hybridserve_cpu_mamba", _SOURCE, ["mamba_decode"], "CPU Mamba decode kernel")
+_KERNEL = CppKernel("hybridserve_cpu_mamba", _SOURCE, ["mamba_decode", "gated_rms_norm", "causal_conv1d"],
+                    "CPU Mamba kernels")
 
 
 def available() -> bool:
@@ -196,6 +284,10 @@ def mamba_decode(
 def mamba_decode_ref(zxbcdt, conv_states, ssm_states, state_indices, conv_weight, conv_bias, dt_bias, A, D,
                      norm_weight, *, n_groups: int, eps: float) -> torch.Tensor:
     """Torch reference of `mamba_decode`: the three decode refs in turn."""
+    from hybridserve.kernels.conv1d import causal_conv1d_update_ref   # they route to this module
+    from hybridserve.kernels.gated_rmsnorm import gated_rms_norm_ref
+    from hybridserve.kernels.state_update import selective_state_update_ref
+
     Bt = zxbcdt.shape[0]
     H, P, N = ssm_states.shape[1:]
     d_inner, conv_dim = H * P, conv_states.shape[1]
@@ -207,3 +299,31 @@ def mamba_decode_ref(zxbcdt, conv_states, ssm_states, state_indices, conv_weight
                                    c.reshape(Bt, n_groups, N), D, dt_bias=dt_bias, dt_softplus=True,
                                    state_indices=state_indices)
     return gated_rms_norm_ref(y.reshape(Bt, d_inner), gate, norm_weight, eps)
+
+
+def _fp32_cpu(*ts: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in ts) and _KERNEL.module() is not None
+
+
+def gated_rms_norm_usable(x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor) -> bool:
+    return (z is not None and x.dim() == 2 and z.shape == x.shape and x.stride(-1) == 1 and z.stride(-1) == 1
+            and _fp32_cpu(x, z, weight))
+
+
+def gated_rms_norm_cpu(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float,
+                       group_size: int | None) -> torch.Tensor:
+    """`gated_rms_norm` of x, z [T, Dm] (rows contiguous, any row stride) in one C++ pass."""
+    return _KERNEL.module().gated_rms_norm(x, z, weight.contiguous(), float(eps), group_size or x.shape[1])
+
+
+def causal_conv1d_usable(x: torch.Tensor, weight: torch.Tensor, conv_states: torch.Tensor) -> bool:
+    return x.dim() == 2 and x.stride(-1) == 1 and conv_states.is_contiguous() and _fp32_cpu(x, weight, conv_states)
+
+
+def causal_conv1d_cpu(x, weight, bias, *, conv_states, cu_seqlens, state_indices, has_initial_state,
+                      activation) -> torch.Tensor:
+    """`causal_conv1d` over packed sequences in one C++ pass per sequence (x [T, Dc], rows contiguous)."""
+    return _KERNEL.module().causal_conv1d(
+        x, weight.float(), bias.float().contiguous() if bias is not None else torch.empty(0), conv_states,
+        cu_seqlens.to(torch.int64).contiguous(), state_indices.to(torch.int64).contiguous(),
+        has_initial_state.to(torch.bool).contiguous(), activation is not None)

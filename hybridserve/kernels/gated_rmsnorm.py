@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hybridserve.kernels import cpu_mamba
 from hybridserve.kernels._backend import lazy_jit, next_pow2, tl, use_triton
 
 
@@ -26,6 +27,8 @@ def gated_rms_norm(
         raise ValueError(f"group_size={group_size} must divide the channel count {Dm}")
     if use_triton(x):
         return gated_rms_norm_triton(x, z, weight, eps, group_size)
+    if cpu_mamba.gated_rms_norm_usable(x, z, weight):
+        return cpu_mamba.gated_rms_norm_cpu(x, z, weight, eps, group_size)
     return gated_rms_norm_ref(x, z, weight, eps, group_size)
 
 

@@ -93,3 +93,59 @@ def test_other_dtypes_keep_the_reference():
     want = cpu_mamba.mamba_decode_ref(zxbcdt, conv_ref, ssm_ref, torch.tensor([1, 0]), n_groups=G, eps=1e-6,
                                       **params)
     assert got.dtype == torch.float64 and torch.equal(got, want) and torch.equal(ssm, ssm_ref)
+
+
+@needs_ext
+@pytest.mark.parametrize("Dc,K,bias,act", [(40, 4, True, "silu"), (37, 4, False, "silu"), (24, 2, True, None),
+                                           (16, 1, True, "silu")])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prefill_conv_matches_the_reference_over_packed_sequences(Dc, K, bias, act, threads):
+    """Sequences longer and shorter than the conv's history, with and without a previous state,
+    in slots out of order; the states left behind are the ref's, bit for bit."""
+    g = torch.Generator().manual_seed(Dc * K)
+    lens = [70, 1, 2, 130, 3]
+    T = sum(lens)
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int64)
+    slots = torch.tensor([4, 0, 2, 1, 5])
+    has_init = torch.tensor([True, True, False, False, True])
+    wide = torch.randn(T, Dc + 5, generator=g)
+    x = wide[:, 2:2 + Dc]                                   # strided rows
+    w = torch.randn(Dc, K, generator=g) * 0.5
+    b = torch.randn(Dc, generator=g) if bias else None
+    states = torch.randn(6, Dc, K - 1, generator=g)
+    states_ref = states.clone()
+    want = cpu_mamba_ref_conv(x, w, b, states_ref, cu, slots, has_init, act)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cpu_mamba.causal_conv1d_cpu(x, w, b, conv_states=states, cu_seqlens=cu, state_indices=slots,
+                                          has_initial_state=has_init, activation=act)
+    finally:
+        torch.set_num_threads(before)
+    print("max |out - ref|", (got - want).abs().max().item())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(states, states_ref)
+
+
+def cpu_mamba_ref_conv(x, w, b, states, cu, slots, has_init, act):
+    from hybridserve.kernels.conv1d import causal_conv1d_ref
+
+    return causal_conv1d_ref(x, w, b, conv_states=states, cu_seqlens=cu, state_indices=slots,
+                             has_initial_state=has_init, activation=act)
+
+
+@needs_ext
+@pytest.mark.parametrize("T,D,group", [(1, 1024, None), (37, 96, 32), (5, 50, None)])
+def test_gated_norm_matches_the_reference(T, D, group):
+    from hybridserve.kernels import gated_rmsnorm
+
+    g = torch.Generator().manual_seed(T * D)
+    y = torch.randn(T, D, generator=g) * 2
+    zx = torch.randn(T, D + 9, generator=g) * 3           # the gate as a slice of the in_proj output
+    z = zx[:, 4:4 + D]
+    w = torch.randn(D, generator=g)
+    assert cpu_mamba.gated_rms_norm_usable(y, z, w)
+    got = gated_rmsnorm.gated_rms_norm(y, z, w, 1e-5, group)
+    want = gated_rmsnorm.gated_rms_norm_ref(y, z, w, 1e-5, group)
+    print("max |out - ref|", (got - want).abs().max().item())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
