@@ -20,6 +20,15 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+# 16 fp32 lanes (one AVX-512 register; GCC/Clang vector extensions), for the extensions' sources.
+V16_CPP = r"""
+typedef float v16 __attribute__((vector_size(64)));
+static inline v16 load16(const float* p) { v16 r; std::memcpy(&r, p, sizeof r); return r; }
+static inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+static inline v16 splat16(float x) { return v16{} + x; }
+static inline float hsum16(v16 v) { float s = 0.0f; for (int j = 0; j < 16; ++j) s += v[j]; return s; }
+"""
+
 # Shared by the extensions' sources (needs <cmath>, <cstring>, <algorithm>, <cstdint>).
 EXP_NEG_CPP = r"""
 // exp for x <= 0 (scores minus their running max), as plain arithmetic so that the loops

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from hybridserve.kernels._cpp import EXP_NEG_CPP, CppKernel
+from hybridserve.kernels._cpp import EXP_NEG_CPP, V16_CPP, CppKernel
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -34,11 +34,7 @@ _SOURCE = r"""
 #include <cstdint>
 #include <cstring>
 #include <vector>
-""" + EXP_NEG_CPP + r"""
-typedef float v16 __attribute__((vector_size(64)));
-static inline v16 load16(const float* p) { v16 r; std::memcpy(&r, p, sizeof r); return r; }
-static inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
-static inline float hsum16(v16 v) { float s = 0.0f; for (int j = 0; j < 16; ++j) s += v[j]; return s; }
+""" + EXP_NEG_CPP + V16_CPP + r"""
 // v * sigmoid(v) from e^-|v| (cannot overflow); plain arithmetic, so loops over it vectorize
 static inline float silu(float v) {
   const float e = exp_neg(v < 0.0f ? v : -v);

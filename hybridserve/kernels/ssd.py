@@ -27,6 +27,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from hybridserve.kernels import cpu_ssd
 from hybridserve.kernels._backend import use_triton
 
 CPU_CHUNK = 64
@@ -66,9 +67,11 @@ def ssd_scan(
         from hybridserve.kernels.ssd_triton import ssd_scan_triton
 
         return ssd_scan_triton(*args, **kwargs)
-    # One piece per sequence (cut only at state_offsets), each scanned in all its chunks at once.
+    # One piece per sequence (cut only at state_offsets), each scanned in all its chunks at once,
+    # by the C++ kernel where it is built (its chunk is CPU_CHUNK), else by `_scan_cpu`.
     kwargs["chunk_size"] = max(x.shape[0], 1)
-    return ssd_scan_ref(*args, **kwargs, chunk_fn=_scan_cpu)
+    fast = cpu_ssd.usable(x) and cpu_chunk_size() == cpu_ssd.CHUNK
+    return ssd_scan_ref(*args, **kwargs, chunk_fn=cpu_ssd.scan_piece if fast else _scan_cpu)
 
 
 def cpu_chunk_size() -> int:

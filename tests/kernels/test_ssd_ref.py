@@ -118,17 +118,20 @@ def test_the_cpu_scan_takes_whole_pieces_and_matches_the_models(monkeypatch):
     """ssd_scan on CPU hands `_scan_cpu` one piece per sequence, cut only at the snapshot
     offsets, whatever the model's chunk and the CPU chunk, with the same result as the
     reference at the model's chunk; the kept states are the ones asked for."""
-    from hybridserve.kernels import ssd
+    from hybridserve.kernels import cpu_ssd, ssd
 
     inp = ssd_inputs([300, 77], H=4, P=8, G=2, N=16, seed=3)
     want_y, want_f, want_k = ssd_scan_ref(**inp, chunk_size=256, state_offsets=[128, 340])
-    real = ssd._scan_cpu
+    real_torch, real_cpp = ssd._scan_cpu, cpu_ssd.scan_piece
     for cpu_chunk in ("16", "64", "256"):
         monkeypatch.setenv("HYBRIDSERVE_CPU_SSD_CHUNK", cpu_chunk)
         seen = []
-        monkeypatch.setattr(ssd, "_scan_cpu", lambda x, *a: (seen.append(x.shape[0]), real(x, *a))[1])
+        monkeypatch.setattr(ssd, "_scan_cpu", lambda x, *a: (seen.append(("torch", x.shape[0])), real_torch(x, *a))[1])
+        monkeypatch.setattr(cpu_ssd, "scan_piece", lambda x, *a: (seen.append(("cpp", x.shape[0])), real_cpp(x, *a))[1])
         y, f, k = ssd.ssd_scan(**inp, chunk_size=256, state_offsets=[128, 340])
-        assert seen == [128, 172, 40, 37], seen
+        # the C++ pieces run at their own chunk (64) when they are built; any other CPU chunk keeps torch's
+        kind = "cpp" if cpu_chunk == "64" and cpu_ssd.available() else "torch"
+        assert seen == [(kind, n) for n in (128, 172, 40, 37)], seen
         torch.testing.assert_close(y, want_y, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(f, want_f, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(k, want_k, atol=1e-4, rtol=1e-4)
