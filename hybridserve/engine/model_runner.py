@@ -26,6 +26,12 @@ class ModelRunner:
     def prepare(self, entries, inner: list[Snapshot] = ()) -> ForwardBatch:
         """Pack (sequence, num_tokens) entries, which must already be ordered decodes first, with the
         snapshots strictly inside a prefill chunk (the Mamba layers keep them from the scan)."""
+        if not inner and all(n == 1 and seq.num_computed > 0 for seq, n in entries):
+            return self.prepare_decode([seq for seq, _ in entries])
+        return self.prepare_mixed(entries, inner)
+
+    def prepare_mixed(self, entries, inner: list[Snapshot] = ()) -> ForwardBatch:
+        """`prepare` for any step (prefill chunks, decodes, snapshots), in torch ops."""
         bs = self.cache.block_size
         ids, starts, lens, ctx = [], [], [], []
         for seq, n in entries:
@@ -66,6 +72,30 @@ class ModelRunner:
             snapshot_offsets=[int(cu[row_of[id(s.seq)]]) - prefill_start + s.position - s.seq.num_computed
                               for s in inner],
             snapshot_slots=[s.slot for s in inner],
+        )
+
+    def prepare_decode(self, seqs) -> ForwardBatch:
+        """`prepare` for a step of decodes only (one token per sequence), built from host lists: the
+        same batch in a handful of tensor constructions instead of ~25 torch ops, which at batch 1
+        were ~5 % of a small model's step."""
+        bs, n = self.cache.block_size, len(seqs)
+        pos = [seq.num_computed for seq in seqs]
+        width = max(1, max(len(seq.block_ids) for seq in seqs))
+        if self.cache.uses_blocks:
+            slot_mapping = [seq.block_ids[p // bs] * bs + p % bs for seq, p in zip(seqs, pos)]
+        else:
+            slot_mapping = [0] * n
+        dev, rows = self.device, torch.arange(n)
+        return ForwardBatch(
+            input_ids=torch.tensor([seq.token_slice(p, p + 1)[0] for seq, p in zip(seqs, pos)], device=dev),
+            positions=torch.tensor(pos, device=dev), num_decodes=n, cu_seqlens=torch.arange(n + 1, device=dev),
+            context_lens=torch.tensor([p + 1 for p in pos], dtype=torch.int32, device=dev),
+            block_tables=torch.tensor([seq.block_ids + [0] * (width - len(seq.block_ids)) for seq in seqs],
+                                      dtype=torch.int32, device=dev),
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=dev),
+            state_indices=torch.tensor([seq.slot if seq.slot is not None else 0 for seq in seqs], device=dev),
+            has_initial_state=torch.ones(n, dtype=torch.bool, device=dev), logits_indices=rows.to(dev),
+            max_context_len=max(pos) + 1,
         )
 
     def run(self, sched: SchedulerOutput):

@@ -1,5 +1,6 @@
 """Engine behaviour: greedy parity with transformers.generate, batching, cache accounting, bad input."""
 import pytest
+import torch
 
 from hybridserve.engine import FinishReason, SamplingParams
 from hybridserve.errors import ContextLengthExceededError, EngineCapacityError, InvalidRequestError
@@ -161,3 +162,28 @@ def test_a_cpu_engine_tunes_malloc_for_every_caller(make_engine, monkeypatch):
     monkeypatch.setattr(engine_module, "tune_malloc", lambda: calls.append(1))
     make_engine()
     assert calls == [1]
+
+
+def test_a_decode_only_step_packs_the_same_batch_as_the_general_path(make_engine, tokenizer):
+    """prepare_decode (host lists) builds the batch prepare_mixed (torch ops) builds, field for field,
+    for decodes at different positions that cross block boundaries."""
+    import dataclasses
+
+    engine = make_engine(max_num_seqs=4, block_size=4)
+    for i, p in enumerate(_encode(tokenizer, PROMPTS[:3])):
+        engine.add_request(f"r{i}", p, GREEDY)
+    for _ in range(6):
+        engine.step()
+    sched = engine.scheduler.schedule()            # the next step, its blocks allocated
+    seqs = [seq for seq, n in sched.entries][::-1]
+    assert len(seqs) == 3 and all(n == 1 for _, n in sched.entries)
+    assert all(s.num_computed > 0 for s in seqs) and len({s.num_computed for s in seqs}) > 1
+    fast = engine.runner.prepare_decode(seqs)
+    slow = engine.runner.prepare_mixed([(s, 1) for s in seqs])
+    assert fast.num_decodes == 3 and fast.block_tables.shape[1] > 1
+    for f in dataclasses.fields(fast):
+        a, b = getattr(fast, f.name), getattr(slow, f.name)
+        if isinstance(a, torch.Tensor):
+            assert a.dtype == b.dtype and torch.equal(a, b), f.name
+        else:
+            assert a == b, f.name
