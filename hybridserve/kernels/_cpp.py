@@ -20,6 +20,19 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+# Releases the GIL for a kernel's run (scope) when this thread holds it, and takes it back after; a
+# no-op when called from another kernel that already let it go. A worker's event loop runs on the
+# other core meanwhile instead of waiting for the step's next Python op (torch's own ops do the same).
+NO_GIL_CPP = r"""
+struct NoGil {
+  PyThreadState* state = nullptr;
+  NoGil() { if (PyGILState_Check()) state = PyEval_SaveThread(); }
+  ~NoGil() { if (state) PyEval_RestoreThread(state); }
+  NoGil(const NoGil&) = delete;
+  NoGil& operator=(const NoGil&) = delete;
+};
+"""
+
 # 16 fp32 lanes (one AVX-512 register; GCC/Clang vector extensions), for the extensions' sources.
 V16_CPP = r"""
 typedef float v16 __attribute__((vector_size(64)));

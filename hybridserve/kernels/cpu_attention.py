@@ -36,7 +36,7 @@ import os
 
 import torch
 
-from hybridserve.kernels._cpp import EXP_NEG_CPP, CppKernel
+from hybridserve.kernels._cpp import EXP_NEG_CPP, NO_GIL_CPP, CppKernel
 
 
 _SOURCE = r"""
@@ -48,7 +48,7 @@ _SOURCE = r"""
 #include <limits>
 #include <vector>
 
-"""+ EXP_NEG_CPP + r"""
+"""+ EXP_NEG_CPP + NO_GIL_CPP + r"""
 // Head sizes that are a multiple of 8 up to 256 take these: the head's accumulators live in
 // vector registers across a block's tokens (GCC/Clang vector extensions: AVX on x86, NEON
 // pairs on ARM), and the G query heads that share a kv head are scored off one load of K.
@@ -157,6 +157,7 @@ static void decode_parts(const DecodeSetup& c, int64_t* parts, int64_t* per) {
 
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                            torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
+  NoGil no_gil;
   const DecodeSetup c = decode_setup(q, k_cache, v_cache, block_tables, context_lens, scale);
   const int64_t Hq = c.Hq, D = c.D, BS = c.BS, Hkv = c.Hkv, G = c.G;
   const int64_t bt_stride = c.bt_stride, tok_stride = c.tok_stride, blk_stride = c.blk_stride;
@@ -386,6 +387,7 @@ bool prefill_supported(int64_t D) { int rt; return pick_tile<16>(D, &rt) != null
 
 // q [Hq, T, D], k/v [Hkv, ctx, D], all fp32 contiguous; the queries are positions ctx-T .. ctx-1.
 torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
+  NoGil no_gil;
   TORCH_CHECK(q.dtype() == torch::kFloat32 && k.dtype() == torch::kFloat32 && v.dtype() == torch::kFloat32,
               "prefill_attention: fp32 only");
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "prefill_attention: contiguous only");
@@ -590,6 +592,7 @@ bool decode16_supported(int64_t D, int64_t G) { return pick_item16<16>(D, G) != 
 // same contract as paged_decode; head size a multiple of 16 up to 256
 torch::Tensor paged_decode16(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                              torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
+  NoGil no_gil;
   const DecodeSetup c = decode_setup(q, k_cache, v_cache, block_tables, context_lens, scale);
   const item16_fn item = pick_item16<16>(c.D, c.G);
   TORCH_CHECK(item != nullptr, "paged_decode16: head size ", c.D, " with ", c.G, " query heads per kv head (a ",

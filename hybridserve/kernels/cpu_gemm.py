@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from hybridserve.kernels._cpp import CppKernel
+from hybridserve.kernels._cpp import NO_GIL_CPP, CppKernel
 
 PANEL = 16       # output columns per panel (one 16-float vector)
 MAX_ROWS = 8     # rows computed in one pass over W (more rows: groups of 8, W read again)
@@ -32,6 +32,7 @@ _SOURCE = r"""
 #include <algorithm>
 #include <cstring>
 
+""" + NO_GIL_CPP + r"""
 typedef float v16 __attribute__((vector_size(64)));
 
 static inline v16 load16(const float* p) { v16 r; std::memcpy(&r, p, sizeof r); return r; }
@@ -106,6 +107,7 @@ static const pass_fn PASSES[9] = {nullptr, rows_pass<1>, rows_pass<2>, rows_pass
 
 // x [M, I] fp32 (rows contiguous), panels [ceil(O/16), I, 16], bias [O] or undefined -> [M, O]
 torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels, c10::optional<torch::Tensor> bias, int64_t O) {
+  NoGil no_gil;
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.stride(1) == 1,
               "panel_linear: x must be 2-D fp32 with contiguous rows");
   TORCH_CHECK(panels.dim() == 3 && panels.size(2) == 16 && panels.is_contiguous() &&

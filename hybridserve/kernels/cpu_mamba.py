@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from hybridserve.kernels._cpp import EXP_NEG_CPP, V16_CPP, CppKernel
+from hybridserve.kernels._cpp import EXP_NEG_CPP, NO_GIL_CPP, V16_CPP, CppKernel
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -34,7 +34,7 @@ _SOURCE = r"""
 #include <cstdint>
 #include <cstring>
 #include <vector>
-""" + EXP_NEG_CPP + V16_CPP + r"""
+""" + EXP_NEG_CPP + V16_CPP + NO_GIL_CPP + r"""
 // v * sigmoid(v) from e^-|v| (cannot overflow); plain arithmetic, so loops over it vectorize
 static inline float silu(float v) {
   const float e = exp_neg(v < 0.0f ? v : -v);
@@ -102,6 +102,7 @@ torch::Tensor mamba_decode(torch::Tensor zxbcdt, torch::Tensor conv_states, torc
                            torch::Tensor slots, torch::Tensor conv_w, torch::Tensor conv_b,
                            torch::Tensor dt_bias, torch::Tensor A, torch::Tensor D, torch::Tensor norm_w,
                            int64_t d_inner, int64_t n_groups, double eps) {
+  NoGil no_gil;
   for (auto* t : {&conv_states, &ssm_states, &conv_w, &dt_bias, &A, &D, &norm_w})
     TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous(),
                 "mamba_decode: states and parameters must be contiguous fp32");
@@ -159,6 +160,7 @@ torch::Tensor mamba_decode(torch::Tensor zxbcdt, torch::Tensor conv_states, torc
 
 // out [T, D] = w * rmsnorm(y * silu(z)) per row and group of channels; y, z rows contiguous, any row stride
 torch::Tensor gated_rms_norm(torch::Tensor y, torch::Tensor z, torch::Tensor w, double eps, int64_t group) {
+  NoGil no_gil;
   TORCH_CHECK(y.dim() == 2 && z.dim() == 2 && y.sizes() == z.sizes() && y.stride(1) == 1 && z.stride(1) == 1 &&
               y.scalar_type() == torch::kFloat32 && z.scalar_type() == torch::kFloat32,
               "gated_rms_norm: y and z must be [T, D] fp32 with contiguous rows");
@@ -180,6 +182,7 @@ torch::Tensor gated_rms_norm(torch::Tensor y, torch::Tensor z, torch::Tensor w, 
 // set to the sequence's last K-1 inputs (older state columns where the sequence is shorter).
 torch::Tensor causal_conv1d(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::Tensor conv_states,
                             torch::Tensor cu, torch::Tensor slots, torch::Tensor has_init, bool act) {
+  NoGil no_gil;
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.stride(1) == 1,
               "causal_conv1d: x must be [T, Dc] fp32 with contiguous rows");
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat32 && w.size(0) == x.size(1),

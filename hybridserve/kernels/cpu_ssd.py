@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from hybridserve.kernels._cpp import EXP_NEG_CPP, V16_CPP, CppKernel
+from hybridserve.kernels._cpp import EXP_NEG_CPP, NO_GIL_CPP, V16_CPP, CppKernel
 
 CHUNK = 64
 
@@ -39,7 +39,7 @@ _SOURCE = r"""
 #include <cstdint>
 #include <cstring>
 #include <vector>
-""" + EXP_NEG_CPP + V16_CPP + r"""
+""" + EXP_NEG_CPP + V16_CPP + NO_GIL_CPP + r"""
 constexpr int64_t CH = 64;   // tokens per chunk
 
 // out[i][0:16 NV] = beta * out[i] + scale[i] * sum_k a[i lda + k] b[k ldb + 0:16 NV], for RT rows at once
@@ -101,6 +101,7 @@ static void mm_rows(int64_t M, int64_t n, int64_t Kd, const float* a, int64_t ld
 
 std::vector<torch::Tensor> scan_piece(torch::Tensor x, torch::Tensor dt, torch::Tensor A, torch::Tensor B,
                                       torch::Tensor C, torch::Tensor state) {
+  NoGil no_gil;
   TORCH_CHECK(x.dim() == 4 && dt.dim() == 3 && A.dim() == 2 && B.dim() == 3 && C.dim() == 3 && state.dim() == 4,
               "scan_piece: x [L, G, R, P], dt [L, G, R], A [G, R], B/C [L, G, N], state [G, R, P, N]");
   for (auto* t : {&x, &dt, &A, &B, &C, &state})
