@@ -69,6 +69,11 @@ def load_model(directory: str | Path, dtype: str | torch.dtype = "float32", devi
         from hybridserve.kernels import cpu_ops
 
         cpu_ops.available()         # the C++ norm and rotary, likewise
+        if any(t == "mamba" for t in args.layer_types):
+            from hybridserve.kernels import cpu_mamba, cpu_ssd
+
+            cpu_mamba.available()   # the Mamba mixer's decode/conv/norm and the SSD scan, likewise
+            cpu_ssd.available()
     if prepack:
         prepack_linears(model)
         # What is left (embedding, norms, conv, A/D) still points into the safetensors file's

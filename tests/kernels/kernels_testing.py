@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -93,3 +95,14 @@ def attention_naive(q, k, v, scale, q_pos):
     mask = torch.arange(k.shape[0])[None, :] <= torch.as_tensor(q_pos)[:, None]
     s = s.masked_fill(~mask[None], float("-inf"))
     return torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), v)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to n inside the block, and back after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from hybridserve.kernels import cpu_mamba
+from tests.kernels.kernels_testing import torch_threads
 
 needs_ext = pytest.mark.skipif(not cpu_mamba.available(), reason="the C++ CPU Mamba kernel cannot be built here")
 
@@ -34,12 +35,8 @@ def test_decode_matches_the_refs_and_updates_the_states_in_place(H, P, N, G, K, 
     slots = torch.tensor([7, 2, 3, 0, 5])                 # out of order, with a run
     conv_ref, ssm_ref = conv.clone(), ssm.clone()
     want = cpu_mamba.mamba_decode_ref(zxbcdt, conv_ref, ssm_ref, slots, n_groups=G, eps=1e-5, **params)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         got = cpu_mamba.mamba_decode(zxbcdt, conv, ssm, slots, n_groups=G, eps=1e-5, **params)
-    finally:
-        torch.set_num_threads(before)
     print("max |out - ref|", (got - want).abs().max().item(), "state", (ssm - ssm_ref).abs().max().item())
     torch.testing.assert_close(got, want, rtol=3e-4, atol=1e-4)
     torch.testing.assert_close(ssm, ssm_ref, rtol=1e-5, atol=1e-5)
@@ -115,13 +112,9 @@ def test_prefill_conv_matches_the_reference_over_packed_sequences(Dc, K, bias, a
     states = torch.randn(6, Dc, K - 1, generator=g)
     states_ref = states.clone()
     want = cpu_mamba_ref_conv(x, w, b, states_ref, cu, slots, has_init, act)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         got = cpu_mamba.causal_conv1d_cpu(x, w, b, conv_states=states, cu_seqlens=cu, state_indices=slots,
                                           has_initial_state=has_init, activation=act)
-    finally:
-        torch.set_num_threads(before)
     print("max |out - ref|", (got - want).abs().max().item())
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(states, states_ref)

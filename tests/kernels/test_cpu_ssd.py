@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from hybridserve.kernels import cpu_ssd, ssd
+from tests.kernels.kernels_testing import torch_threads
 
 needs_ext = pytest.mark.skipif(not cpu_ssd.available(), reason="the C++ SSD kernel cannot be built here")
 
@@ -25,12 +26,8 @@ def _piece(L, G, R, P, N, seed):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_piece_matches_the_torch_scan_and_the_oracle(L, G, R, P, N, threads):
     x, dt, A, B, C, state = _piece(L, G, R, P, N, seed=L * P + N)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         y, final = cpu_ssd.scan_piece(x, dt, A, B, C, state)
-    finally:
-        torch.set_num_threads(before)
     y_t, final_t = ssd._scan_cpu(x, dt, A, B, C, state)
     y_o, final_o = ssd._chunk_ref(x.double(), dt.double(), A.double(), B.double(), C.double(), state.double())
     print("max |y - torch|", (y - y_t).abs().max().item(), "|y - fp64|", (y.double() - y_o).abs().max().item())
