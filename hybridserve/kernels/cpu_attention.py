@@ -36,7 +36,7 @@ import os
 
 import torch
 
-from hybridserve.kernels._cpp import EXP_NEG_CPP, NO_GIL_CPP, CppKernel
+from hybridserve.kernels._cpp import EXP_NEG_CPP, NO_GIL_CPP, V16_CPP, CppKernel
 
 
 _SOURCE = r"""
@@ -264,17 +264,8 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
 // of 64 keys, scores from K transposed once per kv head ([D, ctx]), an online softmax per row,
 // and the block's values added into the rows' outputs. 16-wide vectors (AVX-512 where the CPU
 // has it, pairs of 8 elsewhere).
-typedef float v16 __attribute__((vector_size(64)));
+""" + V16_CPP + r"""
 typedef int32_t i16v __attribute__((vector_size(64)));
-
-static inline v16 load16(const float* p) { v16 r; std::memcpy(&r, p, sizeof r); return r; }
-static inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
-static inline v16 splat16(float x) { return v16{} + x; }
-static inline float hsum16(v16 v) {
-  float s = 0.0f;
-  for (int i = 0; i < 16; ++i) s += v[i];
-  return s;
-}
 static inline float hmax16(v16 v) {
   float m = v[0];
   for (int i = 1; i < 16; ++i) m = std::max(m, v[i]);

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from hybridserve.kernels._cpp import NO_GIL_CPP, CppKernel
+from hybridserve.kernels._cpp import NO_GIL_CPP, V16_CPP, CppKernel
 
 PANEL = 16       # output columns per panel (one 16-float vector)
 MAX_ROWS = 8     # rows computed in one pass over W (more rows: groups of 8, W read again)
@@ -32,11 +32,7 @@ _SOURCE = r"""
 #include <algorithm>
 #include <cstring>
 
-""" + NO_GIL_CPP + r"""
-typedef float v16 __attribute__((vector_size(64)));
-
-static inline v16 load16(const float* p) { v16 r; std::memcpy(&r, p, sizeof r); return r; }
-static inline v16 splat16(float x) { return v16{} + x; }
+""" + NO_GIL_CPP + V16_CPP + r"""
 
 // y[m, c0 : c0 + 16 P] for m < M from panels w (each I x 16, consecutive); cols: the columns
 // that exist from c0 on (the last tile's padding columns are not stored)

@@ -247,9 +247,8 @@ def available() -> bool:
 
 def usable(zxbcdt: torch.Tensor, conv_states: torch.Tensor, ssm_states: torch.Tensor) -> bool:
     """Whether `mamba_decode` takes the C++ path for these tensors."""
-    return (zxbcdt.device.type == "cpu" and zxbcdt.dim() == 2 and zxbcdt.stride(-1) == 1
-            and all(t.dtype == torch.float32 for t in (zxbcdt, conv_states, ssm_states))
-            and conv_states.is_contiguous() and ssm_states.is_contiguous() and _KERNEL.module() is not None)
+    return (zxbcdt.dim() == 2 and zxbcdt.stride(-1) == 1 and conv_states.is_contiguous()
+            and ssm_states.is_contiguous() and _fp32_cpu(zxbcdt, conv_states, ssm_states))
 
 
 def mamba_decode(
@@ -269,8 +268,7 @@ def mamba_decode(
 ) -> torch.Tensor:
     """Conv, state update and gated norm of one decode token per row; returns [Bt, d_inner]."""
     d_inner = norm_weight.shape[0]
-    if usable(zxbcdt, conv_states, ssm_states) and all(
-            t.dtype == torch.float32 for t in (conv_weight, dt_bias, A, D, norm_weight)):
+    if usable(zxbcdt, conv_states, ssm_states) and _fp32_cpu(conv_weight, dt_bias, A, D, norm_weight):
         bias = conv_bias if conv_bias is not None else torch.empty(0)
         return _KERNEL.module().mamba_decode(
             zxbcdt, conv_states, ssm_states, state_indices.to(torch.int64), conv_weight.contiguous(),

@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import torch
 
-from hybridserve.kernels._cpp import CppKernel
+from hybridserve.kernels._cpp import V16_CPP, CppKernel
 
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <cstring>
-
-typedef float v16 __attribute__((vector_size(64)));
-static inline v16 load16(const float* p) { v16 r; std::memcpy(&r, p, sizeof r); return r; }
-static inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+""" + V16_CPP + r"""
 
 // out[t] = (x[t] * rsqrt(mean(x[t]^2) + eps)) * w, rows of x D floats apart by x.stride(0)
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {

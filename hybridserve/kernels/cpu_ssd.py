@@ -40,7 +40,7 @@ _SOURCE = r"""
 #include <cstring>
 #include <vector>
 """ + EXP_NEG_CPP + V16_CPP + NO_GIL_CPP + r"""
-constexpr int64_t CH = 64;   // tokens per chunk
+constexpr int64_t CH = """ + str(CHUNK) + r""";   // tokens per chunk
 
 // out[i][0:16 NV] = beta * out[i] + scale[i] * sum_k a[i lda + k] b[k ldb + 0:16 NV], for RT rows at once
 template <int NV, int RT>
