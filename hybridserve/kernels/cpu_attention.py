@@ -10,10 +10,14 @@ scores the block's tokens against them, rescales the running output by the new
 maximum (online softmax), and adds the block's values. Each K/V byte is read once.
 Head sizes that are a multiple of 16 (up to 256, with up to 8 query heads per kv head)
 take a 16-lane path (`paged_decode16`): a head's scores of 16 tokens as one vector, the
-G heads of a kv head sharing each load of K and V, and the rows of the block 8 blocks
-ahead prefetched into L2 token by token. At one thread on an AMD EPYC box it read a
-cache in memory at 13-15 GB/s where the 8-lane path read 6.5 (8 x 8192 tokens: 10.4 ->
-4.6 ms, benchmarks/bench_cpu_attention.py); without the prefetch it was no faster.
+G heads of a kv head sharing each load of K and V, at one thread on an AMD EPYC box
+13-15 GB/s from memory where the 8-lane path read 6.5 (8 x 8192 tokens: 10.4 -> 4.6 ms,
+benchmarks/bench_cpu_attention.py). It walks the context in segments of ~256 KB of K
+and V, each read once with nothing else to do (a read that waits behind the scoring
+arithmetic ran at half a plain read's rate on a Zen 5 box, and prefetch hints did not
+close that gap), then scored, softmaxed and summed from L2 with one rescale per segment.
+In a SmolLM2 decode step at 2048 tokens (30 layers, cache in memory) that took attention
+from 5.6 to 3.9 ms per step.
 
 The prefill entry (`prefill_attention_cpu`) takes a sequence's gathered K/V and computes a
 tile of query rows (the kv group's heads at consecutive positions) against 64-key blocks
@@ -471,83 +475,148 @@ static inline v16 row_sums16(const float* rows) {
   return pair_sum16(r[0], r[1]);
 }
 
-#ifndef PF_BLOCKS
-#define PF_BLOCKS 8
+#ifndef SEG_KB
+#define SEG_KB 256
 #endif
-#ifndef PF_LOC
-#define PF_LOC 2
-#endif
-// One kv head's G query heads over a 16-token chunk share each load of K and of V: per token
-// the G dot products are left as 16-lane partials (part[j * 256 + t * 16]), then each head's
-// 16 scores come out of one shuffle tree, and the values are added with all G heads'
-// accumulators live.
+// A decode work item's segment: whole blocks whose K and V add up to about SEG_KB (at least one block)
+static inline int64_t segment_blocks(int64_t BS, int64_t row_floats) {
+  return std::max<int64_t>(1, (SEG_KB << 10) / (2 * 4 * row_floats * BS));
+}
+static inline float hmax16t(v16 v) {           // max over lanes, a 4-step tree
+  v16 w = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v = v > w ? v : w;
+  w = __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v = v > w ? v : w;
+  w = __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v = v > w ? v : w;
+  w = __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  v = v > w ? v : w;
+  return v[0];
+}
+static inline float hsum16t(v16 v) {           // sum over lanes, a 4-step tree
+  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return v[0];
+}
+
+// A sequence's context in segments of whole blocks whose K and V take about SEG_KB (so that
+// they stay in L2), each in three passes with no dependency between tokens inside a pass:
+// (0) the segment's K and V rows read with nothing else to do, so that the core keeps many
+// cache misses in flight (measured on an AMD EPYC box: a read interleaved with the scoring
+// arithmetic ran at half a plain read's rate, and software prefetch did not close the gap);
+// (1) every head's scores of the segment into a buffer (per 16-token chunk and kv head, the G
+// heads' dot products left as 16-lane partials and summed across lanes by one shuffle tree
+// per head), then each head's segment max, the running output rescaled once, the
+// probabilities; (2) the values added, the chunk's G heads' accumulators in registers. The
+// online softmax's max -> exp -> rescale chain runs once per segment, not per 16 tokens.
 template <int NV, int G>
 static void decode_item16(const float* qb, float sc, int64_t Hkv_item, int64_t n, const int32_t* table,
                           const float* kp, const float* vp, int64_t BS, int64_t tok_stride, int64_t blk_stride,
                           float* acc, float* m, float* l, float* part, float* ob) {
   constexpr int D = NV * 16;
   const int64_t H = Hkv_item * G;
+  const int64_t seg_blocks = segment_blocks(BS, Hkv_item * D);
+  const int64_t seg_pad = seg_blocks * BS + 16;   // a head's row of scores in the buffer
+  const int64_t nblocks = (n + BS - 1) / BS;
   const i16v iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   for (int64_t h = 0; h < H; ++h) { m[h] = -std::numeric_limits<float>::infinity(); l[h] = 0.0f; }
   std::fill(acc, acc + H * D, 0.0f);
-  float* pbuf = part + G * 256;                   // [G][16] probabilities of the chunk
-  for (int64_t start = 0; start < n; start += BS) {
-    const int64_t blk = table[start / BS];
-    const int64_t in_blk = std::min(BS, n - start);
-    // the block PF_BLOCKS ahead: its rows are prefetched token by token below, spread over the work
-    const int64_t ahead = start + PF_BLOCKS * BS;
-    const float* kn = ahead < n ? kp + table[ahead / BS] * blk_stride : nullptr;
-    const float* vn = ahead < n ? vp + table[ahead / BS] * blk_stride : nullptr;
-    for (int64_t c0 = 0; c0 < in_blk; c0 += 16) {
-      const int cnt = (int)std::min<int64_t>(16, in_blk - c0);
-      for (int64_t g = 0; g < Hkv_item; ++g) {
-        const float* kh = kp + blk * blk_stride + c0 * tok_stride + g * D;
-        const float* vh = vp + blk * blk_stride + c0 * tok_stride + g * D;
-        const float* qg = qb + g * G * D;
-        v16 q[G][NV];
-        for (int j = 0; j < G; ++j)
-          for (int i = 0; i < NV; ++i) q[j][i] = load16(qg + j * D + 16 * i) * sc;
-        for (int t = 0; t < cnt; ++t) {
-          const float* kt = kh + t * tok_stride;
-          if (kn) for (int i = 0; i < NV; ++i) __builtin_prefetch(kn + (c0 + t) * tok_stride + g * D + 16 * i, 0, PF_LOC);
-          v16 k[NV];
-          for (int i = 0; i < NV; ++i) k[i] = load16(kt + 16 * i);
+  float* S = part + G * 256;                      // [H][seg_pad] scores, then probabilities
+  for (int64_t b0 = 0; b0 < nblocks; b0 += seg_blocks) {
+    const int64_t nb = std::min(seg_blocks, nblocks - b0);
+    const int64_t s0 = b0 * BS, sn = std::min(n, (b0 + nb) * BS) - s0;   // the segment's tokens
+    {                                             // (0) the segment's rows, read ahead
+      v16 z = v16{};
+      for (int64_t bi = 0; bi < nb; ++bi) {
+        const float* kb = kp + table[b0 + bi] * blk_stride;
+        const float* vb = vp + table[b0 + bi] * blk_stride;
+        const int64_t in_blk = std::min(BS, n - s0 - bi * BS);
+        for (int64_t t = 0; t < in_blk; ++t)
+          for (int64_t x = 0; x < Hkv_item * D; x += 16) z += load16(kb + t * tok_stride + x) + load16(vb + t * tok_stride + x);
+      }
+      asm volatile("" : : "r"(&z) : "memory");    // keep the loads: nothing else reads z
+    }
+    // (1) scores
+    for (int64_t bi = 0; bi < nb; ++bi) {
+      const float* kblk = kp + table[b0 + bi] * blk_stride;
+      const int64_t in_blk = std::min(BS, n - s0 - bi * BS);
+      for (int64_t c0 = 0; c0 < in_blk; c0 += 16) {
+        const int cnt = (int)std::min<int64_t>(16, in_blk - c0);
+        const int64_t off = bi * BS + c0;
+        for (int64_t g = 0; g < Hkv_item; ++g) {
+          const float* kh = kblk + c0 * tok_stride + g * D;
+          const float* qg = qb + g * G * D;
+          v16 q[G][NV];
+          for (int j = 0; j < G; ++j)
+            for (int i = 0; i < NV; ++i) q[j][i] = load16(qg + j * D + 16 * i) * sc;
+          for (int t = 0; t < cnt; ++t) {
+            v16 k[NV];
+            for (int i = 0; i < NV; ++i) k[i] = load16(kh + t * tok_stride + 16 * i);
+            for (int j = 0; j < G; ++j) {
+              v16 a = q[j][0] * k[0];
+              for (int i = 1; i < NV; ++i) a += q[j][i] * k[i];
+              store16(part + j * 256 + 16 * t, a);
+            }
+          }
           for (int j = 0; j < G; ++j) {
-            v16 a = q[j][0] * k[0];
-            for (int i = 1; i < NV; ++i) a += q[j][i] * k[i];
-            store16(part + j * 256 + 16 * t, a);
+            for (int t = cnt; t < 16; ++t) store16(part + j * 256 + 16 * t, v16{});
+            store16(S + (g * G + j) * seg_pad + off, row_sums16(part + j * 256));
           }
         }
-        float corr[G];
-        for (int j = 0; j < G; ++j) {
-          const int64_t h = g * G + j;
-          for (int t = cnt; t < 16; ++t) store16(part + j * 256 + 16 * t, v16{});
-          v16 s = row_sums16(part + j * 256);
-          s = iota < cnt ? s : splat16(NEG);
-          const float mx = std::max(m[h], hmax16(s));
-          corr[j] = std::isinf(m[h]) ? 0.0f : exp_neg(m[h] - mx);
-          v16 p = exp_neg16(s - mx);
-          p = iota < cnt ? p : v16{};
-          l[h] = l[h] * corr[j] + hsum16(p);
-          m[h] = mx;
-          store16(pbuf + 16 * j, p);
-        }
-        v16 o[G][NV];
-        float* ag = acc + g * G * D;
-        for (int j = 0; j < G; ++j)
-          for (int i = 0; i < NV; ++i) o[j][i] = load16(ag + j * D + 16 * i) * corr[j];
-        for (int t = 0; t < cnt; ++t) {
-          const float* vt = vh + t * tok_stride;
-          if (vn) for (int i = 0; i < NV; ++i) __builtin_prefetch(vn + (c0 + t) * tok_stride + g * D + 16 * i, 0, PF_LOC);
-          v16 v[NV];
-          for (int i = 0; i < NV; ++i) v[i] = load16(vt + 16 * i);
-          for (int j = 0; j < G; ++j) {
-            const v16 pt = splat16(pbuf[16 * j + t]);
-            for (int i = 0; i < NV; ++i) o[j][i] += pt * v[i];
+      }
+    }
+    // the segment's softmax: new running max, rescale, probabilities and their sums
+    const int64_t full = sn & ~int64_t(15);
+    for (int64_t h = 0; h < H; ++h) {
+      float* sh = S + h * seg_pad;
+      v16 mv = splat16(NEG);
+      for (int64_t x = 0; x < full; x += 16) { const v16 v = load16(sh + x); mv = v > mv ? v : mv; }
+      if (full < sn) { const v16 v = load16(sh + full); mv = (iota < (int)(sn - full)) & (v > mv) ? v : mv; }
+      const float mx = std::max(m[h], hmax16t(mv));
+      const float corr = std::isinf(m[h]) ? 0.0f : exp_neg(m[h] - mx);
+      v16 lv = v16{};
+      for (int64_t x = 0; x < full; x += 16) {
+        const v16 p = exp_neg16(load16(sh + x) - mx);
+        store16(sh + x, p);
+        lv += p;
+      }
+      if (full < sn) {
+        v16 p = exp_neg16(load16(sh + full) - mx);
+        p = iota < (int)(sn - full) ? p : v16{};
+        store16(sh + full, p);
+        lv += p;
+      }
+      l[h] = l[h] * corr + hsum16t(lv);
+      m[h] = mx;
+      if (corr != 1.0f) for (int64_t d = 0; d < D; ++d) acc[h * D + d] *= corr;
+    }
+    // (2) values
+    for (int64_t bi = 0; bi < nb; ++bi) {
+      const float* vblk = vp + table[b0 + bi] * blk_stride;
+      const int64_t in_blk = std::min(BS, n - s0 - bi * BS);
+      for (int64_t c0 = 0; c0 < in_blk; c0 += 16) {
+        const int cnt = (int)std::min<int64_t>(16, in_blk - c0);
+        const int64_t off = bi * BS + c0;
+        for (int64_t g = 0; g < Hkv_item; ++g) {
+          const float* vh = vblk + c0 * tok_stride + g * D;
+          const float* pg = S + g * G * seg_pad + off;
+          v16 o[G][NV];
+          float* ag = acc + g * G * D;
+          for (int j = 0; j < G; ++j)
+            for (int i = 0; i < NV; ++i) o[j][i] = load16(ag + j * D + 16 * i);
+          for (int t = 0; t < cnt; ++t) {
+            v16 v[NV];
+            for (int i = 0; i < NV; ++i) v[i] = load16(vh + t * tok_stride + 16 * i);
+            for (int j = 0; j < G; ++j) {
+              const v16 pt = splat16(pg[j * seg_pad + t]);
+              for (int i = 0; i < NV; ++i) o[j][i] += pt * v[i];
+            }
           }
+          for (int j = 0; j < G; ++j)
+            for (int i = 0; i < NV; ++i) store16(ag + j * D + 16 * i, o[j][i]);
         }
-        for (int j = 0; j < G; ++j)
-          for (int i = 0; i < NV; ++i) store16(ag + j * D + 16 * i, o[j][i]);
       }
     }
   }
@@ -591,7 +660,8 @@ torch::Tensor paged_decode16(torch::Tensor q, torch::Tensor k_cache, torch::Tens
   int64_t parts, per;
   decode_parts(c, &parts, &per);
   at::parallel_for(0, c.B * parts, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(c.Hq * c.D), m(c.Hq), l(c.Hq), part((MAX_G16 + 1) * 256);
+    std::vector<float> acc(c.Hq * c.D), m(c.Hq), l(c.Hq),
+        part(MAX_G16 * 256 + c.Hq * (segment_blocks(c.BS, c.D) * c.BS + 16));   // an item of one kv head has the longest segment
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / parts, g0 = (i % parts) * per, g1 = std::min(c.Hkv, g0 + per);
       if (g0 >= g1) continue;
