@@ -97,6 +97,9 @@ class PackedLinear(nn.Module):
             self.route = routes_upto("plain", PLAIN_MAX_ROWS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] < len(self.route) and self.route[x.shape[0]] == "panel" and x.stride(1) == 1:
+            # a decode step's rows (the common case at batch 1): straight to the kernel
+            return cpu_gemm.panel_linear(x, self.panel_weight, self.bias, self.out_features)
         flat = x.reshape(-1, self.in_features)
         n = flat.shape[0]
         kind = self.route[n] if n < len(self.route) else "packed"

@@ -79,9 +79,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: tuple[torch.Tensor, torch.Tensor]):
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q = self.q_proj.forward(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj.forward(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj.forward(x).view(t, self.num_kv_heads, self.head_dim)
         if batch.rope is not None:
             q, k = apply_rotary(q, k, *batch.rope)
         k_cache, v_cache = cache  # [num_blocks, block_size, Hkv, Dh] each
@@ -97,7 +97,7 @@ class Attention(nn.Module):
                                                    batch.prefill_cu_seqlens(), batch.context_lens[nd:],
                                                    self.scale))
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+        return self.o_proj.forward(out.reshape(t, self.num_heads * self.head_dim))
 
 
 class MambaMixer(nn.Module):
@@ -127,7 +127,7 @@ class MambaMixer(nn.Module):
     def forward(self, h: torch.Tensor, batch: ForwardBatch, cache: tuple[torch.Tensor, torch.Tensor]):
         m = self.m
         conv_states, ssm_states = cache  # [slots, conv_dim, d_conv-1], [slots, H, P, N]
-        zxbcdt = self.in_proj(h)  # [T, d_inner + conv_dim + H]: gate | xBC | dt
+        zxbcdt = self.in_proj.forward(h)  # [T, d_inner + conv_dim + H]: gate | xBC | dt
         A = -torch.exp(self.A_log.float())
         w = self.conv1d.weight.squeeze(1)  # [conv_dim, d_conv]
         nd, t = batch.num_decodes, h.shape[0]
@@ -139,7 +139,7 @@ class MambaMixer(nn.Module):
             y = self._prefill(xbc, dt, A, w, batch, conv_states, ssm_states)
             ys.append(K.gated_rms_norm(y.reshape(t - nd, m.d_inner), gate, self.norm.weight, self.norm.eps))
         y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=0)
-        return self.out_proj(y.to(h.dtype))
+        return self.out_proj.forward(y.to(h.dtype))
 
     def _decode(self, zxbcdt, A, w, batch: ForwardBatch, conv_states, ssm_states) -> torch.Tensor:
         """[nd, d_inner]: conv, state update and gated norm of the decode rows (one C++ call on CPU fp32)."""
@@ -209,6 +209,6 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.style == "granite":
-            gate, up = self.input_linear(x).chunk(2, dim=-1)
-            return self.output_linear(F.silu(gate).mul_(up))
-        return self.down_proj(F.silu(self.gate_proj(x), inplace=True).mul_(self.up_proj(x)))
+            gate, up = self.input_linear.forward(x).chunk(2, dim=-1)
+            return self.output_linear.forward(F.silu(gate).mul_(up))
+        return self.down_proj.forward(F.silu(self.gate_proj.forward(x), inplace=True).mul_(self.up_proj.forward(x)))
