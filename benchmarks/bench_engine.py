@@ -9,16 +9,17 @@ keeps this closer to 1). The last stdout line is one JSON object.
 Decode is read against the hardware, gpt-fast style: each native point also reports the
 bytes one decode step reads (every weight once, the lm_head included and the embedding
 table's one row per sequence not; plus each sequence's KV and Mamba state at its context)
-times steps per second, next to this machine's single-thread read bandwidth (a sum over a
-tensor far larger than the caches), and the batch-1 share of that ceiling against the 60 %
-target. The ceiling is measured in each native point's own process, right before and right
-after its decode, and the higher of the two is that point's ceiling: on a shared box the
-read rate drifts (28-40 GB/s within one session on one), and a ceiling taken minutes apart
-from the decode it divides moved the share by up to 10 points either way. The run's
-first measurement is printed too, with the share against it in the JSON. Beside it the run prints what a one-row weight product
-(oneDNN's packed linear, the decode's own kernel) reads per second over 512 MiB: on a box
-with fast memory it is well below the sum (25 against 35 GB/s on one), which caps the share
-a decode can reach whatever its other work costs.
+over its median decode step (the JSON keeps the figure over the mean step too: a burst of
+load from a neighbour on a shared box moves the mean of a 64-step run by 10-20 %), next to
+this machine's single-thread read bandwidth (a sum over a tensor far larger than the
+caches), and the batch-1 share of that ceiling against the 60 % target. The ceiling is
+measured in each native point's own process, right before and right after its decode, and
+the higher of the two is that point's ceiling: on a shared box the read rate drifts (28-40
+GB/s within one session on one), and a ceiling taken minutes from the decode it divides
+moved the share by up to 10 points either way. The run's first measurement is printed
+too, with the share against it in the JSON. Beside it the run prints what a one-row weight
+product (the one the decode's calibration picked) reads per second over 512 MiB, which
+caps the share a decode can reach whatever its other work costs.
 
 The native engine runs without prefix caching and with a cache sized to the point: with it,
 a hybrid's Mamba snapshots took a quarter of that cache, the eight 2,048-token sequences no
@@ -34,6 +35,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -145,10 +147,15 @@ def point_native(model_name: str, ctx: int, batch: int, new: int, chunk: int) ->
         engine.add_request(f"b{i}", p, params)
     t0 = time.perf_counter()
     started, prefill_end, decode_start, decode_tokens, ceilings, rss = set(), None, None, 0, [], 0.0
+    steps = []                                         # decode steps in which every sequence made a token
     while engine.has_unfinished():
+        ts = time.perf_counter()
         outs = engine.step()
         if prefill_end is not None:
-            decode_tokens += sum(len(o.delta_token_ids) for o in outs)
+            made = sum(len(o.delta_token_ids) for o in outs)
+            decode_tokens += made
+            if made == batch:
+                steps.append(time.perf_counter() - ts)
         started |= {o.request_id for o in outs}
         if prefill_end is None and len(started) == batch:
             prefill_end = time.perf_counter()
@@ -161,9 +168,11 @@ def point_native(model_name: str, ctx: int, batch: int, new: int, chunk: int) ->
     from hybridserve.models.memory import cache_bytes_per_seq
 
     step_bytes = weight_bytes_per_step(model) + batch * cache_bytes_per_seq(model.args, ctx + new // 2)
+    median_step = statistics.median(steps) if steps else batch / decode_tok_s
     return {"prefill_s": prefill_end - t0, "prefill_tok_s": batch * ctx / (prefill_end - t0),
-            "decode_tok_s": decode_tok_s, "cache_mb": specs_bytes / 2**20,
-            "decode_read_gbs": step_bytes * decode_tok_s / batch / 1e9,
+            "decode_tok_s": decode_tok_s, "cache_mb": specs_bytes / 2**20, "decode_step_median_ms": median_step * 1e3,
+            "decode_read_gbs": step_bytes / median_step / 1e9,
+            "decode_read_gbs_mean": step_bytes * decode_tok_s / batch / 1e9,
             "read_ceiling_gbs": max(ceilings), "read_ceiling_before_after_gbs": ceilings, "peak_rss_mb": rss}
 
 
