@@ -16,6 +16,13 @@ for a whole prompt, the unmasked-prefix + causal-chunk split for a later chunk),
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_cpu_attention.py
     .venv/bin/python benchmarks/bench_cpu_attention.py --threads 2 --points 8x8192,1x16384
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_cpu_attention.py --prefill   # 512x512,2048x2048,2048x8192
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_cpu_attention.py --cold --heads 9x3x64 --points 1x512,1x2048
+
+`--cold` times decode the way a decode step meets it: the point's cache copied into as many
+layers as make 96 MB or more (so that no layer's K/V is still in the CPU cache when its turn
+comes back), one call per layer per pass, best of REPEAT passes, next to a `sum` over the
+same layers' K and V in the same order. `--heads HQxHKVxD` picks the layer's heads (SmolLM2's
+are 9x3x64). To time an older kernel with this script, put that checkout first on PYTHONPATH.
 """
 from __future__ import annotations
 
@@ -70,12 +77,58 @@ def prefill(points: str, repeat: int) -> None:
                                for r in rows]}))
 
 
+def cold(points: str, Hq: int, Hkv: int, D: int, BS: int, repeat: int) -> None:
+    print(f"CPU paged decode attention, cache out of the CPU cache, {torch.get_num_threads()} thread(s), "
+          f"Hq {Hq} Hkv {Hkv} D {D} block {BS}, fp32, best of {repeat} passes over the layers")
+    print(f"{'point':>10} {'layers':>6} | {'ms/layer':>8} {'GB/s':>6} | {'sum GB/s':>8} | {'of sum':>6}")
+    rows, g = [], torch.Generator().manual_seed(0)
+    for point in points.split(","):
+        B, ctx = (int(x) for x in point.split("x"))
+        nb = B * ((ctx + BS - 1) // BS)
+        per_layer = 2 * nb * BS * Hkv * D * 4
+        layers = min(64, max(2, -(-(96 << 20) // per_layer)))
+        caches = [(torch.randn(nb, BS, Hkv, D, generator=g), torch.randn(nb, BS, Hkv, D, generator=g))
+                  for _ in range(layers)]
+        q = torch.randn(B, Hq, D, generator=g)
+        tables = torch.arange(nb).view(B, -1).int()
+        lens = torch.full((B,), ctx, dtype=torch.int32)
+
+        def kernel_pass():
+            for k, v in caches:
+                cpu_attention.paged_attention_decode_cpu(q, k, v, tables, lens, D ** -0.5)
+
+        def sum_pass():
+            for k, v in caches:
+                k.sum()
+                v.sum()
+        def once(fn) -> float:
+            t = time.perf_counter()
+            fn()
+            return time.perf_counter() - t
+        kernel_pass()
+        t_k, t_s = float("inf"), float("inf")
+        for _ in range(repeat):                   # alternating, so that drift hits both
+            t_k = min(t_k, once(kernel_pass))
+            t_s = min(t_s, once(sum_pass))
+        row = {"batch": B, "context": ctx, "layers": layers, "kernel_ms_per_layer": t_k / layers * 1e3,
+               "kernel_gb_s": per_layer * layers / t_k / 1e9, "sum_gb_s": per_layer * layers / t_s / 1e9}
+        row["share_of_sum"] = row["kernel_gb_s"] / row["sum_gb_s"]
+        rows.append(row)
+        print(f"{point:>10} {layers:>6} | {row['kernel_ms_per_layer']:>8.3f} {row['kernel_gb_s']:>6.1f} | "
+              f"{row['sum_gb_s']:>8.1f} | {row['share_of_sum']:>6.0%}", flush=True)
+    print(json.dumps({"bench": "cpu_paged_decode_attention_cold", "threads": torch.get_num_threads(),
+                      "heads": [Hq, Hkv, D], "rows": [{k: (round(x, 3) if isinstance(x, float) else x)
+                                                       for k, x in r.items()} for r in rows]}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--points", default="1x2048,8x2048,1x16384,8x8192", help="BATCHxCONTEXT, comma-separated")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: as set)")
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--prefill", action="store_true", help="time the prefill kernel (points: Q_LENxCTX)")
+    ap.add_argument("--cold", action="store_true", help="decode with each layer's cache out of the CPU cache")
+    ap.add_argument("--heads", default="8x2x64", help="query heads x kv heads x head size (decode)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -87,7 +140,11 @@ def main() -> None:
         prefill(a.points if a.points != ap.get_default("points") else "512x512,2048x2048,2048x8192",
                 max(1, a.repeat // 3))
         return
-    Hq, Hkv, D, BS = 8, 2, 64, 16
+    Hq, Hkv, D = (int(x) for x in a.heads.split("x"))
+    BS = 16
+    if a.cold:
+        cold(a.points, Hq, Hkv, D, BS, a.repeat)
+        return
     print(f"CPU paged decode attention, {torch.get_num_threads()} thread(s), Hq {Hq} Hkv {Hkv} D {D} "
           f"block {BS}, fp32, best of {a.repeat}")
     print(f"{'point':>10} {'tables':>8} | {'kernel ms':>9} {'GB/s':>6} | {'ref ms':>8} {'GB/s':>6} | "

@@ -40,7 +40,8 @@ def exact_fp64(q, k_cache, v_cache, tables, ctx, scale):
     ([70, 2], 3, 1, 128, 32),
     ([40, 9], 4, 2, 20, 8),               # a head size that is not a multiple of 8: the generic loops
     ([600, 130], 9, 3, 64, 16),           # SmolLM2's heads, past the 16-lane path's prefetch distance
-    ([1100, 513, 512], 8, 2, 64, 8),      # 16 lanes: three 512-token segments, one token past one, exactly one
+    ([1100, 513, 512], 8, 2, 64, 8),      # 16 lanes, 256-token segments: a partial last one, one token past one, ending on one
+    ([1100], 9, 3, 64, 16),               # one sequence: at 2 threads, items of 2 and 1 kv heads
     ([40, 3], 9, 1, 16, 16),              # 9 query heads per kv head: past the 16-lane path, 8 lanes
 ])
 @pytest.mark.parametrize("threads", [1, 2])
