@@ -524,6 +524,17 @@ static void decode_item16(const float* qb, float sc, int64_t Hkv_item, int64_t n
   for (int64_t h = 0; h < H; ++h) { m[h] = -std::numeric_limits<float>::infinity(); l[h] = 0.0f; }
   std::fill(acc, acc + H * D, 0.0f);
   float* S = part + G * 256;                      // [H][seg_pad] scores, then probabilities
+  // body(rows of kv head g at a 16-token chunk, g, tokens in the chunk, chunk's offset in the
+  // segment) over the segment's chunks of K or V (cache base kv), block by block
+  auto each_chunk = [&](const float* kv, int64_t b0, int64_t nb, int64_t s0, auto&& body) {
+    for (int64_t bi = 0; bi < nb; ++bi) {
+      const float* blk = kv + table[b0 + bi] * blk_stride;
+      const int64_t in_blk = std::min(BS, n - s0 - bi * BS);
+      for (int64_t c0 = 0; c0 < in_blk; c0 += 16)
+        for (int64_t g = 0; g < Hkv_item; ++g)
+          body(blk + c0 * tok_stride + g * D, g, (int)std::min<int64_t>(16, in_blk - c0), bi * BS + c0);
+    }
+  };
   for (int64_t b0 = 0; b0 < nblocks; b0 += seg_blocks) {
     const int64_t nb = std::min(seg_blocks, nblocks - b0);
     const int64_t s0 = b0 * BS, sn = std::min(n, (b0 + nb) * BS) - s0;   // the segment's tokens
@@ -539,34 +550,25 @@ static void decode_item16(const float* qb, float sc, int64_t Hkv_item, int64_t n
       asm volatile("" : : "r"(&z) : "memory");    // keep the loads: nothing else reads z
     }
     // (1) scores
-    for (int64_t bi = 0; bi < nb; ++bi) {
-      const float* kblk = kp + table[b0 + bi] * blk_stride;
-      const int64_t in_blk = std::min(BS, n - s0 - bi * BS);
-      for (int64_t c0 = 0; c0 < in_blk; c0 += 16) {
-        const int cnt = (int)std::min<int64_t>(16, in_blk - c0);
-        const int64_t off = bi * BS + c0;
-        for (int64_t g = 0; g < Hkv_item; ++g) {
-          const float* kh = kblk + c0 * tok_stride + g * D;
-          const float* qg = qb + g * G * D;
-          v16 q[G][NV];
-          for (int j = 0; j < G; ++j)
-            for (int i = 0; i < NV; ++i) q[j][i] = load16(qg + j * D + 16 * i) * sc;
-          for (int t = 0; t < cnt; ++t) {
-            v16 k[NV];
-            for (int i = 0; i < NV; ++i) k[i] = load16(kh + t * tok_stride + 16 * i);
-            for (int j = 0; j < G; ++j) {
-              v16 a = q[j][0] * k[0];
-              for (int i = 1; i < NV; ++i) a += q[j][i] * k[i];
-              store16(part + j * 256 + 16 * t, a);
-            }
-          }
-          for (int j = 0; j < G; ++j) {
-            for (int t = cnt; t < 16; ++t) store16(part + j * 256 + 16 * t, v16{});
-            store16(S + (g * G + j) * seg_pad + off, row_sums16(part + j * 256));
-          }
+    each_chunk(kp, b0, nb, s0, [&](const float* kh, int64_t g, int cnt, int64_t off) {
+      const float* qg = qb + g * G * D;
+      v16 q[G][NV];
+      for (int j = 0; j < G; ++j)
+        for (int i = 0; i < NV; ++i) q[j][i] = load16(qg + j * D + 16 * i) * sc;
+      for (int t = 0; t < cnt; ++t) {
+        v16 k[NV];
+        for (int i = 0; i < NV; ++i) k[i] = load16(kh + t * tok_stride + 16 * i);
+        for (int j = 0; j < G; ++j) {
+          v16 a = q[j][0] * k[0];
+          for (int i = 1; i < NV; ++i) a += q[j][i] * k[i];
+          store16(part + j * 256 + 16 * t, a);
         }
       }
-    }
+      for (int j = 0; j < G; ++j) {
+        for (int t = cnt; t < 16; ++t) store16(part + j * 256 + 16 * t, v16{});
+        store16(S + (g * G + j) * seg_pad + off, row_sums16(part + j * 256));
+      }
+    });
     // the segment's softmax: new running max, rescale, probabilities and their sums
     const int64_t full = sn & ~int64_t(15);
     for (int64_t h = 0; h < H; ++h) {
@@ -593,32 +595,23 @@ static void decode_item16(const float* qb, float sc, int64_t Hkv_item, int64_t n
       if (corr != 1.0f) for (int64_t d = 0; d < D; ++d) acc[h * D + d] *= corr;
     }
     // (2) values
-    for (int64_t bi = 0; bi < nb; ++bi) {
-      const float* vblk = vp + table[b0 + bi] * blk_stride;
-      const int64_t in_blk = std::min(BS, n - s0 - bi * BS);
-      for (int64_t c0 = 0; c0 < in_blk; c0 += 16) {
-        const int cnt = (int)std::min<int64_t>(16, in_blk - c0);
-        const int64_t off = bi * BS + c0;
-        for (int64_t g = 0; g < Hkv_item; ++g) {
-          const float* vh = vblk + c0 * tok_stride + g * D;
-          const float* pg = S + g * G * seg_pad + off;
-          v16 o[G][NV];
-          float* ag = acc + g * G * D;
-          for (int j = 0; j < G; ++j)
-            for (int i = 0; i < NV; ++i) o[j][i] = load16(ag + j * D + 16 * i);
-          for (int t = 0; t < cnt; ++t) {
-            v16 v[NV];
-            for (int i = 0; i < NV; ++i) v[i] = load16(vh + t * tok_stride + 16 * i);
-            for (int j = 0; j < G; ++j) {
-              const v16 pt = splat16(pg[j * seg_pad + t]);
-              for (int i = 0; i < NV; ++i) o[j][i] += pt * v[i];
-            }
-          }
-          for (int j = 0; j < G; ++j)
-            for (int i = 0; i < NV; ++i) store16(ag + j * D + 16 * i, o[j][i]);
+    each_chunk(vp, b0, nb, s0, [&](const float* vh, int64_t g, int cnt, int64_t off) {
+      const float* pg = S + g * G * seg_pad + off;
+      v16 o[G][NV];
+      float* ag = acc + g * G * D;
+      for (int j = 0; j < G; ++j)
+        for (int i = 0; i < NV; ++i) o[j][i] = load16(ag + j * D + 16 * i);
+      for (int t = 0; t < cnt; ++t) {
+        v16 v[NV];
+        for (int i = 0; i < NV; ++i) v[i] = load16(vh + t * tok_stride + 16 * i);
+        for (int j = 0; j < G; ++j) {
+          const v16 pt = splat16(pg[j * seg_pad + t]);
+          for (int i = 0; i < NV; ++i) o[j][i] += pt * v[i];
         }
       }
-    }
+      for (int j = 0; j < G; ++j)
+        for (int i = 0; i < NV; ++i) store16(ag + j * D + 16 * i, o[j][i]);
+    });
   }
   for (int64_t h = 0; h < H; ++h) {
     const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
