@@ -250,9 +250,11 @@ def test_metrics_worker_and_gateway(engine_stack):
 def test_disconnect_while_waiting_for_a_full_answer_aborts(engine_stack):
     """Non-streaming: the client gives up; gateway and worker drop the sequence."""
     worker = engine_stack.workers["tiny-transformer"]
-    body = {"model": "tiny-transformer", "prompt": "hi", "max_tokens": 500, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):  # 500 tokens take well over 0.3 s on the tiny model
-        _post_timeout(engine_stack, body, timeout=0.3)
+    # 8 x 500 tokens: ~0.75 s on the tiny model at one thread here (one sequence of 500 took 0.3 s
+    # once the CPU decode path got faster, and this request then finished before the client gave up)
+    body = {"model": "tiny-transformer", "prompt": "hi", "max_tokens": 500, "n": 8, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        _post_timeout(engine_stack, body, timeout=0.2)
     wait_until(lambda: (m := scrape(worker))["vllm:num_requests_running"] == 0
                and m["vllm:num_requests_waiting"] == 0, 15, "sequence aborted")
     assert 'finished_reason="abort"' in httpx.get(worker + "/metrics", trust_env=False).text
