@@ -36,14 +36,15 @@ from hybridserve.kernels import cpu_attention
 from hybridserve.kernels.paged_attention import _FLASH_CPU, _suffix_attention_cpu, paged_attention_decode_ref
 
 
+def once(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def timed(fn, repeat: int) -> float:
     fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+    return min(once(fn) for _ in range(repeat))
 
 
 def prefill(points: str, repeat: int) -> None:
@@ -101,10 +102,6 @@ def cold(points: str, Hq: int, Hkv: int, D: int, BS: int, repeat: int) -> None:
             for k, v in caches:
                 k.sum()
                 v.sum()
-        def once(fn) -> float:
-            t = time.perf_counter()
-            fn()
-            return time.perf_counter() - t
         kernel_pass()
         t_k, t_s = float("inf"), float("inf")
         for _ in range(repeat):                   # alternating, so that drift hits both

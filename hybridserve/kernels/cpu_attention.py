@@ -270,10 +270,16 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
 // has it, pairs of 8 elsewhere).
 """ + V16_CPP + r"""
 typedef int32_t i16v __attribute__((vector_size(64)));
-static inline float hmax16(v16 v) {
-  float m = v[0];
-  for (int i = 1; i < 16; ++i) m = std::max(m, v[i]);
-  return m;
+static inline float hmax16(v16 v) {           // max over lanes, a 4-step tree
+  v16 w = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v = v > w ? v : w;
+  w = __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v = v > w ? v : w;
+  w = __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v = v > w ? v : w;
+  w = __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  v = v > w ? v : w;
+  return v[0];
 }
 // exp_neg on 16 lanes (same arithmetic as the scalar one above)
 static inline v16 exp_neg16(v16 x) {
@@ -482,17 +488,6 @@ static inline v16 row_sums16(const float* rows) {
 static inline int64_t segment_blocks(int64_t BS, int64_t row_floats) {
   return std::max<int64_t>(1, (SEG_KB << 10) / (2 * 4 * row_floats * BS));
 }
-static inline float hmax16t(v16 v) {           // max over lanes, a 4-step tree
-  v16 w = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  v = v > w ? v : w;
-  w = __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-  v = v > w ? v : w;
-  w = __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  v = v > w ? v : w;
-  w = __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-  v = v > w ? v : w;
-  return v[0];
-}
 static inline float hsum16t(v16 v) {           // sum over lanes, a 4-step tree
   v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
   v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
@@ -576,7 +571,7 @@ static void decode_item16(const float* qb, float sc, int64_t Hkv_item, int64_t n
       v16 mv = splat16(NEG);
       for (int64_t x = 0; x < full; x += 16) { const v16 v = load16(sh + x); mv = v > mv ? v : mv; }
       if (full < sn) { const v16 v = load16(sh + full); mv = (iota < (int)(sn - full)) & (v > mv) ? v : mv; }
-      const float mx = std::max(m[h], hmax16t(mv));
+      const float mx = std::max(m[h], hmax16(mv));
       const float corr = std::isinf(m[h]) ? 0.0f : exp_neg(m[h] - mx);
       v16 lv = v16{};
       for (int64_t x = 0; x < full; x += 16) {

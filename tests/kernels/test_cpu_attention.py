@@ -11,6 +11,7 @@ from test_paged_attention import paged
 from hybridserve.kernels import cpu_attention
 from hybridserve.kernels._cpp import CppKernel
 from hybridserve.kernels import paged_attention as PA
+from tests.kernels.kernels_testing import torch_threads
 
 needs_kernel = pytest.mark.skipif(not cpu_attention.available(),
                                   reason=f"C++ kernel not built here: {cpu_attention.why_unavailable()}")
@@ -39,7 +40,7 @@ def exact_fp64(q, k_cache, v_cache, tables, ctx, scale):
     ([5, 300, 17], 12, 4, 80, 1),         # one token per block
     ([70, 2], 3, 1, 128, 32),
     ([40, 9], 4, 2, 20, 8),               # a head size that is not a multiple of 8: the generic loops
-    ([600, 130], 9, 3, 64, 16),           # SmolLM2's heads, past the 16-lane path's prefetch distance
+    ([600, 130], 9, 3, 64, 16),           # SmolLM2's heads: 160-token segments, the last one partial
     ([1100, 513, 512], 8, 2, 64, 8),      # 16 lanes, 256-token segments: a partial last one, one token past one, ending on one
     ([1100], 9, 3, 64, 16),               # one sequence: at 2 threads, items of 2 and 1 kv heads
     ([40, 3], 9, 1, 16, 16),              # 9 query heads per kv head: past the 16-lane path, 8 lanes
@@ -47,9 +48,7 @@ def exact_fp64(q, k_cache, v_cache, tables, ctx, scale):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_matches_the_reference(lens, Hq, Hkv, Dh, page, threads):
     q, k, v, tables, ctx = paged(lens, Hq, Hkv, Dh, page, torch.float32, "cpu", seed=sum(lens))
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for scale in (Dh ** -0.5, 3.0):   # 3.0 spreads scores far: most weights underflow to 0
             got = cpu_attention.paged_attention_decode_cpu(q, k, v, tables, ctx, scale)
             ref = PA.paged_attention_decode_ref(q, k, v, tables, ctx, scale)
@@ -58,8 +57,6 @@ def test_matches_the_reference(lens, Hq, Hkv, Dh, page, threads):
             # ~1e-5 off at scale 3), and never far from it
             ours, theirs = (got.double() - exact).abs().max(), (ref.double() - exact).abs().max()
             assert ours <= max(2 * theirs, 2e-6), (ours, theirs)
-    finally:
-        torch.set_num_threads(before)
 
 
 @needs_kernel
@@ -145,9 +142,7 @@ def test_prefill_matches_float64_attention(Hq, Hkv, T, ctx, D, threads):
     g = torch.Generator().manual_seed(Hq * T + ctx + D)
     q, k, v = (torch.randn(Hq, T, D, generator=g), torch.randn(Hkv, ctx, D, generator=g),
                torch.randn(Hkv, ctx, D, generator=g))
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for scale in (D ** -0.5, 3.0):     # 3.0: scores far apart, most weights underflow to 0
             got = cpu_attention.prefill_attention_cpu(q, k, v, scale)
             exact = prefill_fp64(q, k, v, scale)
@@ -156,8 +151,6 @@ def test_prefill_matches_float64_attention(Hq, Hkv, T, ctx, D, threads):
                 attn_mask=torch.ones(T, ctx, dtype=torch.bool).tril(ctx - T))[0]
             ours, theirs = (got.double() - exact).abs().max(), (ref.double() - exact).abs().max()
             assert got.shape == q.shape and ours <= max(2 * theirs, 2e-6), (ours, theirs)
-    finally:
-        torch.set_num_threads(before)
 
 
 @needs_kernel

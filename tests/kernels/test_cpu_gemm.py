@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridserve.kernels import cpu_gemm
+from tests.kernels.kernels_testing import torch_threads
 
 pytestmark = pytest.mark.skipif(not cpu_gemm.available(), reason="the C++ panel kernel cannot be built here")
 
@@ -21,12 +22,8 @@ def test_panel_linear_matches_float64(rows, out_features, bias, threads):
     w = torch.randn(out_features, 72, generator=g)
     b = torch.randn(out_features, generator=g) if bias else None
     x = torch.randn(rows, 72, generator=g)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         y = cpu_gemm.panel_linear(x, cpu_gemm.pack_panels(w), b, out_features)
-    finally:
-        torch.set_num_threads(before)
     want = exact(x, w, b)
     assert y.shape == (rows, out_features) and y.dtype == torch.float32
     assert ((y.double() - want).abs().max() / want.abs().max()).item() < 1e-6

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from hybridserve.kernels import cpu_ops
+from tests.kernels.kernels_testing import torch_threads
 
 needs_ext = pytest.mark.skipif(not cpu_ops.available(), reason="the C++ CPU ops cannot be built here")
 
@@ -14,12 +15,8 @@ def test_rms_norm_matches_the_reference_and_float64(shape, threads):
     g = torch.Generator().manual_seed(shape[0] * shape[1])
     x = torch.randn(*shape, generator=g) * 3
     w = torch.randn(shape[1], generator=g)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         got = cpu_ops.rms_norm(x, w, 1e-5)
-    finally:
-        torch.set_num_threads(before)
     xd = x.double()
     want = w.double() * (xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5))
     assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-6
